@@ -1,0 +1,46 @@
+# Every target that runs Python first makes the virtual environment and the generated stubs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTO_SRC := protos/offload/v1/offload.proto
+STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
+
+.PHONY: help venv proto demo test check lint typecheck clean
+
+help:
+	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
+	@echo "make test    run the test suite"
+	@echo "make check   lint + type check + tests (what CI runs)"
+	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(STUBS): $(PROTO_SRC) $(VENV)/.installed
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=. --mypy_out=quiet:. --grpc_python_out=. --mypy_grpc_out=quiet:. $(PROTO_SRC)
+
+proto: $(STUBS)
+
+demo: proto
+	$(PY) -m offload.client --local-tasks 3 --frames 300
+
+test: proto
+	$(PY) -m pytest -q
+
+lint: proto
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: proto
+	$(PY) -m mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) offload/v1/*_pb2*.py offload/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache

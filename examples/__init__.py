@@ -1,0 +1,1 @@
+"""Example pipelines for offload, in the seed Task Interface format."""

@@ -1,0 +1,211 @@
+"""The seven tasks of the ball tracker (the classic pyimagesearch colour tracker, the "seed").
+
+Tasks 0-5 are pure per-frame work (task 0 owns the camera); task 6 aggregates across items and
+devices on the server and keeps its state here, behind a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import cv2
+import numpy as np
+from numpy.typing import NDArray
+
+from offload._pipeline import current_item
+
+from .camera import Frame, Source, open_source
+
+Mask = NDArray[np.uint8]
+Contour = NDArray[np.int32]
+Point = tuple[float, float]
+Centre = tuple[int, int]
+JSONValue = int | float | str | bool | None | list["JSONValue"] | dict[str, "JSONValue"]
+Filtered = Literal[False]
+
+FRAME_WIDTH = 500  # the seed resized every frame to this width (imutils.resize, INTER_AREA)
+GREEN_LOWER = (29, 86, 6)  # HSV range of the seed's green ball
+GREEN_UPPER = (64, 255, 255)
+MIN_RADIUS = 10.0  # a smaller blob is noise, not the ball (strictly greater is kept)
+CIRCLE_COLOUR = (0, 255, 255)  # yellow, BGR
+CENTRE_COLOUR = (0, 0, 255)  # red, BGR
+
+TRAIL_LENGTH = 32
+ACTIVE_WINDOW_S = 30.0  # a device is active if its last capture is this close to the item's
+MAX_DEVICES = 10_000  # per-device state kept by aggregate; least recently seen evicted first
+MAX_FRAMES = 1024  # latest drawn frames kept for a viewer: up to ~560 kB each at 500x375
+
+# --- the source that task 0 reads -----------------------------------------------------------
+
+_source_lock = threading.Lock()
+_source: Source | None = None
+
+
+def set_source(spec: str) -> None:
+    """Choose what ``capture`` reads: 'synthetic', 'synthetic:SEED', a camera index, a file.
+
+    The new source is opened first, so a bad spec raises ValueError and leaves the current
+    source in place; otherwise the previous source is released.
+    """
+    global _source
+    new = open_source(spec)
+    with _source_lock:
+        old, _source = _source, new
+    if old is not None:
+        old.close()
+
+
+def _current_source() -> Source:
+    global _source
+    if _source is None:
+        # Opened lazily, on the first capture: the server imports this module too and must
+        # never open the device's camera. OFFLOAD_SOURCE picks the default source.
+        spec = os.environ.get("OFFLOAD_SOURCE", "synthetic")
+        try:
+            _source = open_source(spec)
+        except ValueError as exc:
+            raise ValueError(f"OFFLOAD_SOURCE: {exc}") from None
+    return _source
+
+
+# --- per-frame tasks (0-5) ------------------------------------------------------------------
+
+
+def capture() -> tuple[bool, Frame | None]:
+    """Task 0: the next frame, resized to width 500; (False, None) at the end of the stream."""
+    with _source_lock:
+        frame = _current_source().read()
+    if frame is None:
+        return False, None
+    height, width = frame.shape[:2]
+    size = (FRAME_WIDTH, int(height * FRAME_WIDTH / width))  # imutils.resize's arithmetic
+    resized: Frame = np.ascontiguousarray(
+        cv2.resize(frame, size, interpolation=cv2.INTER_AREA), dtype=np.uint8
+    )
+    return True, resized
+
+
+def blur_hsv(frame: Frame) -> tuple[bool, tuple[Frame, Frame]]:
+    """Task 1: blur away sensor noise, then convert to HSV, where a colour is one hue range."""
+    blurred = cv2.GaussianBlur(frame, (11, 11), 0)
+    hsv: Frame = np.asarray(cv2.cvtColor(blurred, cv2.COLOR_BGR2HSV), dtype=np.uint8)
+    return True, (frame, hsv)
+
+
+def mask(frame: Frame, hsv: Frame) -> tuple[bool, tuple[Frame, Mask]]:
+    """Task 2: pixels in the ball's colour range, with specks removed (erode) and holes closed."""
+    binary = cv2.inRange(hsv, GREEN_LOWER, GREEN_UPPER)
+    binary = cv2.erode(binary, None, iterations=2)  # type: ignore[call-overload]
+    binary = cv2.dilate(binary, None, iterations=2)  # type: ignore[call-overload]
+    return True, (frame, np.asarray(binary, dtype=np.uint8))
+
+
+def contours(frame: Frame, mask: Mask) -> tuple[bool, tuple[Frame, list[Contour]]]:
+    """Task 3: the outer outlines of the blobs in the mask."""
+    # findContours returned 3 values in OpenCV 3 and 2 since 4; the copy protects the input,
+    # which OpenCV < 3.2 modified in place.
+    found = cv2.findContours(mask.copy(), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    outlines = found[0] if len(found) == 2 else found[1]
+    return True, (frame, [np.asarray(c, dtype=np.int32) for c in outlines])
+
+
+def enclosing_circle(
+    frame: Frame, contours: Sequence[Contour]
+) -> Filtered | tuple[bool, tuple[Frame, Point, float, Centre]]:
+    """Task 4: the largest blob's enclosing circle and centroid; filters frames with no ball."""
+    if len(contours) == 0:
+        return False
+    largest = max(contours, key=cv2.contourArea)
+    (x, y), radius = cv2.minEnclosingCircle(largest)
+    moments = cv2.moments(largest)
+    if moments["m00"] == 0 or radius <= MIN_RADIUS:
+        return False
+    centre = (int(moments["m10"] / moments["m00"]), int(moments["m01"] / moments["m00"]))
+    return True, (frame, (float(x), float(y)), float(radius), centre)
+
+
+def draw(
+    frame: Frame, circle_xy: Point, radius: float, centre: Centre
+) -> tuple[bool, tuple[Frame, Point, float, Centre]]:
+    """Task 5: draw the circle and its centre on the frame, in place."""
+    x, y = circle_xy  # may arrive as a list from the wire: unpack rather than index a tuple
+    cx, cy = centre
+    cv2.circle(frame, (int(x), int(y)), int(radius), CIRCLE_COLOUR, 2)
+    cv2.circle(frame, (int(cx), int(cy)), 5, CENTRE_COLOUR, -1)
+    return True, (frame, (x, y), radius, (cx, cy))
+
+
+# --- aggregation (task 6, on the server) ----------------------------------------------------
+
+
+@dataclass
+class _Device:
+    run_id: str
+    trail: deque[list[int]] = field(default_factory=lambda: deque(maxlen=TRAIL_LENGTH))
+    items_seen: int = 0
+    last_capture: float = float("-inf")
+
+
+_state_lock = threading.Lock()
+_devices: OrderedDict[str, _Device] = OrderedDict()  # least recently seen first
+_frames: OrderedDict[str, Frame] = OrderedDict()
+
+
+def aggregate(
+    frame: Frame, circle_xy: Point, radius: float, centre: Centre
+) -> tuple[bool, dict[str, JSONValue]]:
+    """Task 6: the ball's trail per device, items seen, devices active; a JSON-friendly result."""
+    ctx = current_item()
+    cx, cy = (int(v) for v in centre)
+    x, y = (float(v) for v in circle_xy)
+    with _state_lock:
+        device = _devices.get(ctx.device_id)
+        if device is None or device.run_id != ctx.run_id:
+            device = _devices[ctx.device_id] = _Device(ctx.run_id)  # a restart: new trail
+        _devices.move_to_end(ctx.device_id)
+        while len(_devices) > MAX_DEVICES:
+            _devices.popitem(last=False)
+        device.trail.append([cx, cy])
+        device.items_seen += 1
+        # The latest capture, not the latest arrival: a resent old item must not age a device.
+        device.last_capture = max(device.last_capture, ctx.capture_time)
+        # Relative to the item's own capture time, so results depend on the data alone and not
+        # on when the server got round to it. O(devices), bounded by MAX_DEVICES.
+        active = sum(
+            1
+            for d in _devices.values()
+            if abs(d.last_capture - ctx.capture_time) <= ACTIVE_WINDOW_S
+        )
+        _frames[ctx.device_id] = frame
+        _frames.move_to_end(ctx.device_id)
+        while len(_frames) > MAX_FRAMES:
+            _frames.popitem(last=False)
+        trail: list[JSONValue] = [list(p) for p in device.trail]
+        seen = device.items_seen
+    return True, {
+        "item": ctx.item,
+        "centre": [cx, cy],
+        "circle": [x, y],
+        "radius": float(radius),
+        "trail": trail,
+        "items_seen": seen,
+        "devices_active": active,
+    }
+
+
+def latest_frame(device_id: str) -> Frame | None:
+    """The last frame aggregate saw from a device, with the ball drawn on it (for a viewer)."""
+    with _state_lock:
+        return _frames.get(device_id)
+
+
+def reset_state() -> None:
+    """Forget every device's trail, counts and frames (for tests and long-lived servers)."""
+    with _state_lock:
+        _devices.clear()
+        _frames.clear()

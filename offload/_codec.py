@@ -1,0 +1,156 @@
+"""The value codec: Python / NumPy values <-> ``offload.v1.Value``.
+
+Arrays travel as dtype + shape + raw C-order bytes and are rebuilt with ``np.frombuffer``: no
+per-element fields, nothing Python-specific, never pickle. Decoding validates every length against
+the declared dtype and shape, and every bound in ``Limits``, before allocating anything.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._config import Limits
+from .exceptions import CodecError
+from .v1 import offload_pb2 as pb
+
+# Byte-order-explicit NumPy type strings accepted from the wire; object and string dtypes are not.
+_KINDS = ["b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16"]
+ALLOWED_DTYPES = frozenset(
+    p + k for k in _KINDS for p in (("|",) if k in ("b1", "i1", "u1") else ("<", ">"))
+)
+_INT64 = (-(2**63), 2**63 - 1)
+_SUPPORTED = "None, bool, int, float, str, bytes, numpy arrays and scalars, list, tuple, dict[str]"
+
+
+def encode(value: Any, limits: Limits = Limits()) -> pb.Value:
+    """Encode a task's output (any nesting of the supported types) as a wire ``Value``."""
+    out = pb.Value()
+    _encode_into(out, value, limits, 0, "args")
+    return out
+
+
+def encode_into(out: pb.Value, value: Any, limits: Limits = Limits()) -> None:
+    """Encode ``value`` into an existing message field (saves a copy of large arrays)."""
+    _encode_into(out, value, limits, 0, "args")
+
+
+def _encode_into(out: pb.Value, value: Any, limits: Limits, depth: int, path: str) -> None:
+    if depth > limits.max_depth:
+        raise CodecError(f"{path}: nested deeper than {limits.max_depth} levels (Limits.max_depth)")
+    # bool before int: bool is a subclass of int.
+    if value is None:
+        out.none.SetInParent()
+    elif isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise CodecError(f"{path}: int {value} does not fit in 64 bits; send it as a str")
+        out.int_value = value
+    elif isinstance(value, float):
+        out.float_value = value
+    elif isinstance(value, str):
+        out.str_value = value
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        out.bytes_value = bytes(value)
+    elif isinstance(value, (np.ndarray, np.generic)):
+        _encode_array(out.array, value, limits, path)
+    elif isinstance(value, (list, tuple)):
+        if len(value) > limits.max_elements:
+            raise CodecError(
+                f"{path}: {len(value)} elements, more than {limits.max_elements} "
+                "(Limits.max_elements)"
+            )
+        seq = out.tuple_value if isinstance(value, tuple) else out.list_value
+        seq.SetInParent()
+        for i, item in enumerate(value):
+            _encode_into(seq.items.add(), item, limits, depth + 1, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        if len(value) > limits.max_elements:
+            raise CodecError(
+                f"{path}: {len(value)} entries, more than {limits.max_elements} "
+                "(Limits.max_elements)"
+            )
+        entries = out.map_value
+        entries.SetInParent()
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise CodecError(f"{path}: map key {key!r} is not a str; only str keys travel")
+            entry = entries.entries.add()
+            entry.key = key
+            _encode_into(entry.value, item, limits, depth + 1, f"{path}[{key!r}]")
+    else:
+        raise CodecError(f"{path}: cannot send a {type(value).__name__}; supported: {_SUPPORTED}")
+
+
+def _encode_array(out: pb.NDArray, value: np.ndarray | np.generic, limits: Limits, path: str) -> None:
+    array = np.asarray(value)
+    dtype = array.dtype.str
+    if dtype not in ALLOWED_DTYPES:
+        raise CodecError(
+            f"{path}: arrays of dtype {array.dtype} cannot travel; use a numeric or bool dtype"
+        )
+    if array.ndim > limits.max_dims:
+        raise CodecError(f"{path}: {array.ndim} dimensions, more than {limits.max_dims}")
+    out.dtype = dtype
+    out.shape.extend(array.shape)
+    # tobytes() makes the one C-order copy the message needs, also for non-contiguous views.
+    out.data = array.tobytes()
+    out.scalar = isinstance(value, np.generic)
+
+
+def decode(value: pb.Value, limits: Limits = Limits()) -> Any:
+    """Decode a wire ``Value``; raises ``CodecError`` naming the offending field."""
+    return _decode(value, limits, 0, "args")
+
+
+def _decode(value: pb.Value, limits: Limits, depth: int, path: str) -> Any:
+    if depth > limits.max_depth:
+        raise CodecError(f"{path}: nested deeper than {limits.max_depth} levels (Limits.max_depth)")
+    kind = value.WhichOneof("kind")
+    if kind is None or kind == "none":
+        return None
+    if kind == "array":
+        return _decode_array(value.array, limits, path)
+    if kind in ("list_value", "tuple_value"):
+        items = value.list_value.items if kind == "list_value" else value.tuple_value.items
+        if len(items) > limits.max_elements:
+            raise CodecError(f"{path}: {len(items)} elements, more than {limits.max_elements}")
+        decoded = [_decode(v, limits, depth + 1, f"{path}[{i}]") for i, v in enumerate(items)]
+        return tuple(decoded) if kind == "tuple_value" else decoded
+    if kind == "map_value":
+        entries = value.map_value.entries
+        if len(entries) > limits.max_elements:
+            raise CodecError(f"{path}: {len(entries)} entries, more than {limits.max_elements}")
+        return {e.key: _decode(e.value, limits, depth + 1, f"{path}[{e.key!r}]") for e in entries}
+    return getattr(value, kind)
+
+
+def _decode_array(array: pb.NDArray, limits: Limits, path: str) -> Any:
+    if array.dtype not in ALLOWED_DTYPES:
+        raise CodecError(
+            f"{path}.dtype: {array.dtype!r} is not an allowed dtype ({', '.join(sorted(ALLOWED_DTYPES))})"
+        )
+    if len(array.shape) > limits.max_dims:
+        raise CodecError(f"{path}.shape: {len(array.shape)} dimensions, more than {limits.max_dims}")
+    dtype = np.dtype(array.dtype)
+    shape = tuple(array.shape)
+    # Python ints cannot overflow: compare the declared size with the data before allocating.
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(array.data):
+        raise CodecError(
+            f"{path}.data: {len(array.data)} bytes, but dtype {array.dtype} x shape "
+            f"{list(shape)} needs {expected}"
+        )
+    if array.scalar:
+        if shape:
+            raise CodecError(f"{path}.shape: a scalar has no shape, got {list(shape)}")
+        return np.frombuffer(array.data, dtype=dtype)[0]
+    # Tasks may draw into their input in place (the seed did): give them a writable array,
+    # which costs exactly one copy out of the message.
+    result = np.empty(shape, dtype=dtype)
+    if expected:
+        result.reshape(-1).view(np.uint8)[:] = np.frombuffer(array.data, dtype=np.uint8)
+    return result

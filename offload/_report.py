@@ -1,0 +1,213 @@
+"""What a run did: per-item records in item order, counters, latencies, the summary."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+
+from ._pipeline import Pipeline
+
+
+def to_json(value: Any) -> Any:
+    """A task result as JSON-friendly data: arrays become nested lists, bytes base64."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_json(v) for k, v in value.items()}
+    return repr(value)
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[rank]
+
+
+@dataclass
+class TaskStats:
+    count: int = 0
+    seconds: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
+
+    @property
+    def mean_ms(self) -> float:
+        return 1000 * self.seconds / self.count if self.count else 0.0
+
+
+@dataclass
+class Recorder:
+    """Collects item outcomes from the capture loop and the answer thread (thread-safe)."""
+
+    pipeline: Pipeline
+    output: IO[str] | None = None
+    captured: int = 0
+    completed: int = 0
+    filtered: int = 0
+    failed: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    server_cpu_seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    device_tasks: dict[int, TaskStats] = field(default_factory=dict)
+    server_tasks: dict[int, TaskStats] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    first_capture: float | None = None
+    last_finish: float | None = None
+    _pending_lines: dict[int, str] = field(default_factory=dict)
+    _next_line: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def captured_item(self, at: float) -> None:
+        with self._lock:
+            self.captured += 1
+            if self.first_capture is None:
+                self.first_capture = at
+
+    def device_times(self, timings: list[tuple[int, float]]) -> None:
+        with self._lock:
+            for index, seconds in timings:
+                self.device_tasks.setdefault(index, TaskStats()).add(seconds)
+
+    def server_times(self, timings: list[tuple[int, float]], cpu_seconds: float) -> None:
+        with self._lock:
+            for index, seconds in timings:
+                self.server_tasks.setdefault(index, TaskStats()).add(seconds)
+            self.server_cpu_seconds += cpu_seconds
+
+    def finished(
+        self,
+        item: int,
+        status: str,
+        result: Any,
+        *,
+        task: int = -1,
+        error: str = "",
+        latency: float,
+        at: float,
+    ) -> None:
+        """Record an item's end (``status`` completed / filtered / failed) and write its line."""
+        record: dict[str, Any] = {"item": item, "status": status}
+        if status == "completed":
+            record["result"] = to_json(result)
+        else:
+            record["task"] = task
+            if error:
+                record["error"] = error
+        with self._lock:
+            if status == "completed":
+                self.completed += 1
+            elif status == "filtered":
+                self.filtered += 1
+            else:
+                self.failed += 1
+                if len(self.errors) < 20:
+                    self.errors.append(f"item {item}: task {task}: {error}")
+            self.latencies.append(latency)
+            self.last_finish = at
+            if self.output is not None:
+                # Items can end out of order (filtered on the device while earlier ones are on
+                # the server): hold lines until every earlier item has been written.
+                self._pending_lines[item] = json.dumps(record, separators=(",", ":"))
+                while self._next_line in self._pending_lines:
+                    self.output.write(self._pending_lines.pop(self._next_line) + "\n")
+                    self._next_line += 1
+
+    @property
+    def finished_count(self) -> int:
+        return self.completed + self.filtered + self.failed
+
+    def summary(self, **run: Any) -> dict[str, Any]:
+        """The run as JSON-friendly data (the ``--report`` file)."""
+        with self._lock:
+            elapsed = (
+                (self.last_finish - self.first_capture)
+                if self.first_capture is not None and self.last_finish is not None
+                else 0.0
+            )
+            latencies = sorted(self.latencies)
+            tasks = []
+            for index in range(len(self.pipeline.tasks)):
+                dev = self.device_tasks.get(index, TaskStats())
+                srv = self.server_tasks.get(index, TaskStats())
+                where = [w for w, s in (("device", dev), ("server", srv)) if s.count]
+                tasks.append(
+                    {
+                        "index": index,
+                        "name": self.pipeline.task_name(index),
+                        "ran_on": "+".join(where) or "not run",
+                        "device_runs": dev.count,
+                        "device_mean_ms": round(dev.mean_ms, 3),
+                        "server_runs": srv.count,
+                        "server_mean_ms": round(srv.mean_ms, 3),
+                    }
+                )
+            return {
+                **run,
+                "pipeline": self.pipeline.name,
+                "items": {
+                    "captured": self.captured,
+                    "completed": self.completed,
+                    "filtered": self.filtered,
+                    "failed": self.failed,
+                },
+                "elapsed_seconds": round(elapsed, 3),
+                "throughput_per_second": round(self.completed / elapsed, 3) if elapsed else 0.0,
+                "finished_per_second": round(self.finished_count / elapsed, 3) if elapsed else 0.0,
+                "latency_ms": {
+                    "p50": round(1000 * percentile(latencies, 50), 3),
+                    "p95": round(1000 * percentile(latencies, 95), 3),
+                },
+                "tasks": tasks,
+                "bytes": {"sent": self.bytes_sent, "received": self.bytes_received},
+                "server_cpu_seconds": round(self.server_cpu_seconds, 6),
+                "errors": list(self.errors),
+            }
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """The human view of a report."""
+    items = report["items"]
+    lines = [
+        f"offload summary: {report['pipeline']} on device {report['device_id']} "
+        f"({report['mode']})",
+        f"  items      captured {items['captured']}, completed {items['completed']}, "
+        f"filtered {items['filtered']}, failed {items['failed']}",
+        f"  throughput {report['throughput_per_second']:.1f} completed items/s "
+        f"({report['finished_per_second']:.1f} finished/s) over {report['elapsed_seconds']:.1f} s",
+        f"  latency    p50 {report['latency_ms']['p50']:.1f} ms, "
+        f"p95 {report['latency_ms']['p95']:.1f} ms (capture to result)",
+        f"  bytes      sent {_size(report['bytes']['sent'])}, "
+        f"received {_size(report['bytes']['received'])}",
+        "  tasks      where         device ms   server ms",
+    ]
+    for t in report["tasks"]:
+        dev = f"{t['device_mean_ms']:9.2f}" if t["device_runs"] else "        -"
+        srv = f"{t['server_mean_ms']:9.2f}" if t["server_runs"] else "        -"
+        lines.append(f"    {t['index']} {t['name']:<16} {t['ran_on']:<8} {dev}   {srv}")
+    for error in report["errors"][:5]:
+        lines.append(f"  error      {error}")
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

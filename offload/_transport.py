@@ -1,0 +1,176 @@
+"""The transport seam: how the client's items reach a ``RemoteExecutor`` and answers come back.
+
+``GrpcTransport`` is the real thing. ``InProcessTransport`` runs the same executor in a thread of
+this process, with the same serialisation, so the client's logic runs in unit tests without a
+network.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+import grpc
+
+from ._service import RemoteExecutor, RequestRejected
+from .exceptions import PipelineMismatch, ServerError
+from .v1 import offload_pb2 as pb
+
+METHOD = "/offload.v1.Offload/ExecuteRemaining"
+_CLOSE = object()
+
+
+class Stream(Protocol):
+    """One ``ExecuteRemaining`` stream: send items, iterate answers with their wire sizes."""
+
+    def send(self, state: pb.TaskState) -> int:
+        """Queue one item; returns its size on the wire in bytes."""
+        ...
+
+    def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
+        """Answers in arrival order; raises ``ServerError`` if the stream fails."""
+        ...
+
+    def close(self) -> None:
+        """No more items: the answers still due will arrive, then ``results`` ends."""
+        ...
+
+    def cancel(self) -> None:
+        """Abandon the stream now."""
+        ...
+
+
+class Transport(Protocol):
+    def open_stream(self) -> Stream: ...
+
+    def close(self) -> None: ...
+
+
+def _server_error(exc: grpc.RpcError) -> ServerError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    kind = PipelineMismatch if code == grpc.StatusCode.FAILED_PRECONDITION else ServerError
+    return kind(f"server answered {code.name}: {details}", code.name)
+
+
+class _GrpcStream:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # We serialise requests ourselves (to count bytes without serialising twice), and wrap
+        # the deserialiser for the same reason.
+        method = channel.stream_stream(
+            METHOD,
+            request_serializer=None,
+            response_deserializer=lambda data: (pb.ItemResult.FromString(data), len(data)),
+        )
+        self._call = method(self._requests())
+
+    def _requests(self) -> Iterator[bytes]:
+        while True:
+            data = self._outbox.get()
+            if data is _CLOSE:
+                return
+            assert isinstance(data, bytes)
+            yield data
+
+    def send(self, state: pb.TaskState) -> int:
+        data = state.SerializeToString()
+        self._outbox.put(data)
+        return len(data)
+
+    def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
+        try:
+            yield from self._call  # type: ignore[misc]
+        except grpc.RpcError as exc:
+            raise _server_error(exc) from None
+
+    def close(self) -> None:
+        self._outbox.put(_CLOSE)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class GrpcTransport:
+    """Streams to a real server over one long-lived channel."""
+
+    def __init__(self, target: str, options: list[tuple[str, int]], connect_timeout: float) -> None:
+        self.target = target
+        self.channel = grpc.insecure_channel(target, options=options)
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=connect_timeout)
+        except grpc.FutureTimeoutError:
+            self.channel.close()
+            raise ServerError(
+                f"cannot reach the server at {target} within {connect_timeout:.0f} s: is "
+                "`python -m offload.server` running there? (omit --server to start an embedded "
+                "one on this machine)",
+                "UNAVAILABLE",
+            ) from None
+
+    def open_stream(self) -> Stream:
+        return _GrpcStream(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class _InProcessStream:
+    def __init__(self, executor: RemoteExecutor) -> None:
+        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._executor = executor
+        self._worker = threading.Thread(target=self._serve, daemon=True)
+        self._worker.start()
+
+    def _serve(self) -> None:
+        while True:
+            data = self._inbox.get()
+            if data is _CLOSE:
+                self._outbox.put(_CLOSE)
+                return
+            assert isinstance(data, bytes)
+            try:
+                answer = self._executor.execute(pb.TaskState.FromString(data))
+            except RequestRejected as exc:
+                error = PipelineMismatch if exc.code == grpc.StatusCode.FAILED_PRECONDITION else ServerError
+                self._outbox.put(error(f"server answered {exc.code.name}: {exc}", exc.code.name))
+                return
+            self._outbox.put(answer.SerializeToString())
+
+    def send(self, state: pb.TaskState) -> int:
+        data = state.SerializeToString()
+        self._inbox.put(data)
+        return len(data)
+
+    def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
+        while True:
+            data = self._outbox.get()
+            if data is _CLOSE:
+                return
+            if isinstance(data, ServerError):
+                raise data
+            assert isinstance(data, bytes)
+            yield pb.ItemResult.FromString(data), len(data)
+
+    def close(self) -> None:
+        self._inbox.put(_CLOSE)
+
+    def cancel(self) -> None:
+        self._inbox.put(_CLOSE)
+
+
+class InProcessTransport:
+    """Runs a ``RemoteExecutor`` in this process: the client's logic without a network."""
+
+    def __init__(self, executor: RemoteExecutor) -> None:
+        self.executor = executor
+        self.target = "in-process"
+
+    def open_stream(self) -> Stream:
+        return _InProcessStream(self.executor)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,164 @@
+"""The device side: ``python -m offload.client`` runs a pipeline, split between here and a server."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from types import FrameType
+from typing import IO, Any
+
+from ._client import Client, check_split
+from ._config import ClientConfig
+from ._embedded import EmbeddedServer
+from ._pipeline import DEFAULT_PIPELINE, load_pipeline
+from ._report import format_summary
+from ._transport import GrpcTransport, Transport
+from .exceptions import ConfigError, OffloadError, PipelineMismatch
+from .server import channel_options
+
+log = logging.getLogger("offload.client")
+
+EPILOG = """\
+examples:
+  python -m offload.client --frames 100                   client-only: every task on this device
+  python -m offload.client --local-tasks 3 --frames 300   tasks 0-2 here, the rest on an embedded server
+  python -m offload.client --local-tasks 1 --server cloud.example.com:50051
+  python -m offload.client --local-tasks 4 --source clip.mp4 --output results.jsonl
+  python -m offload.client --local-tasks 2 --source 0     camera 0, through OpenCV
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="python -m offload.client",
+        description="Run a pipeline's first K tasks on this device and the rest on a server.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--local-tasks", type=int, metavar="K",
+        help="tasks [0, K) run here, the rest on the server; omit for client-only mode",
+    )
+    parser.add_argument(
+        "--server", default=env("OFFLOAD_SERVER"), metavar="HOST:PORT",
+        help="the server (default $OFFLOAD_SERVER; none: start an embedded one on loopback)",
+    )
+    parser.add_argument(
+        "--pipeline", default=env("OFFLOAD_PIPELINE", DEFAULT_PIPELINE),
+        help="import path: package.module or package.module:attribute (default %(default)s)",
+    )
+    parser.add_argument(
+        "--source", help="what task 0 captures: 'synthetic' (default), a video file, a camera index"
+    )
+    parser.add_argument("--frames", type=int, metavar="N", help="stop after N items")
+    parser.add_argument(
+        "--window", type=int, default=ClientConfig.window, metavar="W",
+        help="items in flight to the server (default %(default)s)",
+    )
+    parser.add_argument(
+        "--device-id", default=env("OFFLOAD_DEVICE_ID") or socket.gethostname(),
+        help="name this device reports (default: the host name)",
+    )
+    parser.add_argument("--output", metavar="FILE", help="one JSON line per item, in item order")
+    parser.add_argument("--report", metavar="FILE", help="write the summary as JSON")
+    parser.add_argument("--log-level", default=env("OFFLOAD_LOG_LEVEL", "WARNING"))
+    return parser
+
+
+@contextlib.contextmanager
+def _open_output(path: str | None) -> Iterator[IO[str] | None]:
+    if path is None:
+        yield None
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        yield f
+
+
+def _connect(args: argparse.Namespace, config: ClientConfig, stack: contextlib.ExitStack) -> Transport:
+    target = args.server
+    if not target:
+        embedded = EmbeddedServer(config.pipeline)
+        stack.callback(embedded.stop)
+        target = embedded.target
+        print(f"offload: no --server given; started an embedded server on {target}", file=sys.stderr)
+    transport = GrpcTransport(target, channel_options(config.limits.max_message_bytes), config.connect_timeout)
+    stack.callback(transport.close)
+    return transport
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if args.frames is not None and args.frames < 0:
+        parser.error("--frames must be 0 or more")
+    try:
+        pipeline = load_pipeline(args.pipeline)
+        check_split(pipeline, args.local_tasks)
+        if args.window < 1:
+            raise ConfigError(f"--window {args.window}: at least 1 item must be in flight")
+        if args.source is not None:
+            pipeline.set_source(args.source)
+    except (OffloadError, ValueError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    config = ClientConfig(
+        pipeline=args.pipeline,
+        local_tasks=args.local_tasks,
+        server=args.server,
+        window=args.window,
+        device_id=args.device_id,
+        frames=args.frames,
+        source=args.source,
+    )
+    report: dict[str, Any]
+    try:
+        with contextlib.ExitStack() as stack, _open_output(args.output) as output:
+            needs_server = args.local_tasks is not None and args.local_tasks < len(pipeline)
+            transport = _connect(args, config, stack) if needs_server else None
+            client = Client(pipeline, config, transport, output)
+            _stop_on_signals(client)
+            report = client.run()
+    except PipelineMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OffloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(report))
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if report.get("error"):
+        print(f"error: {report['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stop_on_signals(client: Client) -> None:
+    """First Ctrl-C / SIGTERM: stop capturing and let items in flight finish. Second: abort."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if client._stop.is_set():
+            raise KeyboardInterrupt
+        print(
+            f"\noffload: {signal.Signals(signum).name}: finishing items in flight "
+            "(again to abort)", file=sys.stderr,
+        )
+        client.stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for ``offload.v1``: run ``make proto``; never edit by hand."""
