@@ -14,6 +14,7 @@ from ._client import Client, run_client
 from ._codec import decode, encode
 from ._config import ClientConfig, Limits, ServerConfig
 from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline, run_tasks
+from ._server import RunningServer, serve
 from ._service import RemoteExecutor
 from ._transport import GrpcTransport, InProcessTransport, Transport
 from .exceptions import (
@@ -24,7 +25,6 @@ from .exceptions import (
     PipelineMismatch,
     ServerError,
 )
-from .server import RunningServer, serve
 
 __version__ = "0.1.0"
 

@@ -58,6 +58,7 @@ class Client:
         config: ClientConfig,
         transport: Transport | None = None,
         output: IO[str] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         check_split(pipeline, config.local_tasks)
         if config.window < 1:
@@ -70,7 +71,7 @@ class Client:
         self.transport = transport if needs_server else None
         self.run_id = uuid.uuid4().hex
         self.recorder = Recorder(pipeline, output)
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self._credits = threading.Semaphore(config.window)
         self._in_flight: dict[int, _InFlight] = {}
         self._lock = threading.Lock()
@@ -176,8 +177,13 @@ class Client:
             self._credits.release()
             now = time.perf_counter()
             self.recorder.finished(
-                item, "failed", None, task=split - 1, error=f"cannot send: {exc}",
-                latency=now - began, at=now,
+                item,
+                "failed",
+                None,
+                task=split - 1,
+                error=f"cannot send: {exc}",
+                latency=now - began,
+                at=now,
             )
             return
         with self._lock:
@@ -238,8 +244,13 @@ class Client:
             for item in lost:
                 now = time.perf_counter()
                 self.recorder.finished(
-                    item, "failed", None, task=self.split, error=f"unanswered: {reason}",
-                    latency=0.0, at=now,
+                    item,
+                    "failed",
+                    None,
+                    task=self.split,
+                    error=f"unanswered: {reason}",
+                    latency=0.0,
+                    at=now,
                 )
 
 

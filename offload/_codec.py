@@ -40,9 +40,11 @@ def encode_into(out: pb.Value, value: Any, limits: Limits = Limits()) -> None:
 def _encode_into(out: pb.Value, value: Any, limits: Limits, depth: int, path: str) -> None:
     if depth > limits.max_depth:
         raise CodecError(f"{path}: nested deeper than {limits.max_depth} levels (Limits.max_depth)")
-    # bool before int: bool is a subclass of int.
+    # NumPy first (np.float64 subclasses float), and bool before int (bool subclasses int).
     if value is None:
         out.none.SetInParent()
+    elif isinstance(value, (np.ndarray, np.generic)):
+        _encode_array(out.array, value, limits, path)
     elif isinstance(value, bool):
         out.bool_value = value
     elif isinstance(value, int):
@@ -55,8 +57,6 @@ def _encode_into(out: pb.Value, value: Any, limits: Limits, depth: int, path: st
         out.str_value = value
     elif isinstance(value, (bytes, bytearray, memoryview)):
         out.bytes_value = bytes(value)
-    elif isinstance(value, (np.ndarray, np.generic)):
-        _encode_array(out.array, value, limits, path)
     elif isinstance(value, (list, tuple)):
         if len(value) > limits.max_elements:
             raise CodecError(
@@ -85,7 +85,9 @@ def _encode_into(out: pb.Value, value: Any, limits: Limits, depth: int, path: st
         raise CodecError(f"{path}: cannot send a {type(value).__name__}; supported: {_SUPPORTED}")
 
 
-def _encode_array(out: pb.NDArray, value: np.ndarray | np.generic, limits: Limits, path: str) -> None:
+def _encode_array(
+    out: pb.NDArray, value: np.ndarray | np.generic, limits: Limits, path: str
+) -> None:
     array = np.asarray(value)
     dtype = array.dtype.str
     if dtype not in ALLOWED_DTYPES:
@@ -131,10 +133,13 @@ def _decode(value: pb.Value, limits: Limits, depth: int, path: str) -> Any:
 def _decode_array(array: pb.NDArray, limits: Limits, path: str) -> Any:
     if array.dtype not in ALLOWED_DTYPES:
         raise CodecError(
-            f"{path}.dtype: {array.dtype!r} is not an allowed dtype ({', '.join(sorted(ALLOWED_DTYPES))})"
+            f"{path}.dtype: {array.dtype!r} is not an allowed dtype; allowed: "
+            + ", ".join(sorted(ALLOWED_DTYPES))
         )
     if len(array.shape) > limits.max_dims:
-        raise CodecError(f"{path}.shape: {len(array.shape)} dimensions, more than {limits.max_dims}")
+        raise CodecError(
+            f"{path}.shape: {len(array.shape)} dimensions, more than {limits.max_dims}"
+        )
     dtype = np.dtype(array.dtype)
     shape = tuple(array.shape)
     # Python ints cannot overflow: compare the declared size with the data before allocating.

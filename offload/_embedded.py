@@ -21,8 +21,18 @@ class EmbeddedServer:
         )
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "offload.server", "--host", "127.0.0.1", "--port", "0",
-                "--pipeline", pipeline, "--announce", "--log-level", "WARNING",
+                sys.executable,
+                "-m",
+                "offload.server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--pipeline",
+                pipeline,
+                "--announce",
+                "--log-level",
+                "WARNING",
             ],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,

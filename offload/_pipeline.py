@@ -100,7 +100,9 @@ def fingerprint(name: str, tasks: Sequence[Task], version: str = "") -> str:
     server on different Pythons running the same pipeline must accept each other.
     """
     parts = [name, version, str(len(tasks))]
-    parts += [f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}" for t in tasks]
+    parts += [
+        f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}" for t in tasks
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

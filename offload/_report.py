@@ -184,8 +184,7 @@ def format_summary(report: dict[str, Any]) -> str:
     """The human view of a report."""
     items = report["items"]
     lines = [
-        f"offload summary: {report['pipeline']} on device {report['device_id']} "
-        f"({report['mode']})",
+        f"offload summary: {report['pipeline']} on device {report['device_id']} ({report['mode']})",
         f"  items      captured {items['captured']}, completed {items['completed']}, "
         f"filtered {items['filtered']}, failed {items['failed']}",
         f"  throughput {report['throughput_per_second']:.1f} completed items/s "

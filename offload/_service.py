@@ -122,7 +122,9 @@ class RemoteExecutor:
         try:
             args = decode(state.args, self.config.limits)
         except CodecError as exc:
-            raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT, f"item {state.item}: {exc}")
+            raise RequestRejected(
+                grpc.StatusCode.INVALID_ARGUMENT, f"item {state.item}: {exc}"
+            ) from None
         context = ItemContext(
             state.device_id, state.run_id, state.item, state.capture_time, on_server=True
         )
@@ -169,7 +171,10 @@ class OffloadServicer(pb_grpc.OffloadServicer):
                 except RequestRejected as exc:
                     log.warning(
                         "event=reject device=%s peer=%s code=%s reason=%r",
-                        state.device_id, peer, exc.code.name, str(exc),
+                        state.device_id,
+                        peer,
+                        exc.code.name,
+                        str(exc),
                     )
                     context.abort(exc.code, str(exc))
                 count += 1

@@ -82,7 +82,7 @@ class _GrpcStream:
 
     def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
         try:
-            yield from self._call  # type: ignore[misc]
+            yield from self._call
         except grpc.RpcError as exc:
             raise _server_error(exc) from None
 
@@ -135,7 +135,11 @@ class _InProcessStream:
             try:
                 answer = self._executor.execute(pb.TaskState.FromString(data))
             except RequestRejected as exc:
-                error = PipelineMismatch if exc.code == grpc.StatusCode.FAILED_PRECONDITION else ServerError
+                error = (
+                    PipelineMismatch
+                    if exc.code == grpc.StatusCode.FAILED_PRECONDITION
+                    else ServerError
+                )
                 self._outbox.put(error(f"server answered {exc.code.name}: {exc}", exc.code.name))
                 return
             self._outbox.put(answer.SerializeToString())

@@ -1,4 +1,4 @@
-"""The device side: ``python -m offload.client`` runs a pipeline, split between here and a server."""
+"""The device side: ``python -m offload.client`` runs a pipeline split between here and a server."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from types import FrameType
 from typing import IO, Any
@@ -19,16 +20,17 @@ from ._config import ClientConfig
 from ._embedded import EmbeddedServer
 from ._pipeline import DEFAULT_PIPELINE, load_pipeline
 from ._report import format_summary
+from ._server import channel_options
 from ._transport import GrpcTransport, Transport
 from .exceptions import ConfigError, OffloadError, PipelineMismatch
-from .server import channel_options
 
 log = logging.getLogger("offload.client")
 
 EPILOG = """\
 examples:
-  python -m offload.client --frames 100                   client-only: every task on this device
-  python -m offload.client --local-tasks 3 --frames 300   tasks 0-2 here, the rest on an embedded server
+  python -m offload.client --frames 100                  client-only: all tasks on this device
+  python -m offload.client --local-tasks 3 --frames 300  tasks 0-2 here, the rest on an
+                                                         embedded server (no --server given)
   python -m offload.client --local-tasks 1 --server cloud.example.com:50051
   python -m offload.client --local-tasks 4 --source clip.mp4 --output results.jsonl
   python -m offload.client --local-tasks 2 --source 0     camera 0, through OpenCV
@@ -44,15 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--local-tasks", type=int, metavar="K",
+        "--local-tasks",
+        type=int,
+        metavar="K",
         help="tasks [0, K) run here, the rest on the server; omit for client-only mode",
     )
     parser.add_argument(
-        "--server", default=env("OFFLOAD_SERVER"), metavar="HOST:PORT",
+        "--server",
+        default=env("OFFLOAD_SERVER"),
+        metavar="HOST:PORT",
         help="the server (default $OFFLOAD_SERVER; none: start an embedded one on loopback)",
     )
     parser.add_argument(
-        "--pipeline", default=env("OFFLOAD_PIPELINE", DEFAULT_PIPELINE),
+        "--pipeline",
+        default=env("OFFLOAD_PIPELINE", DEFAULT_PIPELINE),
         help="import path: package.module or package.module:attribute (default %(default)s)",
     )
     parser.add_argument(
@@ -60,15 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--frames", type=int, metavar="N", help="stop after N items")
     parser.add_argument(
-        "--window", type=int, default=ClientConfig.window, metavar="W",
+        "--window",
+        type=int,
+        default=ClientConfig.window,
+        metavar="W",
         help="items in flight to the server (default %(default)s)",
     )
     parser.add_argument(
-        "--device-id", default=env("OFFLOAD_DEVICE_ID") or socket.gethostname(),
+        "--device-id",
+        default=env("OFFLOAD_DEVICE_ID") or socket.gethostname(),
         help="name this device reports (default: the host name)",
     )
     parser.add_argument("--output", metavar="FILE", help="one JSON line per item, in item order")
     parser.add_argument("--report", metavar="FILE", help="write the summary as JSON")
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=ClientConfig.connect_timeout,
+        metavar="SECONDS",
+        help="how long to wait for the server at start (default %(default)s)",
+    )
     parser.add_argument("--log-level", default=env("OFFLOAD_LOG_LEVEL", "WARNING"))
     return parser
 
@@ -82,14 +100,20 @@ def _open_output(path: str | None) -> Iterator[IO[str] | None]:
         yield f
 
 
-def _connect(args: argparse.Namespace, config: ClientConfig, stack: contextlib.ExitStack) -> Transport:
+def _connect(
+    args: argparse.Namespace, config: ClientConfig, stack: contextlib.ExitStack
+) -> Transport:
     target = args.server
     if not target:
         embedded = EmbeddedServer(config.pipeline)
         stack.callback(embedded.stop)
         target = embedded.target
-        print(f"offload: no --server given; started an embedded server on {target}", file=sys.stderr)
-    transport = GrpcTransport(target, channel_options(config.limits.max_message_bytes), config.connect_timeout)
+        print(
+            f"offload: no --server given; started an embedded server on {target}", file=sys.stderr
+        )
+    transport = GrpcTransport(
+        target, channel_options(config.limits.max_message_bytes), config.connect_timeout
+    )
     stack.callback(transport.close)
     return transport
 
@@ -119,14 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         device_id=args.device_id,
         frames=args.frames,
         source=args.source,
+        connect_timeout=args.connect_timeout,
     )
     report: dict[str, Any]
+    stop = _stop_on_signals()
     try:
         with contextlib.ExitStack() as stack, _open_output(args.output) as output:
             needs_server = args.local_tasks is not None and args.local_tasks < len(pipeline)
             transport = _connect(args, config, stack) if needs_server else None
-            client = Client(pipeline, config, transport, output)
-            _stop_on_signals(client)
+            client = Client(pipeline, config, transport, output, stop)
             report = client.run()
     except PipelineMismatch as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -144,20 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stop_on_signals(client: Client) -> None:
+def _stop_on_signals() -> threading.Event:
     """First Ctrl-C / SIGTERM: stop capturing and let items in flight finish. Second: abort."""
+    stop = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        if client._stop.is_set():
+        if stop.is_set():
             raise KeyboardInterrupt
         print(
-            f"\noffload: {signal.Signals(signum).name}: finishing items in flight "
-            "(again to abort)", file=sys.stderr,
+            f"\noffload: {signal.Signals(signum).name}: finishing items in flight (again to abort)",
+            file=sys.stderr,
         )
-        client.stop()
+        stop.set()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    return stop
 
 
 if __name__ == "__main__":

@@ -26,22 +26,30 @@ _BALL_RIM = (50, 170, 50)
 _BALL_BODY = (62, 200, 62)
 _BALL_HIGHLIGHT = (90, 228, 90)
 
-# Background palette (BGR): greys, browns and muted blues. In every convex mix of these, green
-# is never the largest channel, so no background pixel falls in the green range.
+# Background palette (BGR): greys, browns and a muted blue. In every convex mix of these, green
+# is never the largest channel, so no background pixel falls in the green range. Where the
+# blurred ball edge blends into blue, the blend turns cyan and leaves the hue range early, which
+# shifts the detected centre; the blue is kept muted so that the shift stays well under 1 px.
 _PALETTE = np.array(
     [
         [172, 172, 172],  # light grey
         [110, 110, 110],  # mid grey
         [60, 95, 140],  # brown
         [48, 68, 100],  # dark brown
-        [140, 115, 90],  # slate blue
+        [132, 120, 106],  # bluish grey (a stronger blue would shift the ball's edge, see below)
         [150, 172, 195],  # beige
     ],
     dtype=np.float32,
 )
 
-# Saturated non-green distractors (BGR): red, magenta, blue, orange (hue 15, far from 29).
+# Saturated non-green distractors (BGR): red, magenta, blue, orange (hue 15, far from 29). They
+# sit in a border band the ball never reaches (its path keeps >= 56 px from every edge), so that
+# they test the colour filter without biasing where the ball's edge is found.
 _DISTRACTORS = ((40, 40, 200), (170, 50, 170), (190, 70, 30), (20, 120, 240))
+_DISTRACTOR_BAND = 44
+
+# The ball's path: centre +- amplitude; the radius varies in 22..34.
+_AMPLITUDE_X, _AMPLITUDE_Y = 230.0, 150.0
 
 _SHIFT = 4  # cv2 fixed-point bits: draw the ball at 1/16 px so truth is exact, not rounded
 _NOISE_SIGMA = 6.0
@@ -93,9 +101,8 @@ class SyntheticCamera:
             return None
         px, py, pr = self._phases
         # Incommensurate periods: the path covers the frame and does not repeat for a long time.
-        # Extremes stay >= 36 px inside every edge even at the largest radius (34).
-        x = WIDTH / 2 + 250.0 * math.sin(2.0 * math.pi * n / 173.0 + px)
-        y = HEIGHT / 2 + 170.0 * math.sin(2.0 * math.pi * n / 127.0 + py)
+        x = WIDTH / 2 + _AMPLITUDE_X * math.sin(2.0 * math.pi * n / 173.0 + px)
+        y = HEIGHT / 2 + _AMPLITUDE_Y * math.sin(2.0 * math.pi * n / 127.0 + py)
         r = 28.0 + 6.0 * math.sin(2.0 * math.pi * n / 97.0 + pr)
         return _quantise(x), _quantise(y), _quantise(r)
 
@@ -149,12 +156,20 @@ def _render_background(rng: np.random.Generator) -> Frame:
     scene *= (texture * falloff)[:, :, None]
     background: Frame = np.clip(scene, 0, 255).astype(np.uint8)
     for colour in _DISTRACTORS:  # small saturated objects the tracker must ignore
-        x, y = int(rng.integers(20, WIDTH - 80)), int(rng.integers(20, HEIGHT - 80))
+        size = int(rng.integers(14, 32))
+        across = int(rng.integers(4, _DISTRACTOR_BAND - size))  # distance from the edge
+        side = int(rng.integers(4))
+        along = int(rng.integers(4, (WIDTH if side < 2 else HEIGHT) - size - 4))
+        x, y = [
+            (along, across),
+            (along, HEIGHT - across - size),
+            (across, along),
+            (WIDTH - across - size, along),
+        ][side]
         if rng.random() < 0.5:
-            w, h = (int(v) for v in rng.integers(20, 60, size=2))
-            cv2.rectangle(background, (x, y), (x + w, y + h), colour, -1)
+            cv2.rectangle(background, (x, y), (x + size - 1, y + size - 1), colour, -1)
         else:
-            cv2.circle(background, (x + 30, y + 30), int(rng.integers(10, 30)), colour, -1)
+            cv2.circle(background, (x + size // 2, y + size // 2), size // 2, colour, -1)
     return background
 
 
@@ -219,20 +234,24 @@ def open_source(spec: str) -> Source:
         if not sep:
             return SyntheticSource()
         if not seed_text.isdecimal():
-            raise ValueError(f"source {spec!r}: SEED must be a non-negative integer; accepted: "
-                             f"{ACCEPTED_SPECS}")
+            raise ValueError(
+                f"source {spec!r}: SEED must be a non-negative integer; accepted: {ACCEPTED_SPECS}"
+            )
         return SyntheticSource(int(seed_text))
     if spec.isdecimal():
         camera = cv2.VideoCapture(int(spec))
         if not camera.isOpened():
-            raise ValueError(f"source {spec!r}: camera {int(spec)} cannot be opened (no such "
-                             f"device, or busy); accepted: {ACCEPTED_SPECS}")
+            raise ValueError(
+                f"source {spec!r}: camera {int(spec)} cannot be opened (no such "
+                f"device, or busy); accepted: {ACCEPTED_SPECS}"
+            )
         return VideoCaptureSource(camera, f"camera {int(spec)}")
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ValueError(f"source {spec!r}: no such file; accepted: {ACCEPTED_SPECS}")
     video = cv2.VideoCapture(str(path))
     if not video.isOpened():
-        raise ValueError(f"source {spec!r}: OpenCV cannot read this file as a video; accepted: "
-                         f"{ACCEPTED_SPECS}")
+        raise ValueError(
+            f"source {spec!r}: OpenCV cannot read this file as a video; accepted: {ACCEPTED_SPECS}"
+        )
     return VideoCaptureSource(video, str(path))

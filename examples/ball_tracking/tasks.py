@@ -25,6 +25,9 @@ Mask = NDArray[np.uint8]
 Contour = NDArray[np.int32]
 Point = tuple[float, float]
 Centre = tuple[int, int]
+# What draw and aggregate accept: tuples from a local task, or lists from a decoded wire value.
+PointIn = Sequence[float]
+CentreIn = Sequence[int]
 JSONValue = int | float | str | bool | None | list["JSONValue"] | dict[str, "JSONValue"]
 Filtered = Literal[False]
 
@@ -130,10 +133,10 @@ def enclosing_circle(
 
 
 def draw(
-    frame: Frame, circle_xy: Point, radius: float, centre: Centre
+    frame: Frame, circle_xy: PointIn, radius: float, centre: CentreIn
 ) -> tuple[bool, tuple[Frame, Point, float, Centre]]:
     """Task 5: draw the circle and its centre on the frame, in place."""
-    x, y = circle_xy  # may arrive as a list from the wire: unpack rather than index a tuple
+    x, y = circle_xy
     cx, cy = centre
     cv2.circle(frame, (int(x), int(y)), int(radius), CIRCLE_COLOUR, 2)
     cv2.circle(frame, (int(cx), int(cy)), 5, CENTRE_COLOUR, -1)
@@ -157,7 +160,7 @@ _frames: OrderedDict[str, Frame] = OrderedDict()
 
 
 def aggregate(
-    frame: Frame, circle_xy: Point, radius: float, centre: Centre
+    frame: Frame, circle_xy: PointIn, radius: float, centre: CentreIn
 ) -> tuple[bool, dict[str, JSONValue]]:
     """Task 6: the ball's trail per device, items seen, devices active; a JSON-friendly result."""
     ctx = current_item()

@@ -1,0 +1,61 @@
+"""Shared fixtures: real gRPC servers on ephemeral loopback ports, pipelines, the webcam clip."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from offload import ClientConfig, GrpcTransport, Pipeline, ServerConfig, load_pipeline, serve
+from offload._client import Client
+from offload._server import RunningServer, channel_options
+
+ROOT = Path(__file__).resolve().parents[1]
+WEBCAM_CLIP = ROOT.parent / "shared" / "data" / "ball_real_webcam.mp4"
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., RunningServer]]:
+    """Start real servers on 127.0.0.1 port 0; all are stopped after the test."""
+    running: list[RunningServer] = []
+
+    def start(pipeline: str | Pipeline = "examples.ball_tracking", **options: Any) -> RunningServer:
+        loaded = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline)
+        config = ServerConfig(pipeline=loaded.name, host="127.0.0.1", port=0, **options)
+        server = serve(config, loaded)
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.stop(grace=1.0)
+
+
+def run_split(
+    pipeline: Pipeline,
+    local_tasks: int | None,
+    port: int | None = None,
+    source: str | None = None,
+    **options: Any,
+) -> tuple[list[str], dict[str, Any]]:
+    """Run a client at a split against a server on ``port``; returns (output lines, report)."""
+    if source is not None:
+        pipeline.set_source(source)
+    config = ClientConfig(
+        pipeline=pipeline.name, local_tasks=local_tasks, device_id="test-device", **options
+    )
+    transport = None
+    if local_tasks is not None and local_tasks < len(pipeline) and port is not None:
+        transport = GrpcTransport(
+            f"127.0.0.1:{port}", channel_options(config.limits.max_message_bytes), 10.0
+        )
+    out = io.StringIO()
+    try:
+        report = Client(pipeline, config, transport, out).run()
+    finally:
+        if transport is not None:
+            transport.close()
+    return out.getvalue().splitlines(), report

@@ -1,0 +1,239 @@
+"""The ball-tracking example: synthetic camera, detection accuracy, aggregation, sources."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import examples.ball_tracking as bt
+from offload._pipeline import ItemContext, Outcome, Pipeline, Status, load_pipeline, run_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+WEBCAM_CLIP = ROOT.parent / "shared" / "data" / "ball_real_webcam.mp4"
+SCALE = 640 / 500  # pipeline coordinates (width 500) -> synthetic source pixels (width 640)
+CAPTURE, ENCLOSING_CIRCLE, AGGREGATE = 0, 4, 6
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> Pipeline:
+    return load_pipeline("examples.ball_tracking")
+
+
+@pytest.fixture(autouse=True)
+def fresh_state() -> Iterator[None]:
+    """Each test starts from the default source and no aggregation state."""
+    bt.set_source("synthetic")
+    bt.reset_state()
+    yield
+    bt.set_source("synthetic")
+    bt.reset_state()
+
+
+def context(item: int, device: str = "dev-a", run: str = "run-1", at: float = 0.0) -> ItemContext:
+    return ItemContext(device_id=device, run_id=run, item=item, capture_time=at, on_server=False)
+
+
+def run_all(pipeline: Pipeline, item: int, **kw: Any) -> Outcome:
+    """One item through all seven tasks, exactly as the framework runs them."""
+    return run_tasks(pipeline, 0, len(pipeline), None, context(item, **kw))
+
+
+def test_exports(pipeline: Pipeline) -> None:
+    assert [t.__name__ for t in bt.tasks] == [
+        "capture", "blur_hsv", "mask", "contours", "enclosing_circle", "draw", "aggregate",
+    ]  # fmt: skip
+    assert bt.__version__ == "1"
+    assert pipeline.tasks == tuple(bt.tasks)
+
+
+def test_synthetic_camera_is_deterministic() -> None:
+    a, b, other = bt.SyntheticCamera(0), bt.SyntheticCamera(0), bt.SyntheticCamera(1)
+    for n in (0, 1, 57, 123):
+        frame = a.frame(n)
+        assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
+        assert np.array_equal(frame, a.frame(n))  # same camera, same frame twice
+        assert np.array_equal(frame, b.frame(n))  # a new camera with the same seed
+        assert not np.array_equal(frame, other.frame(n))
+        assert a.truth(n) != other.truth(n)
+    assert not np.array_equal(a.frame(0), a.frame(1))
+
+
+def test_truth_is_none_exactly_on_occluded_frames() -> None:
+    camera = bt.SyntheticCamera(0)
+    for n in range(300):
+        truth = camera.truth(n)
+        assert (truth is None) == (n % 60 in range(50, 55)), n
+        if truth is not None:
+            x, y, r = truth
+            assert 22 <= r <= 34
+            assert r <= x <= 640 - r and r <= y <= 480 - r  # the ball is fully in the frame
+
+
+def test_capture_resizes_to_width_500() -> None:
+    ok, frame = bt.capture()
+    assert ok
+    assert frame is not None
+    assert frame.shape == (375, 500, 3) and frame.dtype == np.uint8
+    assert frame.flags.c_contiguous
+
+
+def test_detection_accuracy_on_synthetic_frames(pipeline: Pipeline) -> None:
+    camera = bt.SyntheticCamera(0)
+    worst = 0.0
+    for n in range(240):
+        outcome = run_all(pipeline, n, at=float(n))
+        truth = camera.truth(n)
+        if truth is None:
+            assert (outcome.status, outcome.task) == (Status.FILTERED, ENCLOSING_CIRCLE), n
+            continue
+        assert outcome.status is Status.COMPLETED, (n, outcome.error)
+        result = outcome.value
+        tx, ty, tr = truth
+        cx, cy = result["centre"]
+        error = math.hypot(cx * SCALE - tx, cy * SCALE - ty)
+        worst = max(worst, error)
+        # The seed truncates the centroid to int: up to 1.28 px per axis here, by design.
+        assert error <= 3.0, (n, result["centre"], truth)
+        x, y = result["circle"]
+        assert math.hypot(x * SCALE - tx, y * SCALE - ty) <= 2.0, (n, result["circle"], truth)
+        assert abs(result["radius"] * SCALE - tr) <= 4.0, (n, result["radius"], truth)
+    assert worst > 0.0  # the comparison above really ran
+
+
+def test_result_is_plain_json(pipeline: Pipeline) -> None:
+    outcome = run_all(pipeline, 0)
+    assert outcome.status is Status.COMPLETED
+    result = outcome.value
+    assert json.loads(json.dumps(result)) == result  # no numpy scalars, tuples or arrays
+    assert set(result) == {
+        "item", "centre", "circle", "radius", "trail", "items_seen", "devices_active",
+    }  # fmt: skip
+
+
+def test_draw_marks_the_frame_in_place() -> None:
+    frame = np.zeros((375, 500, 3), np.uint8)
+    # Lists, not tuples: how a decoded item from the wire may carry the circle and centre.
+    ok, (drawn, circle, radius, centre) = bt.draw(frame, [100.0, 120.0], 30.0, [101, 119])
+    assert ok and drawn is frame
+    assert frame[119, 101].tolist() == [0, 0, 255]  # red centre dot
+    assert frame[120, 130].tolist() == [0, 255, 255]  # yellow circle, radius 30 to the right
+    assert (circle, radius, centre) == ((100.0, 120.0), 30.0, (101, 119))
+
+
+def _aggregate(pipeline: Pipeline, item: int, centre: tuple[int, int], **kw: Any) -> Any:
+    frame = np.zeros((375, 500, 3), np.uint8)
+    args = (frame, (float(centre[0]), float(centre[1])), 20.0, centre)
+    outcome = run_tasks(pipeline, AGGREGATE, AGGREGATE + 1, args, context(item, **kw))
+    assert outcome.status is Status.COMPLETED, outcome.error
+    return outcome.value
+
+
+def test_aggregate_trail_count_and_restart(pipeline: Pipeline) -> None:
+    for n in range(40):
+        result = _aggregate(pipeline, n, (n, 2 * n), at=float(n))
+        assert result["item"] == n
+        assert result["items_seen"] == n + 1
+        assert len(result["trail"]) == min(n + 1, 32)  # grows, then is capped
+        assert result["trail"][-1] == [n, 2 * n] == result["centre"]
+    assert result["trail"][0] == [8, 16]  # the 32 most recent centres, oldest first
+    assert bt.latest_frame("dev-a") is not None
+
+    # The device restarted: a new run starts a new trail and a new count.
+    result = _aggregate(pipeline, 0, (7, 7), run="run-2", at=41.0)
+    assert result["trail"] == [[7, 7]]
+    assert result["items_seen"] == 1
+
+
+def test_aggregate_counts_active_devices(pipeline: Pipeline) -> None:
+    for n in range(6):
+        first = _aggregate(pipeline, n, (1, 1), device="dev-a", at=100.0 + n)
+        second = _aggregate(pipeline, n, (2, 2), device="dev-b", at=100.5 + n)
+        assert first["devices_active"] == (1 if n == 0 else 2)
+        assert second["devices_active"] == 2
+        assert first["items_seen"] == second["items_seen"] == n + 1  # per device
+        assert first["trail"][-1] == [1, 1] and second["trail"][-1] == [2, 2]
+    # Relative to the item's capture time: dev-b's last item (105.5) is more than 30 s before.
+    assert _aggregate(pipeline, 6, (1, 1), device="dev-a", at=140.0)["devices_active"] == 1
+
+
+def test_set_source_rejects_bad_specs() -> None:
+    with pytest.raises(ValueError, match=r"no-such-clip\.mp4.*no such file.*synthetic"):
+        bt.set_source("/nonexistent/no-such-clip.mp4")
+    with pytest.raises(ValueError, match=r"SEED"):
+        bt.set_source("synthetic:abc")
+    with pytest.raises(ValueError, match=r"cannot read this file as a video"):
+        bt.set_source(__file__)
+    ok, frame = bt.capture()  # a failed set_source keeps the current source
+    assert ok and frame is not None
+
+
+def test_set_source_synthetic_seed_replaces_source() -> None:
+    bt.set_source("synthetic:7")
+    _, first = bt.capture()
+    bt.set_source("synthetic:7")  # a fresh source starts again at frame 0
+    _, again = bt.capture()
+    bt.set_source("synthetic:8")
+    _, other = bt.capture()
+    assert first is not None and again is not None and other is not None
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_offload_source_environment_variable() -> None:
+    # In a fresh interpreter: the variable is read when the first capture opens the source.
+    code = (
+        "import numpy as np, examples.ball_tracking as bt\n"
+        "ok, frame = bt.capture()\n"
+        "bt.set_source('synthetic:5')\n"
+        "_, expected = bt.capture()\n"
+        "print(ok and np.array_equal(frame, expected))\n"
+    )
+    env = {**os.environ, "OFFLOAD_SOURCE": "synthetic:5"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "True", done.stderr
+
+
+def _ranges(items: list[int]) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    for i in items:
+        if spans and spans[-1][1] == i - 1:
+            spans[-1] = (spans[-1][0], i)
+        else:
+            spans.append((i, i))
+    return spans
+
+
+@pytest.mark.skipif(
+    not WEBCAM_CLIP.is_file(), reason=f"real webcam clip not found at {WEBCAM_CLIP}"
+)
+def test_real_webcam_clip(pipeline: Pipeline) -> None:
+    bt.set_source(str(WEBCAM_CLIP))
+    completed, missed = 0, []
+    for n in range(2000):
+        outcome = run_all(pipeline, n, at=n / 23.98)
+        if outcome.status is Status.FILTERED and outcome.task == CAPTURE:
+            break  # end of the clip
+        if outcome.status is Status.COMPLETED:
+            completed += 1
+        else:
+            assert (outcome.status, outcome.task) == (Status.FILTERED, ENCLOSING_CIRCLE), n
+            missed.append(n)
+    assert n == 1004
+    assert completed == 879
+    # As measured with the pinned OpenCV; shared/data/README.md summarises the same misses
+    # ("scattered in 788-820", "962-1003": frame 969 is in fact a hit).
+    assert _ranges(missed) == [
+        (0, 26), (463, 488), (647, 648), (788, 805), (807, 808), (810, 812), (814, 814),
+        (816, 820), (962, 968), (970, 1003),
+    ]  # fmt: skip

@@ -1,0 +1,81 @@
+"""Client and server over real gRPC on loopback: every split gives the client-only results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from offload import ClientConfig, InProcessTransport, RemoteExecutor, load_pipeline
+from offload._client import Client
+from offload._server import RunningServer
+
+from .conftest import WEBCAM_CLIP, run_split
+
+BALL = "examples.ball_tracking"
+SEED_APP = "tests.apps.vibration"
+
+
+def test_seed_format_app_runs_unchanged_at_every_split(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    pipeline = load_pipeline(SEED_APP)
+    server = start_server(pipeline)
+    reference, _ = run_split(pipeline, None, source="")
+    assert len(reference) == 40
+    statuses = {json.loads(line)["status"] for line in reference}
+    assert statuses == {"completed", "filtered"}
+    for k in range(1, len(pipeline) + 1):
+        lines, report = run_split(pipeline, k, server.port, source="")
+        assert lines == reference, f"split {k} differs from client-only"
+        assert report["error"] is None
+
+
+def test_ball_tracking_every_split_matches_client_only(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    pipeline = load_pipeline(BALL)
+    server = start_server(pipeline)
+    reference, ref_report = run_split(pipeline, None, source="synthetic", frames=60)
+    assert ref_report["items"]["captured"] == 60
+    assert ref_report["items"]["filtered"] >= 5  # the synthetic ball hides now and then
+    for k in range(1, len(pipeline) + 1):
+        lines, report = run_split(pipeline, k, server.port, source="synthetic", frames=60)
+        assert lines == reference, f"split {k} differs from client-only"
+        remote = [t for t in report["tasks"] if t["server_runs"]]
+        assert [t["index"] for t in remote] == list(range(k, len(pipeline)))
+        assert (report["bytes"]["sent"] > 0) == (k < len(pipeline))
+
+
+@pytest.mark.skipif(not WEBCAM_CLIP.exists(), reason=f"webcam clip not found at {WEBCAM_CLIP}")
+def test_real_webcam_clip_gives_identical_results_at_every_split(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    pipeline = load_pipeline(BALL)
+    server = start_server(pipeline)
+    reference, report = run_split(pipeline, None, source=str(WEBCAM_CLIP))
+    assert report["items"] == {"captured": 1004, "completed": 879, "filtered": 125, "failed": 0}
+    for k in range(1, len(pipeline) + 1):
+        lines, _ = run_split(pipeline, k, server.port, source=str(WEBCAM_CLIP), window=16)
+        assert lines == reference, f"split {k} differs from client-only"
+
+
+def test_window_bounds_items_in_flight() -> None:
+    pipeline = load_pipeline(SEED_APP)
+    pipeline.set_source("")
+    executor = RemoteExecutor(pipeline)
+    most = 0
+    original = executor.execute
+
+    def spy(state):  # type: ignore[no-untyped-def]
+        nonlocal most
+        most = max(most, len(client._in_flight))
+        return original(state)
+
+    executor.execute = spy  # type: ignore[method-assign]
+    config = ClientConfig(pipeline=pipeline.name, local_tasks=1, window=3, device_id="w")
+    client = Client(pipeline, config, InProcessTransport(executor))
+    report = client.run()
+    assert report["items"]["captured"] == 40
+    assert 1 <= most <= 3

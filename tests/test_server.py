@@ -1,0 +1,140 @@
+"""The server over real gRPC on loopback: refusals, failures that stay per item, replays."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from offload import decode, encode, load_pipeline
+from offload._server import RunningServer
+from offload.v1 import offload_pb2 as pb
+from offload.v1 import offload_pb2_grpc as pb_grpc
+
+COUNTER = "tests.apps.counter"
+
+
+@pytest.fixture
+def counter_server(start_server: Callable[..., RunningServer]) -> Iterator[pb_grpc.OffloadStub]:
+    server = start_server(COUNTER)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.OffloadStub(channel)
+
+
+def state(
+    item: int, value: Any, next_task: int = 1, device: str = "d1", **fields: Any
+) -> pb.TaskState:
+    pipeline = load_pipeline(COUNTER)
+    msg = pb.TaskState(
+        pipeline=fields.pop("pipeline", pipeline.name),
+        fingerprint=fields.pop("fingerprint", pipeline.fingerprint),
+        device_id=device,
+        run_id=fields.pop("run_id", "r1"),
+        item=item,
+        next_task=next_task,
+        **fields,
+    )
+    msg.args.CopyFrom(encode(value))
+    return msg
+
+
+def exchange(stub: pb_grpc.OffloadStub, states: list[pb.TaskState]) -> list[pb.ItemResult]:
+    return list(stub.ExecuteRemaining(iter(states), timeout=10))
+
+
+def test_each_item_gets_one_answer_in_order_with_server_times(
+    counter_server: pb_grpc.OffloadStub,
+) -> None:
+    answers = exchange(counter_server, [state(i, i + 1) for i in range(4)])
+    assert [a.item for a in answers] == [0, 1, 2, 3]
+    assert [a.status for a in answers] == [pb.ItemResult.COMPLETED] * 4
+    assert [t.task for t in answers[0].task_times] == [1, 2]
+    assert answers[0].server_cpu_seconds > 0
+
+
+def test_a_failing_task_fails_that_item_only(counter_server: pb_grpc.OffloadStub) -> None:
+    answers = exchange(counter_server, [state(i, i + 1, run_id="fail") for i in range(6)])
+    failed = [a for a in answers if a.status == pb.ItemResult.FAILED]
+    assert [a.item for a in failed] == [4]
+    assert failed[0].task == 1
+    assert failed[0].error == "ValueError: item value 5 is a multiple of 5"
+    assert answers[5].status == pb.ItemResult.COMPLETED
+
+
+def test_a_resent_item_is_replayed_not_aggregated_twice(
+    counter_server: pb_grpc.OffloadStub,
+) -> None:
+    first = exchange(counter_server, [state(0, 1, run_id="dup"), state(1, 2, run_id="dup")])
+    again = exchange(counter_server, [state(1, 2, run_id="dup"), state(2, 3, run_id="dup")])
+    assert again[0].duplicate and again[0].output == first[1].output
+    assert decode(again[1].output)["seen"] == 3  # 3 distinct items, not 4
+
+
+def test_another_pipeline_is_refused_with_failed_precondition(
+    counter_server: pb_grpc.OffloadStub,
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        exchange(counter_server, [state(0, 1, fingerprint="0123456789abcdef")])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "pipeline mismatch" in err.value.details()
+    assert "same --pipeline" in err.value.details()
+
+
+@pytest.mark.parametrize("next_task", [0, 3, 99])
+def test_next_task_outside_the_server_range_is_invalid(
+    counter_server: pb_grpc.OffloadStub, next_task: int
+) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        exchange(counter_server, [state(0, 1, next_task=next_task)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"next_task {next_task} is outside [1, 2]" in err.value.details()
+
+
+def test_a_malformed_array_is_invalid_and_names_the_field(
+    counter_server: pb_grpc.OffloadStub,
+) -> None:
+    bad = state(0, 1)
+    bad.args.array.dtype = "|u1"
+    bad.args.array.shape.extend([10])
+    bad.args.array.data = b"short"
+    with pytest.raises(grpc.RpcError) as err:
+        exchange(counter_server, [bad])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "args.data: 5 bytes" in err.value.details()
+
+
+def test_devices_stream_concurrently_with_separate_state(
+    counter_server: pb_grpc.OffloadStub,
+) -> None:
+    results: dict[str, list[int]] = {}
+
+    def device(name: str) -> None:
+        answers = exchange(
+            counter_server, [state(i, 1, device=name, run_id="c") for i in range(20)]
+        )
+        results[name] = [decode(a.output)["seen"] for a in answers]
+
+    threads = [threading.Thread(target=device, args=(f"dev{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {f"dev{i}": list(range(1, 21)) for i in range(4)}
+
+
+def test_health_is_serving_and_turns_not_serving_on_stop(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(COUNTER)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="offload.v1.Offload")
+        assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    server.stop(grace=0.5)
+    # The server no longer answers on the network: ask the servicer itself.
+    after = server.health.Check(request, None)
+    assert after.status == health_pb2.HealthCheckResponse.NOT_SERVING
