@@ -41,7 +41,7 @@ CENTRE_COLOUR = (0, 0, 255)  # red, BGR
 TRAIL_LENGTH = 32
 ACTIVE_WINDOW_S = 30.0  # a device is active if its last capture is this close to the item's
 MAX_DEVICES = 10_000  # per-device state kept by aggregate; least recently seen evicted first
-MAX_FRAMES = 1024  # latest drawn frames kept for a viewer: up to ~560 kB each at 500x375
+MAX_FRAMES = 64  # latest drawn frames kept for a viewer: ~560 kB each at 500x375
 
 # --- the source that task 0 reads -----------------------------------------------------------
 
