@@ -68,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     except OffloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.announce:
-        print(f"listening on {args.host}:{running.port}", flush=True)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -86,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Announce only once a signal can stop us gracefully: supervisors may signal right away.
+    if args.announce:
+        print(f"listening on {args.host}:{running.port}", flush=True)
     running.wait()
     log.info("event=stopped")
     return 0
