@@ -1,7 +1,7 @@
 """The value codec: Python / NumPy values <-> ``offload.v1.Value``.
 
 Arrays travel as dtype + shape + raw C-order bytes and are rebuilt with ``np.frombuffer``: no
-per-element fields, nothing Python-specific, never pickle. Decoding validates every length against
+per-element fields, nothing Python-specific crosses the wire. Decoding validates every length against
 the declared dtype and shape, and every bound in ``Limits``, before allocating anything.
 """
 
