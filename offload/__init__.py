@@ -12,7 +12,14 @@ except ImportError as exc:  # a source checkout before `make proto`
 
 from ._client import Client, run_client
 from ._codec import decode, encode
-from ._config import ClientConfig, Limits, ServerConfig
+from ._config import (
+    ClientConfig,
+    ClientSecurity,
+    Keepalive,
+    Limits,
+    ServerConfig,
+    ServerSecurity,
+)
 from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline, run_tasks
 from ._server import RunningServer, serve
 from ._service import RemoteExecutor
@@ -31,11 +38,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Client",
     "ClientConfig",
+    "ClientSecurity",
     "CodecError",
     "ConfigError",
     "GrpcTransport",
     "InProcessTransport",
     "ItemContext",
+    "Keepalive",
     "Limits",
     "OffloadError",
     "Pipeline",
@@ -45,6 +54,7 @@ __all__ = [
     "RunningServer",
     "ServerConfig",
     "ServerError",
+    "ServerSecurity",
     "Transport",
     "current_item",
     "decode",

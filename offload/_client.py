@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ._codec import decode, encode_into
+from ._codec import check_size, decode, encode_into
 from ._config import ClientConfig
 from ._pipeline import ItemContext, Pipeline, Status, run_tasks
 from ._report import Recorder
@@ -173,6 +173,7 @@ class Client:
         )
         try:
             encode_into(state.args, args, self.config.limits)
+            check_size(state, self.config.limits, f"item {item}")
         except OffloadError as exc:
             self._credits.release()
             now = time.perf_counter()

@@ -1,8 +1,8 @@
 """The value codec: Python / NumPy values <-> ``offload.v1.Value``.
 
 Arrays travel as dtype + shape + raw C-order bytes and are rebuilt with ``np.frombuffer``: no
-per-element fields, nothing Python-specific crosses the wire. Decoding validates every length against
-the declared dtype and shape, and every bound in ``Limits``, before allocating anything.
+per-element fields, nothing Python-specific crosses the wire. Decoding validates every length
+against the declared dtype and shape, and every bound in ``Limits``, before allocating anything.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 
 from ._config import Limits
 from .exceptions import CodecError
@@ -103,6 +104,16 @@ def _encode_array(
     out.scalar = isinstance(value, np.generic)
 
 
+def check_size(message: Message, limits: Limits, what: str) -> None:
+    """Refuse a message over ``Limits.max_message_bytes`` before gRPC does, naming the option."""
+    size = message.ByteSize()
+    if size > limits.max_message_bytes:
+        raise CodecError(
+            f"{what} is {size} bytes, more than --max-message-bytes {limits.max_message_bytes}: "
+            "raise it on the client and the server (Limits.max_message_bytes)"
+        )
+
+
 def decode(value: pb.Value, limits: Limits = Limits()) -> Any:
     """Decode a wire ``Value``; raises ``CodecError`` naming the offending field."""
     return _decode(value, limits, 0, "args")
@@ -142,6 +153,13 @@ def _decode_array(array: pb.NDArray, limits: Limits, path: str) -> Any:
         )
     dtype = np.dtype(array.dtype)
     shape = tuple(array.shape)
+    # An empty array may declare any shape; bound each dimension so NumPy never overflows.
+    for axis, size in enumerate(shape):
+        if size > limits.max_message_bytes:
+            raise CodecError(
+                f"{path}.shape[{axis}]: {size} is larger than any message "
+                f"(Limits.max_message_bytes {limits.max_message_bytes})"
+            )
     # Python ints cannot overflow: compare the declared size with the data before allocating.
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(array.data):

@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass, field
 
 from ._pipeline import DEFAULT_PIPELINE
+from .exceptions import ConfigError
 
 MiB = 1024 * 1024
 
@@ -22,6 +23,49 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive: a silent dead link is noticed within ``time + timeout`` seconds.
+
+    The server accepts a ping every ``min_ping_interval`` seconds; a client pinging more often is
+    sent GOAWAY ``too_many_pings``. So ``min_ping_interval`` must not exceed the client's ``time``:
+    the defaults leave a factor of two.
+    """
+
+    time: float = 20.0  # ping after this many seconds without traffic
+    timeout: float = 10.0  # no ping answer within this: the link is dead
+    min_ping_interval: float = 10.0  # (server) the most frequent ping it accepts
+
+    def check(self) -> None:
+        if self.time <= 0 or self.timeout <= 0 or self.min_ping_interval <= 0:
+            raise ConfigError(f"keepalive times must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """TLS (``tls_cert`` + ``tls_key``), mutual TLS (``tls_client_ca``) and a shared token."""
+
+    tls_cert: str | None = None  # PEM certificate chain of the server
+    tls_key: str | None = None  # its PEM private key
+    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates it signed
+    token: str | None = field(default=None, repr=False)  # required as `authorization: Bearer`
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How the device reaches the server: plaintext, TLS (system roots or ``tls_ca``), mTLS."""
+
+    tls: bool = False  # TLS with the system's root certificates (implied by tls_ca / tls_cert)
+    tls_ca: str | None = None  # PEM CA bundle that signed the server's certificate
+    tls_cert: str | None = None  # this device's PEM certificate, for mutual TLS
+    tls_key: str | None = None  # its PEM private key
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     """How the device runs. ``local_tasks=None`` is client-only mode (no server)."""
 
@@ -34,6 +78,8 @@ class ClientConfig:
     source: str | None = None
     connect_timeout: float = 10.0
     limits: Limits = Limits()
+    security: ClientSecurity = ClientSecurity()
+    keepalive: Keepalive = Keepalive()
 
 
 @dataclass(frozen=True)
@@ -49,3 +95,8 @@ class ServerConfig:
     dedup_items: int = 1024  # answers remembered per device run, to replay a resent item
     max_runs: int = 10_000  # device runs remembered; the least recently used is forgotten
     limits: Limits = Limits()
+    security: ServerSecurity = ServerSecurity()
+    keepalive: Keepalive = Keepalive()
+    # A stream that neither sends an item nor takes an answer for this long is dropped, so a
+    # stalled device cannot hold one of the `workers` threads forever.
+    stream_idle_seconds: float = 120.0

@@ -13,7 +13,9 @@ from .exceptions import ServerError
 
 
 class EmbeddedServer:
-    def __init__(self, pipeline: str, startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self, pipeline: str, startup_timeout: float = 30.0, max_message_bytes: int | None = None
+    ) -> None:
         env = dict(os.environ)
         # The child must import the same pipeline module as we do, from the same places.
         env["PYTHONPATH"] = os.pathsep.join(
@@ -33,6 +35,7 @@ class EmbeddedServer:
                 "--announce",
                 "--log-level",
                 "WARNING",
+                *(["--max-message-bytes", str(max_message_bytes)] if max_message_bytes else []),
             ],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import functools
 import hashlib
 import importlib
+import inspect
 import sys
 import threading
 import time
@@ -157,6 +159,38 @@ class Outcome:
     task_seconds: list[tuple[int, float]] = field(default_factory=list)
 
 
+def arg_count(args: Any) -> int:
+    """How many positional arguments ``call_task`` passes for ``args``."""
+    if args is None:
+        return 0
+    return len(args) if isinstance(args, tuple) else 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _fits(task: Task, count: int) -> bool:
+    try:
+        signature = inspect.signature(task)
+    except (TypeError, ValueError):  # some builtins have none: let the call decide
+        return True
+    try:
+        signature.bind(*([None] * count))
+    except TypeError:
+        return False
+    return True
+
+
+def arity_error(pipeline: Pipeline, index: int, count: int) -> str | None:
+    """Why task ``index`` cannot take ``count`` positional arguments, or None if it can."""
+    task = pipeline.tasks[index]
+    if _fits(task, count):
+        return None
+    name = pipeline.task_name(index)
+    return (
+        f"TypeError: task {index} ({name}{inspect.signature(task)}) cannot take {count} "
+        f"positional argument{'s' if count != 1 else ''} (what task {index - 1} returned)"
+    )
+
+
 def call_task(task: Task, args: Any) -> Any:
     """Call a task with the previous task's output, as the seed did."""
     if args is None:
@@ -188,6 +222,9 @@ def run_tasks(
         for index in range(start, stop):
             task = pipeline.tasks[index]
             began = time.perf_counter()
+            misfit = arity_error(pipeline, index, arg_count(args))
+            if misfit is not None:
+                return Outcome(Status.FAILED, None, index, misfit, timings)
             try:
                 if index == last:
                     with pipeline.aggregate_lock:

@@ -13,15 +13,18 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ._codec import decode, encode_into
 from ._config import ServerConfig
-from ._pipeline import ItemContext, Pipeline, Status, run_tasks
+from ._pipeline import ItemContext, Pipeline, Status, arity_error, run_tasks
+from ._security import peer_device_id
 from .exceptions import CodecError
 from .v1 import offload_pb2 as pb
-from .v1 import offload_pb2_grpc as pb_grpc
 
 log = logging.getLogger("offload.server")
+
+SERVICE_NAME = "offload.v1.Offload"
 
 _STATUS = {
     Status.COMPLETED: pb.ItemResult.COMPLETED,
@@ -119,6 +122,13 @@ class RemoteExecutor:
 
     def _run(self, state: pb.TaskState) -> pb.ItemResult:
         cpu_began = time.thread_time()
+        # Checked on the wire value, before decoding (allocating) its arrays; the same message
+        # as run_tasks gives on the device, so a result does not depend on where it ran.
+        misfit = arity_error(self.pipeline, state.next_task, wire_arg_count(state.args))
+        if misfit is not None:
+            return pb.ItemResult(
+                item=state.item, status=pb.ItemResult.FAILED, task=state.next_task, error=misfit
+            )
         try:
             args = decode(state.args, self.config.limits)
         except CodecError as exc:
@@ -142,32 +152,116 @@ class RemoteExecutor:
             result.error = outcome.error
         result.task_times.extend(pb.TaskTime(task=i, seconds=s) for i, s in outcome.task_seconds)
         result.server_cpu_seconds = time.thread_time() - cpu_began
+        limit = self.config.limits.max_message_bytes
+        if result.ByteSize() > limit:
+            size = result.ByteSize()
+            result.ClearField("output")
+            result.status = pb.ItemResult.FAILED
+            result.task = len(self.pipeline.tasks) - 1
+            result.error = (
+                f"the result is {size} bytes, more than the server's --max-message-bytes {limit}: "
+                "raise it on the server and on the clients (Limits.max_message_bytes)"
+            )
         return result
 
 
-class OffloadServicer(pb_grpc.OffloadServicer):
-    """The gRPC face of ``RemoteExecutor``."""
+def wire_arg_count(args: pb.Value) -> int:
+    """How many positional arguments a wire value gives the next task (see ``call_task``)."""
+    kind = args.WhichOneof("kind")
+    if kind is None or kind == "none":
+        return 0
+    if kind == "tuple_value":
+        return len(args.tuple_value.items)
+    return 1
+
+
+class _Watch:
+    """One open stream, as the idle reaper sees it."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.context = context
+        self.last_activity = time.monotonic()
+        self.busy = False  # running an item: not idle, however long the tasks take
+        self.dropped = False
+
+
+class OffloadServicer:
+    """The gRPC face of ``RemoteExecutor``.
+
+    Requests arrive as raw bytes and are parsed here, so that garbage is answered with
+    INVALID_ARGUMENT naming the problem instead of gRPC's generic deserialisation failure.
+    """
 
     def __init__(self, executor: RemoteExecutor) -> None:
         self.executor = executor
-        self._streams = 0
+        self._idle_limit = executor.config.stream_idle_seconds
+        self._watches: dict[int, _Watch] = {}
         self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="offload-reaper", daemon=True)
+        self._reaper.start()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(
+            self.ExecuteRemaining,
+            request_deserializer=None,
+            response_serializer=pb.ItemResult.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {"ExecuteRemaining": method})
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _reap(self) -> None:
+        interval = min(1.0, self._idle_limit / 4)
+        while not self._closed.wait(interval):
+            now = time.monotonic()
+            with self._lock:
+                idle = [
+                    w
+                    for w in self._watches.values()
+                    if not w.busy and not w.dropped and now - w.last_activity > self._idle_limit
+                ]
+            for watch in idle:
+                watch.dropped = True
+                log.warning(
+                    "event=idle-drop peer=%s idle=%.1fs limit=%.1fs (ServerConfig."
+                    "stream_idle_seconds)",
+                    watch.context.peer(),
+                    now - watch.last_activity,
+                    self._idle_limit,
+                )
+                # Cancelling unblocks the stream's thread whether it waits to read or to write.
+                watch.context.cancel()
 
     def ExecuteRemaining(
-        self, request_iterator: Iterator[pb.TaskState], context: grpc.ServicerContext
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[pb.ItemResult]:
         peer = context.peer()
+        proven = peer_device_id(context)
         device = None
         count = 0
+        watch = _Watch(context)
         with self._lock:
-            self._streams += 1
+            self._watches[id(watch)] = watch
         try:
-            for state in request_iterator:
+            for data in request_iterator:
+                watch.busy = True
+                state = self._parse(data, count, context, peer)
+                if proven is not None and state.device_id != proven:
+                    if device is None:
+                        log.warning(
+                            "event=device-id-override claimed=%r certificate=%r peer=%s",
+                            state.device_id,
+                            proven,
+                            peer,
+                        )
+                    state.device_id = proven  # the certificate, not the message, names the device
                 if device is None:
                     device = state.device_id
                     log.info("event=connect device=%s peer=%s", device, peer)
                 try:
-                    yield self.executor.execute(state)
+                    result = self.executor.execute(state)
                 except RequestRejected as exc:
                     log.warning(
                         "event=reject device=%s peer=%s code=%s reason=%r",
@@ -177,13 +271,27 @@ class OffloadServicer(pb_grpc.OffloadServicer):
                         str(exc),
                     )
                     context.abort(exc.code, str(exc))
+                watch.busy = False
+                yield result
+                watch.last_activity = time.monotonic()
                 count += 1
         finally:
             with self._lock:
-                self._streams -= 1
+                del self._watches[id(watch)]
             if device is not None:
                 log.info("event=disconnect device=%s peer=%s items=%d", device, peer, count)
 
+    @staticmethod
+    def _parse(data: bytes, index: int, context: grpc.ServicerContext, peer: str) -> pb.TaskState:
+        try:
+            return pb.TaskState.FromString(data)
+        except DecodeError as exc:
+            message = f"message {index} of the stream is not an offload.v1.TaskState: {exc}"
+            log.warning("event=reject peer=%s code=INVALID_ARGUMENT reason=%r", peer, message)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            raise  # pragma: no cover - abort raises
+
     @property
     def active_streams(self) -> int:
-        return self._streams
+        with self._lock:
+            return len(self._watches)

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import grpc
 
+from ._config import ClientConfig, ClientSecurity
+from ._security import call_metadata, channel_credentials
 from ._service import RemoteExecutor, RequestRejected
 from .exceptions import PipelineMismatch, ServerError
 from .v1 import offload_pb2 as pb
@@ -48,15 +50,39 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+def client_options(config: ClientConfig) -> list[tuple[str, int]]:
+    """The channel's size limits, keepalive (a dead link is noticed) and reconnect backoff."""
+    keepalive = config.keepalive
+    return [
+        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ("grpc.max_send_message_length", config.limits.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(keepalive.time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+_HINTS = {
+    "RESOURCE_EXHAUSTED": "if a message was too large, raise --max-message-bytes on the client "
+    "and the server (both must allow the largest item and result); if the server has too many "
+    "streams, raise its --workers",
+    "UNAUTHENTICATED": "give the server's token with --token or OFFLOAD_TOKEN",
+}
+
+
 def _server_error(exc: grpc.RpcError) -> ServerError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     kind = PipelineMismatch if code == grpc.StatusCode.FAILED_PRECONDITION else ServerError
+    hint = _HINTS.get(code.name)
+    if hint and hint not in details:
+        details = f"{details} ({hint})"
     return kind(f"server answered {code.name}: {details}", code.name)
 
 
 class _GrpcStream:
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
         self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         # We serialise requests ourselves (to count bytes without serialising twice), and wrap
         # the deserialiser for the same reason.
@@ -65,7 +91,7 @@ class _GrpcStream:
             request_serializer=None,
             response_deserializer=lambda data: (pb.ItemResult.FromString(data), len(data)),
         )
-        self._call = method(self._requests())
+        self._call = method(self._requests(), metadata=metadata)
 
     def _requests(self) -> Iterator[bytes]:
         while True:
@@ -96,22 +122,33 @@ class _GrpcStream:
 class GrpcTransport:
     """Streams to a real server over one long-lived channel."""
 
-    def __init__(self, target: str, options: list[tuple[str, int]], connect_timeout: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        options: list[tuple[str, int]],
+        connect_timeout: float,
+        security: ClientSecurity = ClientSecurity(),
+    ) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=options)
+        credentials = channel_credentials(security)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        self._metadata = call_metadata(security)
         try:
             grpc.channel_ready_future(self.channel).result(timeout=connect_timeout)
         except grpc.FutureTimeoutError:
             self.channel.close()
             raise ServerError(
                 f"cannot reach the server at {target} within {connect_timeout:.0f} s: is "
-                "`python -m offload.server` running there? (omit --server to start an embedded "
-                "one on this machine)",
+                "`python -m offload.server` running there, and do both sides agree on TLS "
+                "(--tls-ca, --tls-cert)? (omit --server to start an embedded one here)",
                 "UNAVAILABLE",
             ) from None
 
     def open_stream(self) -> Stream:
-        return _GrpcStream(self.channel)
+        return _GrpcStream(self.channel, self._metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -16,12 +16,11 @@ from types import FrameType
 from typing import IO, Any
 
 from ._client import Client, check_split
-from ._config import ClientConfig
+from ._config import ClientConfig, ClientSecurity, Limits
 from ._embedded import EmbeddedServer
 from ._pipeline import DEFAULT_PIPELINE, load_pipeline
 from ._report import format_summary
-from ._server import channel_options
-from ._transport import GrpcTransport, Transport
+from ._transport import GrpcTransport, Transport, client_options
 from .exceptions import ConfigError, OffloadError, PipelineMismatch
 
 log = logging.getLogger("offload.client")
@@ -87,6 +86,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the server at start (default %(default)s)",
     )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=int(env("OFFLOAD_MAX_MESSAGE_BYTES", str(Limits.max_message_bytes))),
+        metavar="BYTES",
+        help="largest item or result on the wire (default %(default)s); the server must agree",
+    )
+    security = parser.add_argument_group("security (with --server)")
+    security.add_argument(
+        "--tls", action="store_true", help="TLS, trusting the system's root certificates"
+    )
+    security.add_argument(
+        "--tls-ca",
+        default=env("OFFLOAD_TLS_CA"),
+        metavar="PEM",
+        help="TLS, trusting this CA for the server's certificate",
+    )
+    security.add_argument(
+        "--tls-cert",
+        default=env("OFFLOAD_TLS_CERT"),
+        metavar="PEM",
+        help="this device's certificate, for servers that require one (mutual TLS)",
+    )
+    security.add_argument(
+        "--tls-key", default=env("OFFLOAD_TLS_KEY"), metavar="PEM", help="its private key"
+    )
+    security.add_argument(
+        "--token",
+        default=env("OFFLOAD_TOKEN"),
+        help="the server's token (prefer $OFFLOAD_TOKEN: arguments show in ps)",
+    )
     parser.add_argument("--log-level", default=env("OFFLOAD_LOG_LEVEL", "WARNING"))
     return parser
 
@@ -105,15 +135,17 @@ def _connect(
 ) -> Transport:
     target = args.server
     if not target:
-        embedded = EmbeddedServer(config.pipeline)
+        embedded = EmbeddedServer(
+            config.pipeline, max_message_bytes=config.limits.max_message_bytes
+        )
         stack.callback(embedded.stop)
         target = embedded.target
         print(
             f"offload: no --server given; started an embedded server on {target}", file=sys.stderr
         )
-    transport = GrpcTransport(
-        target, channel_options(config.limits.max_message_bytes), config.connect_timeout
-    )
+    # The embedded server is a plaintext child on loopback: credentials are for --server.
+    security = config.security if args.server else ClientSecurity()
+    transport = GrpcTransport(target, client_options(config), config.connect_timeout, security)
     stack.callback(transport.close)
     return transport
 
@@ -131,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         check_split(pipeline, args.local_tasks)
         if args.window < 1:
             raise ConfigError(f"--window {args.window}: at least 1 item must be in flight")
+        if args.max_message_bytes < 1024:
+            raise ConfigError(f"--max-message-bytes {args.max_message_bytes}: at least 1024")
         if args.source is not None:
             pipeline.set_source(args.source)
     except (OffloadError, ValueError) as exc:
@@ -144,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         frames=args.frames,
         source=args.source,
         connect_timeout=args.connect_timeout,
+        limits=Limits(max_message_bytes=args.max_message_bytes),
+        security=ClientSecurity(
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            token=args.token,
+        ),
     )
     report: dict[str, Any]
     stop = _stop_on_signals()

@@ -10,7 +10,7 @@ import sys
 import threading
 from types import FrameType
 
-from ._config import ServerConfig
+from ._config import Limits, ServerConfig, ServerSecurity
 from ._pipeline import DEFAULT_PIPELINE
 from ._server import serve
 from .exceptions import OffloadError
@@ -43,6 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("OFFLOAD_WORKERS", "64")),
         help="concurrent device streams (default %(default)s)",
     )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=int(env("OFFLOAD_MAX_MESSAGE_BYTES", str(Limits.max_message_bytes))),
+        metavar="BYTES",
+        help="largest item or result on the wire (default %(default)s); clients must agree",
+    )
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--tls-cert", default=env("OFFLOAD_TLS_CERT"), metavar="PEM", help="serve TLS: certificate"
+    )
+    security.add_argument(
+        "--tls-key", default=env("OFFLOAD_TLS_KEY"), metavar="PEM", help="its private key"
+    )
+    security.add_argument(
+        "--tls-client-ca",
+        default=env("OFFLOAD_TLS_CLIENT_CA"),
+        metavar="PEM",
+        help="mutual TLS: require client certificates signed by this CA; the certificate's "
+        "name (SAN, else CN) becomes the device id",
+    )
+    security.add_argument(
+        "--token",
+        default=env("OFFLOAD_TOKEN"),
+        help="require this token from clients (prefer $OFFLOAD_TOKEN: arguments show in ps)",
+    )
     parser.add_argument("--log-level", default=env("OFFLOAD_LOG_LEVEL", "INFO"))
     parser.add_argument(
         "--announce",
@@ -60,8 +86,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
+    if args.max_message_bytes < 1024:
+        print("error: --max-message-bytes must be at least 1024", file=sys.stderr)
+        return 2
     config = ServerConfig(
-        pipeline=args.pipeline, host=args.host, port=args.port, workers=args.workers
+        pipeline=args.pipeline,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        limits=Limits(max_message_bytes=args.max_message_bytes),
+        security=ServerSecurity(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            token=args.token,
+        ),
     )
     try:
         running = serve(config)

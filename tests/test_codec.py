@@ -121,7 +121,9 @@ def make_array(dtype: str, shape: list[int], data: bytes) -> pb.Value:
         ("|O", [1], b"12345678", "not an allowed dtype"),
         ("<U4", [1], b"\0" * 16, "not an allowed dtype"),
         ("|u1", [2, 3], b"12345", "5 bytes, but dtype |u1 x shape \\[2, 3\\] needs 6"),
-        ("<f8", [2**40, 2**40], b"", "needs"),  # would be 8 TiB: refused before allocating
+        ("<f8", [2**40, 2**40], b"", "shape\\[0\\]: 1099511627776 is larger than any message"),
+        ("<f8", [2**20, 2**20], b"", "needs 8796093022208"),  # 8 TiB: refused before allocating
+        ("|u1", [0, 2**64 - 1], b"", "shape\\[1\\]"),  # empty, but NumPy cannot index it
         ("|u1", [1] * 40, b"1", "dimensions"),
     ],
 )

@@ -1,0 +1,129 @@
+"""Who may talk to the server: TLS credentials, the token interceptor, device identity.
+
+The token is checked in a server interceptor. A refusal must use the refused method's own
+handler kind: gRPC's example answers every method with a unary handler, which a client of a
+bidirectional stream receives as UNIMPLEMENTED rather than UNAUTHENTICATED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ._config import ClientSecurity, ServerSecurity
+from .exceptions import ConfigError
+
+TOKEN_HEADER = "authorization"
+# Health checks stay open: load balancers and supervisors probe without credentials.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def _read(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+
+
+def server_credentials(security: ServerSecurity) -> grpc.ServerCredentials | None:
+    """TLS credentials for the server's port, or None for plaintext."""
+    if security.tls_cert is None and security.tls_key is None:
+        if security.tls_client_ca is not None:
+            raise ConfigError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+        return None
+    if security.tls_cert is None or security.tls_key is None:
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    pair = (_read(security.tls_key, "--tls-key"), _read(security.tls_cert, "--tls-cert"))
+    client_ca = security.tls_client_ca
+    return grpc.ssl_server_credentials(
+        [pair],
+        root_certificates=_read(client_ca, "--tls-client-ca") if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def channel_credentials(security: ClientSecurity) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the client's channel, or None for plaintext."""
+    if not security.uses_tls:
+        return None
+    if (security.tls_cert is None) != (security.tls_key is None):
+        raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+    return grpc.ssl_channel_credentials(
+        # None: the system's root certificates (gRPC's bundled roots where there are none).
+        root_certificates=_read(security.tls_ca, "--tls-ca") if security.tls_ca else None,
+        private_key=_read(security.tls_key, "--tls-key") if security.tls_key else None,
+        certificate_chain=_read(security.tls_cert, "--tls-cert") if security.tls_cert else None,
+    )
+
+
+def call_metadata(security: ClientSecurity) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries: the token, if there is one."""
+    return ((TOKEN_HEADER, f"Bearer {security.token}"),) if security.token else ()
+
+
+def _digest(value: str) -> bytes:
+    # Hashing first makes the comparison independent of the lengths too.
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
+class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses every call without ``authorization: Bearer <token>`` with UNAUTHENTICATED."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ConfigError("--token must not be empty")
+        self._expected = _digest(f"Bearer {token}")
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or details.method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        given = ""
+        for key, value in details.invocation_metadata or ():
+            if key == TOKEN_HEADER and isinstance(value, str):
+                given = value
+        if hmac.compare_digest(_digest(given), self._expected):
+            return handler
+        reason = "wrong token" if given else "no token"
+        return _refusal(handler, f"{reason}: give the server's token with --token or OFFLOAD_TOKEN")
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED at once."""
+
+    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    def refuse_streaming(_request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - abort raises; this makes it a generator
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        refuse_streaming if handler.response_streaming else refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def peer_device_id(context: grpc.ServicerContext) -> str | None:
+    """The device id its client certificate proves (SAN, else CN), or None without mTLS."""
+    identities = context.peer_identities()
+    if not identities:
+        return None
+    return bytes(identities[0]).decode("utf-8", "replace")
