@@ -12,14 +12,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import IO, Any
 
 from ._codec import check_size, decode, encode_into
 from ._config import ClientConfig
+from ._link import Link, Pending
 from ._pipeline import ItemContext, Pipeline, Status, run_tasks
 from ._report import Recorder
-from ._transport import Stream, Transport
+from ._transport import Transport
 from .exceptions import ConfigError, OffloadError, ServerError
 from .v1 import offload_pb2 as pb
 
@@ -41,12 +41,6 @@ def check_split(pipeline: Pipeline, local_tasks: int | None) -> None:
             f"the device and the rest on the server, {n} to run all on the device, or omit it for "
             f"client-only mode. Tasks of {pipeline.name}: {pipeline.describe()}"
         )
-
-
-@dataclass
-class _InFlight:
-    capture_perf: float
-    args: Any  # the item's state at the cut, kept until its answer arrives
 
 
 class Client:
@@ -72,12 +66,10 @@ class Client:
         self.run_id = uuid.uuid4().hex
         self.recorder = Recorder(pipeline, output)
         self._stop = stop or threading.Event()
-        self._credits = threading.Semaphore(config.window)
-        self._in_flight: dict[int, _InFlight] = {}
-        self._lock = threading.Lock()
-        self._drained = threading.Condition(self._lock)
-        self._stream_error: ServerError | None = None
-        self._answers_done = threading.Event()
+        # The link owns the stream: credits, resends, reconnects, the offline buffer.
+        self.link = (
+            Link(self.transport, config.link, config.window, self) if self.transport else None
+        )
 
     @property
     def split(self) -> int:
@@ -90,25 +82,28 @@ class Client:
 
     def run(self) -> dict[str, Any]:
         """Capture and process until the source ends, ``frames`` is reached or ``stop()``."""
-        stream = self.transport.open_stream() if self.transport else None
-        reader = None
-        if stream is not None:
-            reader = threading.Thread(
-                target=self._read_answers, args=(stream,), name="offload-answers", daemon=True
+        if self.link is not None and not self.link.start():
+            log.warning(
+                "event=offline target=%s: the server does not answer yet; running every task "
+                "here until it does",
+                getattr(self.transport, "target", "?"),
             )
-            reader.start()
+        finished = False
         try:
-            self._capture_loop(stream)
+            self._capture_loop()
+            finished = True
         finally:
-            if stream is not None:
-                stream.close()
-                self._wait_for_answers(stream)
+            if self.link is not None:
+                if finished:
+                    self.link.finish()
+                else:
+                    self.link.abort()
         return self.report()
 
     @property
     def error(self) -> ServerError | None:
-        """Why the stream to the server failed, if it did (the report also says)."""
-        return self._stream_error
+        """Why the server refused the stream, if it did (the report also says)."""
+        return self.link.error if self.link is not None else None
 
     def report(self) -> dict[str, Any]:
         return self.recorder.summary(
@@ -118,13 +113,14 @@ class Client:
             local_tasks=self.split,
             server=getattr(self.transport, "target", None),
             window=self.config.window,
-            error=str(self._stream_error) if self._stream_error else None,
+            error=str(self.error) if self.error else None,
+            link=self.link.report() if self.link is not None else None,
         )
 
-    def _capture_loop(self, stream: Stream | None) -> None:
+    def _capture_loop(self) -> None:
         n = len(self.pipeline.tasks)
         item = 0
-        while not self._stop.is_set() and self._stream_error is None:
+        while not self._stop.is_set() and self.error is None:
             if self.config.frames is not None and item >= self.config.frames:
                 break
             split = self.split
@@ -140,8 +136,8 @@ class Client:
             self.recorder.captured_item(began)
             self.recorder.device_times(outcome.task_seconds)
             if outcome.status is Status.CONTINUE:
-                assert stream is not None and split < n
-                self._send(stream, item, split, outcome.value, capture_time, began)
+                assert split < n
+                self._send(item, split, outcome.value, capture_time, began)
             else:
                 now = time.perf_counter()
                 self.recorder.finished(
@@ -155,13 +151,8 @@ class Client:
                 )
             item += 1
 
-    def _send(
-        self, stream: Stream, item: int, split: int, args: Any, capture_time: float, began: float
-    ) -> None:
-        # Back-pressure: wait for a credit, but notice a stop or a failed stream meanwhile.
-        while not self._credits.acquire(timeout=0.1):
-            if self._stream_error is not None:
-                return
+    def _send(self, item: int, split: int, args: Any, capture_time: float, began: float) -> None:
+        assert self.link is not None
         state = pb.TaskState(
             pipeline=self.pipeline.name,
             fingerprint=self.pipeline.fingerprint,
@@ -175,7 +166,6 @@ class Client:
             encode_into(state.args, args, self.config.limits)
             check_size(state, self.config.limits, f"item {item}")
         except OffloadError as exc:
-            self._credits.release()
             now = time.perf_counter()
             self.recorder.finished(
                 item,
@@ -187,72 +177,63 @@ class Client:
                 at=now,
             )
             return
-        with self._lock:
-            self._in_flight[item] = _InFlight(began, args)
-        self.recorder.bytes_sent += stream.send(state)
+        self.link.submit(Pending(item, split, state.SerializeToString(), began))
 
-    def _read_answers(self, stream: Stream) -> None:
-        try:
-            for answer, size in stream.results():
-                now = time.perf_counter()
-                with self._lock:
-                    pending = self._in_flight.pop(answer.item, None)
-                if pending is None:
-                    log.warning("event=unexpected-answer item=%d", answer.item)
-                    continue
-                self._credits.release()
-                self.recorder.bytes_received += size
-                self.recorder.server_times(
-                    [(t.task, t.seconds) for t in answer.task_times], answer.server_cpu_seconds
-                )
-                result = None
-                if answer.status == pb.ItemResult.COMPLETED:
-                    result = decode(answer.output, self.config.limits)
-                self.recorder.finished(
-                    answer.item,
-                    _STATUS_NAMES.get(answer.status, "failed"),
-                    result,
-                    task=answer.task,
-                    error=answer.error,
-                    latency=now - pending.capture_perf,
-                    at=now,
-                )
-                with self._lock:
-                    if not self._in_flight:
-                        self._drained.notify_all()
-        except ServerError as exc:
-            self._stream_error = exc
-        except OffloadError as exc:
-            self._stream_error = ServerError(f"bad answer from the server: {exc}")
-        finally:
-            self._answers_done.set()
-            with self._lock:
-                self._drained.notify_all()
+    # --- how items end (called by the link's threads) -----------------------------------------
 
-    def _wait_for_answers(self, stream: Stream, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while self._in_flight and not self._answers_done.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._drained.wait(remaining)
-            lost = sorted(self._in_flight)
-            self._in_flight.clear()
-        if lost:
-            stream.cancel()
-            reason = str(self._stream_error) if self._stream_error else "no answer in time"
-            for item in lost:
-                now = time.perf_counter()
-                self.recorder.finished(
-                    item,
-                    "failed",
-                    None,
-                    task=self.split,
-                    error=f"unanswered: {reason}",
-                    latency=0.0,
-                    at=now,
-                )
+    def sent(self, pending: Pending, size: int) -> None:
+        self.recorder.bytes_sent += size
+
+    def answered(self, pending: Pending, answer: pb.ItemResult, size: int) -> None:
+        now = time.perf_counter()
+        self.recorder.bytes_received += size
+        self.recorder.server_times(
+            [(t.task, t.seconds) for t in answer.task_times], answer.server_cpu_seconds
+        )
+        result = None
+        if answer.status == pb.ItemResult.COMPLETED:
+            result = decode(answer.output, self.config.limits)
+        self.recorder.finished(
+            answer.item,
+            _STATUS_NAMES.get(answer.status, "failed"),
+            result,
+            task=answer.task,
+            error=answer.error,
+            latency=now - pending.began,
+            at=now,
+        )
+
+    def run_locally(self, pending: Pending) -> None:
+        """The server is away: run the item's remaining tasks here, from its state at the cut."""
+        state = pb.TaskState.FromString(pending.data)
+        args = decode(state.args, self.config.limits)
+        context = ItemContext(
+            self.config.device_id, self.run_id, state.item, state.capture_time, False
+        )
+        outcome = run_tasks(self.pipeline, state.next_task, len(self.pipeline.tasks), args, context)
+        self.recorder.device_times(outcome.task_seconds)
+        now = time.perf_counter()
+        self.recorder.finished(
+            state.item,
+            outcome.status.value,
+            outcome.value if outcome.status is Status.COMPLETED else None,
+            task=outcome.task,
+            error=outcome.error,
+            latency=now - pending.began,
+            at=now,
+        )
+
+    def lost(self, pending: Pending, status: str, reason: str) -> None:
+        now = time.perf_counter()
+        self.recorder.finished(
+            pending.item,
+            status,
+            None,
+            task=pending.next_task,
+            error=reason,
+            latency=now - pending.began,
+            at=now,
+        )
 
 
 def run_client(

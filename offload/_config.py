@@ -65,6 +65,35 @@ class ClientSecurity:
         return self.tls or self.tls_ca is not None or self.tls_cert is not None
 
 
+WHEN_FULL = ("block", "drop-oldest", "reject-new")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """How the device rides out a flaky link or a restarting server (see ``offload/_link.py``)."""
+
+    # Items waiting for the server while it is away (cut at the split, encoded). Beyond this,
+    # ``when_full``: "block" capture (lossless, right for files), "drop-oldest" (right for live
+    # cameras: the freshest frames matter) or "reject-new"; drops are counted and reported.
+    buffer: int = 32
+    when_full: str = "block"
+    # An item sent but unanswered this long means the stream is stuck: reset it.
+    item_timeout: float = 30.0
+    # After a broken stream, unanswered items wait this long for a reconnect (to be resent:
+    # the server replays what it already ran) before the device runs them itself.
+    resend_grace: float = 5.0
+    max_sends: int = 3  # an item sent this often without an answer runs on the device
+    reconnect_backoff_max: float = 10.0  # gRPC's exponential connection backoff caps here
+
+    def check(self) -> None:
+        if self.buffer < 1:
+            raise ConfigError(f"--buffer {self.buffer}: at least 1 item must fit")
+        if self.when_full not in WHEN_FULL:
+            raise ConfigError(f"--when-full {self.when_full!r}: use one of {', '.join(WHEN_FULL)}")
+        if self.item_timeout <= 0 or self.resend_grace < 0 or self.max_sends < 1:
+            raise ConfigError(f"link settings out of range: {self}")
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """How the device runs. ``local_tasks=None`` is client-only mode (no server)."""
@@ -80,6 +109,7 @@ class ClientConfig:
     limits: Limits = Limits()
     security: ClientSecurity = ClientSecurity()
     keepalive: Keepalive = Keepalive()
+    link: LinkConfig = LinkConfig()
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class Recorder:
     completed: int = 0
     filtered: int = 0
     failed: int = 0
+    dropped: int = 0  # never processed: the offline buffer was full (LinkConfig.when_full)
     bytes_sent: int = 0
     bytes_received: int = 0
     server_cpu_seconds: float = 0.0
@@ -114,6 +115,8 @@ class Recorder:
                 self.completed += 1
             elif status == "filtered":
                 self.filtered += 1
+            elif status == "dropped":
+                self.dropped += 1
             else:
                 self.failed += 1
                 if len(self.errors) < 20:
@@ -130,7 +133,7 @@ class Recorder:
 
     @property
     def finished_count(self) -> int:
-        return self.completed + self.filtered + self.failed
+        return self.completed + self.filtered + self.failed + self.dropped
 
     def summary(self, **run: Any) -> dict[str, Any]:
         """The run as JSON-friendly data (the ``--report`` file)."""
@@ -165,6 +168,7 @@ class Recorder:
                     "completed": self.completed,
                     "filtered": self.filtered,
                     "failed": self.failed,
+                    "dropped": self.dropped,
                 },
                 "elapsed_seconds": round(elapsed, 3),
                 "throughput_per_second": round(self.completed / elapsed, 3) if elapsed else 0.0,
@@ -186,7 +190,7 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = [
         f"offload summary: {report['pipeline']} on device {report['device_id']} ({report['mode']})",
         f"  items      captured {items['captured']}, completed {items['completed']}, "
-        f"filtered {items['filtered']}, failed {items['failed']}",
+        f"filtered {items['filtered']}, failed {items['failed']}, dropped {items['dropped']}",
         f"  throughput {report['throughput_per_second']:.1f} completed items/s "
         f"({report['finished_per_second']:.1f} finished/s) over {report['elapsed_seconds']:.1f} s",
         f"  latency    p50 {report['latency_ms']['p50']:.1f} ms, "
@@ -199,6 +203,13 @@ def format_summary(report: dict[str, Any]) -> str:
         dev = f"{t['device_mean_ms']:9.2f}" if t["device_runs"] else "        -"
         srv = f"{t['server_mean_ms']:9.2f}" if t["server_runs"] else "        -"
         lines.append(f"    {t['index']} {t['name']:<16} {t['ran_on']:<8} {dev}   {srv}")
+    link = report.get("link")
+    if link:
+        lines.append(
+            f"  link       {link['connects']} connects, {link['disconnects']} disconnects, "
+            f"{link['resent']} resent, {link['ran_locally']} run here while the server was away, "
+            f"{link['dropped']} dropped ({link['when_full']}, buffer {link['buffer']})"
+        )
     for error in report["errors"][:5]:
         lines.append(f"  error      {error}")
     return "\n".join(lines)

@@ -55,7 +55,9 @@ class RunningServer:
         """Report NOT_SERVING, refuse new streams, let in-flight ones finish within ``grace``."""
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)  # refuses new streams from now on
+        self.servicer.drain()
+        stopped.wait()
         self.servicer.close()
 
     def wait(self) -> None:

@@ -198,6 +198,7 @@ class OffloadServicer:
         self._watches: dict[int, _Watch] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._draining = False
         self._reaper = threading.Thread(target=self._reap, name="offload-reaper", daemon=True)
         self._reaper.start()
 
@@ -211,6 +212,18 @@ class OffloadServicer:
 
     def close(self) -> None:
         self._closed.set()
+
+    def drain(self) -> None:
+        """Shutting down: idle streams end now, busy ones after the item they are running.
+
+        Either way a stream ends UNAVAILABLE, which tells a client to resend what is unanswered
+        elsewhere (or later) rather than wait for the grace period to run out.
+        """
+        self._draining = True
+        with self._lock:
+            idle = [w for w in self._watches.values() if not w.busy]
+        for watch in idle:
+            watch.context.cancel()
 
     def _reap(self) -> None:
         interval = min(1.0, self._idle_limit / 4)
@@ -275,6 +288,10 @@ class OffloadServicer:
                 yield result
                 watch.last_activity = time.monotonic()
                 count += 1
+                if self._draining:
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE, "the server is shutting down: reconnect"
+                    )
         finally:
             with self._lock:
                 del self._watches[id(watch)]

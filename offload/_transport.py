@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import grpc
@@ -31,6 +31,10 @@ class Stream(Protocol):
         """Queue one item; returns its size on the wire in bytes."""
         ...
 
+    def send_bytes(self, data: bytes) -> int:
+        """Queue one already encoded item (a resend costs no second encoding)."""
+        ...
+
     def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
         """Answers in arrival order; raises ``ServerError`` if the stream fails."""
         ...
@@ -45,6 +49,10 @@ class Stream(Protocol):
 
 
 class Transport(Protocol):
+    def ready(self, timeout: float) -> bool:
+        """Whether a stream can be opened now, waiting up to ``timeout`` seconds for it."""
+        ...
+
     def open_stream(self) -> Stream: ...
 
     def close(self) -> None: ...
@@ -60,6 +68,11 @@ def client_options(config: ClientConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # gRPC reconnects with exponential backoff and jitter; cap it so a returning server is
+        # used again within seconds.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.min_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", int(config.link.reconnect_backoff_max * 1000)),
     ]
 
 
@@ -82,7 +95,13 @@ def _server_error(exc: grpc.RpcError) -> ServerError:
 
 
 class _GrpcStream:
-    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        metadata: tuple[tuple[str, str], ...],
+        on_error: Callable[[], None],
+    ) -> None:
+        self._on_error = on_error
         self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         # We serialise requests ourselves (to count bytes without serialising twice), and wrap
         # the deserialiser for the same reason.
@@ -102,7 +121,9 @@ class _GrpcStream:
             yield data
 
     def send(self, state: pb.TaskState) -> int:
-        data = state.SerializeToString()
+        return self.send_bytes(state.SerializeToString())
+
+    def send_bytes(self, data: bytes) -> int:
         self._outbox.put(data)
         return len(data)
 
@@ -110,6 +131,7 @@ class _GrpcStream:
         try:
             yield from self._call
         except grpc.RpcError as exc:
+            self._on_error()
             raise _server_error(exc) from None
 
     def close(self) -> None:
@@ -136,19 +158,30 @@ class GrpcTransport:
         else:
             self.channel = grpc.secure_channel(target, credentials, options=options)
         self._metadata = call_metadata(security)
+        # Not reachable yet is not an error: the client runs every task itself meanwhile, and
+        # the channel keeps trying with exponential backoff.
+        self._known_ready = False
+        self.initially_ready = self.ready(connect_timeout)
+
+    def ready(self, timeout: float) -> bool:
+        # Ask the channel only when a stream has failed since it was last ready: each question
+        # starts a gRPC polling thread that raises if the channel closes while it runs.
+        if self._known_ready:
+            return True
+        future = grpc.channel_ready_future(self.channel)
         try:
-            grpc.channel_ready_future(self.channel).result(timeout=connect_timeout)
+            future.result(timeout=max(timeout, 0.001))
         except grpc.FutureTimeoutError:
-            self.channel.close()
-            raise ServerError(
-                f"cannot reach the server at {target} within {connect_timeout:.0f} s: is "
-                "`python -m offload.server` running there, and do both sides agree on TLS "
-                "(--tls-ca, --tls-cert)? (omit --server to start an embedded one here)",
-                "UNAVAILABLE",
-            ) from None
+            future.cancel()
+            return False
+        self._known_ready = True
+        return True
+
+    def _stream_failed(self) -> None:
+        self._known_ready = False
 
     def open_stream(self) -> Stream:
-        return _GrpcStream(self.channel, self._metadata)
+        return _GrpcStream(self.channel, self._metadata, self._stream_failed)
 
     def close(self) -> None:
         self.channel.close()
@@ -182,7 +215,9 @@ class _InProcessStream:
             self._outbox.put(answer.SerializeToString())
 
     def send(self, state: pb.TaskState) -> int:
-        data = state.SerializeToString()
+        return self.send_bytes(state.SerializeToString())
+
+    def send_bytes(self, data: bytes) -> int:
         self._inbox.put(data)
         return len(data)
 
@@ -209,6 +244,9 @@ class InProcessTransport:
     def __init__(self, executor: RemoteExecutor) -> None:
         self.executor = executor
         self.target = "in-process"
+
+    def ready(self, timeout: float) -> bool:
+        return True
 
     def open_stream(self) -> Stream:
         return _InProcessStream(self.executor)

@@ -147,6 +147,13 @@ def _connect(
     security = config.security if args.server else ClientSecurity()
     transport = GrpcTransport(target, client_options(config), config.connect_timeout, security)
     stack.callback(transport.close)
+    if not transport.initially_ready:
+        print(
+            f"offload: cannot reach the server at {target} within {config.connect_timeout:.0f} s "
+            "(is `python -m offload.server` running there? do both sides agree on TLS?); "
+            "running every task on this device meanwhile, and reconnecting with backoff",
+            file=sys.stderr,
+        )
     return transport
 
 

@@ -90,10 +90,11 @@ def test_help_shows_examples() -> None:
     assert "examples:" in result.stdout and "--local-tasks 3" in result.stdout
 
 
-def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
+def test_unreachable_server_is_said_and_every_task_runs_here(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    report_path = tmp_path / "report.json"
     result = offload(
         "offload.client",
         "--local-tasks",
@@ -104,9 +105,16 @@ def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
         "3",
         "--connect-timeout",
         "1",
+        "--report",
+        str(report_path),
     )
-    assert result.returncode == 1
+    assert result.returncode == 0, result.stderr
     assert f"cannot reach the server at 127.0.0.1:{port}" in result.stderr
+    assert "running every task on this device meanwhile" in result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["items"]["completed"] + report["items"]["filtered"] == 3
+    assert report["link"]["ran_locally"] == 3 and report["link"]["connects"] == 0
+    assert {t["ran_on"] for t in report["tasks"]} == {"device"}
 
 
 def cli_output(tmp_path: Path, name: str, *args: str) -> list[str]:

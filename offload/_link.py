@@ -1,0 +1,386 @@
+"""The device's link to the server: carries items cut at the split, and survives faults.
+
+Every item handed to the link is *pending* until exactly one of these ends it:
+
+* the server's answer, on whichever stream it arrives (a resent item's replayed answer counts
+  once; a late answer for an item already ended elsewhere is ignored);
+* the device running the item's remaining tasks itself, because the server is away;
+* a full offline buffer dropping it (``when_full`` drop-oldest / reject-new: counted, reported);
+* a fatal refusal (wrong token, other pipeline): the item is reported failed, the run stops.
+
+Threads: a supervisor connects (gRPC's channel does the exponential backoff) and resets a stream
+whose oldest item has waited longer than ``item_timeout``; a pump sends queued items in item
+order within the credit window; one reader per stream matches answers; a local worker runs the
+remaining tasks of queued items while no stream is up. When a stream breaks, its unanswered
+items go back to the queue: they are resent after a reconnect (the server de-duplicates by
+device, run and item) or, if no reconnect comes within ``resend_grace``, run on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ._config import LinkConfig
+from ._transport import Stream, Transport
+from .exceptions import OffloadError, ServerError
+from .v1 import offload_pb2 as pb
+
+log = logging.getLogger("offload.client")
+
+# Refusals that a retry cannot fix: the run stops and says why.
+FATAL_CODES = frozenset(
+    {"UNAUTHENTICATED", "PERMISSION_DENIED", "FAILED_PRECONDITION", "INVALID_ARGUMENT"}
+    | {"UNIMPLEMENTED", "OUT_OF_RANGE"}
+)
+
+
+def is_fatal(error: ServerError) -> bool:
+    if error.code == "RESOURCE_EXHAUSTED":  # too many streams is transient; too large is not
+        return "larger than max" in str(error)
+    return error.code in FATAL_CODES
+
+
+@dataclass
+class Pending:
+    """An item cut at the split, from capture until it ends."""
+
+    item: int
+    next_task: int
+    data: bytes  # the encoded TaskState: sent, resent, or decoded to run locally
+    began: float  # perf_counter at capture, for latency
+    state: str = "queued"  # queued | sent | local
+    sends: int = 0
+    sent_at: float = 0.0
+    not_before: float = 0.0  # back from a broken stream: wait this long for a resend
+
+
+class LinkOwner(Protocol):
+    """What the client does when an item ends (called from the link's threads)."""
+
+    def answered(self, pending: Pending, answer: pb.ItemResult, size: int) -> None: ...
+
+    def sent(self, pending: Pending, size: int) -> None: ...
+
+    def run_locally(self, pending: Pending) -> None: ...
+
+    def lost(self, pending: Pending, status: str, reason: str) -> None:
+        """``status`` is "dropped" (full buffer) or "failed" (a fatal refusal)."""
+        ...
+
+
+@dataclass
+class LinkStats:
+    connects: int = 0
+    disconnects: int = 0
+    resent: int = 0  # sends beyond an item's first
+    ran_locally: int = 0  # items whose remaining tasks ran here because the server was away
+    dropped: int = 0
+    item_timeouts: int = 0
+    late_answers: int = 0  # answers for items that had already ended (ignored)
+    events: list[str] = field(default_factory=list)  # the first few connects / faults
+
+
+class Link:
+    def __init__(
+        self, transport: Transport, config: LinkConfig, window: int, owner: LinkOwner
+    ) -> None:
+        config.check()
+        self.transport = transport
+        self.config = config
+        self.window = window
+        self.owner = owner
+        self.stats = LinkStats()
+        self._pending: dict[int, Pending] = {}  # in item order (items arrive in order)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stream: Stream | None = None
+        self._generation = 0
+        self._readers: list[threading.Thread] = []
+        self._error: ServerError | None = None
+        self._closing = False
+        self._threads: list[threading.Thread] = []
+
+    # --- the client's side --------------------------------------------------------------------
+
+    @property
+    def error(self) -> ServerError | None:
+        """A fatal refusal, if one ended the link."""
+        return self._error
+
+    @property
+    def online(self) -> bool:
+        return self._stream is not None
+
+    def start(self, wait: float = 0.0) -> bool:
+        """Start the link's threads; True if a stream is up (waiting up to ``wait`` for it)."""
+        if self.transport.ready(wait):
+            self._open()
+        for target, name in (
+            (self._supervise, "offload-link"),
+            (self._pump, "offload-send"),
+            (self._work_locally, "offload-local"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self.online
+
+    def submit(self, pending: Pending) -> bool:
+        """Hand over an item; blocks for a credit, or per ``when_full`` while offline.
+
+        Returns False if the item was not taken (the link failed, or reject-new dropped it:
+        either way the owner has been told).
+        """
+        victim: Pending | None = None
+        with self._lock:
+            while True:
+                if self._error is not None:
+                    return False
+                if self._stream is not None:
+                    if len(self._pending) < self.window:
+                        break
+                else:
+                    queued = [p for p in self._pending.values() if p.state == "queued"]
+                    if len(queued) < self.config.buffer:
+                        break
+                    if self.config.when_full == "drop-oldest":
+                        victim = queued[0]
+                        del self._pending[victim.item]
+                        break
+                    if self.config.when_full == "reject-new":
+                        victim = pending
+                        break
+                self._changed.wait(0.1)
+            if victim is not None:
+                self.stats.dropped += 1
+            if victim is not pending:
+                self._pending[pending.item] = pending
+            self._changed.notify_all()
+        if victim is not None:
+            self.owner.lost(
+                victim,
+                "dropped",
+                f"the server was away and the offline buffer ({self.config.buffer} items) was "
+                f"full: when_full={self.config.when_full}",
+            )
+        return victim is not pending
+
+    def finish(self) -> None:
+        """Wait until every pending item has ended, then close the stream and stop."""
+        with self._lock:
+            while self._pending and self._error is None:
+                self._changed.wait(0.2)
+            orphans = list(self._pending.values()) if self._error is not None else []
+            self._pending.clear()
+            stream, self._stream = self._stream, None
+            self._closing = True
+            self._changed.notify_all()
+        for pending in orphans:
+            self.owner.lost(pending, "failed", f"unanswered: {self._error}")
+        if stream is not None:
+            stream.close()  # the server ends the stream; the reader sees its end
+        for thread in [*self._threads, *self._readers]:
+            thread.join(5.0)
+
+    def abort(self) -> None:
+        """Stop at once (a second Ctrl-C): pending items are left unreported."""
+        with self._lock:
+            stream, self._stream = self._stream, None
+            self._closing = True
+            self._changed.notify_all()
+        if stream is not None:
+            stream.cancel()
+
+    def report(self) -> dict[str, Any]:
+        with self._lock:
+            s = self.stats
+            return {
+                "online": self._stream is not None,
+                "connects": s.connects,
+                "disconnects": s.disconnects,
+                "resent": s.resent,
+                "ran_locally": s.ran_locally,
+                "dropped": s.dropped,
+                "item_timeouts": s.item_timeouts,
+                "late_answers": s.late_answers,
+                "buffer": self.config.buffer,
+                "when_full": self.config.when_full,
+                "events": list(s.events),
+            }
+
+    # --- the link's threads -------------------------------------------------------------------
+
+    def _event(self, text: str) -> None:
+        if len(self.stats.events) < 20:
+            self.stats.events.append(text)
+
+    def _open(self) -> None:
+        stream = self.transport.open_stream()
+        with self._lock:
+            if self._closing:
+                stream.cancel()
+                return
+            self._generation += 1
+            generation = self._generation
+            self._stream = stream
+            self.stats.connects += 1
+            if self.stats.connects > 1:
+                self._event(f"reconnected to {getattr(self.transport, 'target', 'the server')}")
+                log.warning("event=reconnected target=%s", getattr(self.transport, "target", "?"))
+            self._changed.notify_all()
+        reader = threading.Thread(
+            target=self._read, args=(stream, generation), name="offload-answers", daemon=True
+        )
+        self._readers = [r for r in self._readers if r.is_alive()] + [reader]
+        reader.start()
+
+    def _supervise(self) -> None:
+        said_unreachable = False
+        while True:
+            with self._lock:
+                if self._closing or self._error is not None:
+                    return
+                if self._stream is not None:
+                    self._check_item_timeout()
+                    self._changed.wait(0.25)
+                    continue
+            # gRPC's channel retries the connection with exponential backoff meanwhile.
+            if self.transport.ready(0.5):
+                said_unreachable = False
+                self._open()
+            elif not said_unreachable:
+                said_unreachable = True
+                target = getattr(self.transport, "target", "the server")
+                log.warning("event=unreachable target=%s: running every task here", target)
+
+    def _check_item_timeout(self) -> None:  # holds the lock
+        now = time.perf_counter()
+        sent = [p for p in self._pending.values() if p.state == "sent"]
+        if self._stream is None or not sent:
+            return
+        oldest = min(sent, key=lambda p: p.sent_at)
+        if now - oldest.sent_at > self.config.item_timeout:
+            self.stats.item_timeouts += 1
+            message = (
+                f"item {oldest.item} unanswered after {self.config.item_timeout:.0f} s "
+                "(LinkConfig.item_timeout): resetting the stream"
+            )
+            self._event(message)
+            log.warning("event=item-timeout %s", message)
+            self._stream.cancel()  # the reader sees CANCELLED and requeues what is unanswered
+
+    def _pump(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    if self._closing or self._error is not None:
+                        return
+                    chosen = self._next_to_send()
+                    if chosen is not None:
+                        break
+                    self._changed.wait(0.25)
+                stream = self._stream
+                assert stream is not None
+                chosen.state = "sent"
+                chosen.sends += 1
+                chosen.sent_at = time.perf_counter()
+                if chosen.sends > 1:
+                    self.stats.resent += 1
+                # Under the lock, so a stream that breaks now requeues this item too.
+                self.owner.sent(chosen, stream.send_bytes(chosen.data))
+
+    def _next_to_send(self) -> Pending | None:  # holds the lock
+        if self._stream is None:
+            return None
+        in_flight = 0
+        first: Pending | None = None
+        for p in self._pending.values():
+            if p.state == "sent":
+                in_flight += 1
+            elif p.state == "queued" and first is None and p.sends < self.config.max_sends:
+                first = p
+        return first if in_flight < self.window else None
+
+    def _work_locally(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    if self._closing or self._error is not None:
+                        return
+                    chosen = self._next_to_run()
+                    if chosen is not None:
+                        break
+                    self._changed.wait(0.05)
+                chosen.state = "local"
+            try:
+                self.owner.run_locally(chosen)
+            finally:
+                with self._lock:
+                    self._pending.pop(chosen.item, None)
+                    self.stats.ran_locally += 1
+                    self._changed.notify_all()
+
+    def _next_to_run(self) -> Pending | None:  # holds the lock
+        now = time.perf_counter()
+        for p in self._pending.values():
+            if p.state != "queued":
+                continue
+            if p.sends >= self.config.max_sends:
+                return p  # the server never answers it: finish it here
+            if self._stream is None and p.not_before <= now:
+                return p
+            if self._stream is None:
+                return None  # keep item order: the head waits for its resend grace
+        return None
+
+    def _read(self, stream: Stream, generation: int) -> None:
+        error: ServerError | None = None
+        try:
+            for answer, size in stream.results():
+                with self._lock:
+                    pending = self._pending.get(answer.item)
+                    if pending is None or pending.state == "local":
+                        self.stats.late_answers += 1
+                        continue
+                    del self._pending[answer.item]
+                    self._changed.notify_all()
+                self.owner.answered(pending, answer, size)
+        except ServerError as exc:
+            error = exc
+        except OffloadError as exc:  # an answer that cannot be decoded
+            error = ServerError(f"bad answer from the server: {exc}", "INVALID_ARGUMENT")
+        self._broken(stream, generation, error)
+
+    def _broken(self, stream: Stream, generation: int, error: ServerError | None) -> None:
+        with self._lock:
+            if generation != self._generation or self._stream is None:
+                return  # an older stream, or finish() closed this one
+            self._stream = None
+            if error is not None and is_fatal(error):
+                self._error = error
+                self._event(f"refused: {error}")
+                self._changed.notify_all()
+                return
+            self.stats.disconnects += 1
+            grace_end = time.perf_counter() + self.config.resend_grace
+            unanswered = 0
+            for p in self._pending.values():
+                if p.state == "sent":
+                    p.state = "queued"
+                    p.not_before = grace_end
+                    unanswered += 1
+            reason = str(error) if error is not None else "the server ended the stream"
+            self._event(f"disconnected ({unanswered} unanswered): {reason}")
+            log.warning(
+                "event=disconnected unanswered=%d reason=%r: resending after a reconnect, or "
+                "running here after %.1f s",
+                unanswered,
+                reason,
+                self.config.resend_grace,
+            )
+            self._changed.notify_all()
+        stream.cancel()
