@@ -17,6 +17,7 @@ from ._config import (
     ClientSecurity,
     Keepalive,
     Limits,
+    LinkConfig,
     ServerConfig,
     ServerSecurity,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "ItemContext",
     "Keepalive",
     "Limits",
+    "LinkConfig",
     "OffloadError",
     "Pipeline",
     "PipelineError",

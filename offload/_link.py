@@ -103,6 +103,12 @@ class Link:
         self._error: ServerError | None = None
         self._closing = False
         self._threads: list[threading.Thread] = []
+        # After a stream stalls (an item timed out), stay away from the server a while before
+        # trying it again, doubling on each stall in a row: a server that accepts streams but
+        # never answers must not cost every item a full item_timeout.
+        self._stalls = 0
+        self._offline_until = 0.0
+        self._stalled_generation = -1
 
     # --- the client's side --------------------------------------------------------------------
 
@@ -248,6 +254,9 @@ class Link:
                     self._check_item_timeout()
                     self._changed.wait(0.25)
                     continue
+                if time.perf_counter() < self._offline_until:
+                    self._changed.wait(0.25)
+                    continue
             # gRPC's channel retries the connection with exponential backoff meanwhile.
             if self.transport.ready(0.5):
                 said_unreachable = False
@@ -265,6 +274,10 @@ class Link:
         oldest = min(sent, key=lambda p: p.sent_at)
         if now - oldest.sent_at > self.config.item_timeout:
             self.stats.item_timeouts += 1
+            self._stalls += 1
+            self._stalled_generation = self._generation
+            pause = min(self.config.reconnect_backoff_max, 2.0 ** (self._stalls - 1))
+            self._offline_until = now + pause
             message = (
                 f"item {oldest.item} unanswered after {self.config.item_timeout:.0f} s "
                 "(LinkConfig.item_timeout): resetting the stream"
@@ -347,6 +360,7 @@ class Link:
                         self.stats.late_answers += 1
                         continue
                     del self._pending[answer.item]
+                    self._stalls = 0
                     self._changed.notify_all()
                 self.owner.answered(pending, answer, size)
         except ServerError as exc:
@@ -366,7 +380,9 @@ class Link:
                 self._changed.notify_all()
                 return
             self.stats.disconnects += 1
-            grace_end = time.perf_counter() + self.config.resend_grace
+            # Items of a stalled stream have waited item_timeout already: no more grace.
+            stalled = generation == self._stalled_generation
+            grace_end = time.perf_counter() + (0.0 if stalled else self.config.resend_grace)
             unanswered = 0
             for p in self._pending.values():
                 if p.state == "sent":

@@ -66,6 +66,9 @@ def client_options(config: ClientConfig) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", config.limits.max_message_bytes),
         ("grpc.keepalive_time_ms", int(keepalive.time * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
+        # gRPC >= 1.6x waits for a ping's answer this long (default a minute), whatever the
+        # keepalive timeout says: without it a silent peer goes unnoticed for a minute.
+        ("grpc.http2.ping_timeout_ms", int(keepalive.timeout * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # gRPC reconnects with exponential backoff and jitter; cap it so a returning server is

@@ -16,7 +16,7 @@ from types import FrameType
 from typing import IO, Any
 
 from ._client import Client, check_split
-from ._config import ClientConfig, ClientSecurity, Limits
+from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig
 from ._embedded import EmbeddedServer
 from ._pipeline import DEFAULT_PIPELINE, load_pipeline
 from ._report import format_summary
@@ -92,6 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(env("OFFLOAD_MAX_MESSAGE_BYTES", str(Limits.max_message_bytes))),
         metavar="BYTES",
         help="largest item or result on the wire (default %(default)s); the server must agree",
+    )
+    faults = parser.add_argument_group("when the server is away")
+    faults.add_argument(
+        "--buffer",
+        type=int,
+        default=LinkConfig.buffer,
+        metavar="N",
+        help="items that wait for the server while it is away (default %(default)s)",
+    )
+    faults.add_argument(
+        "--when-full",
+        choices=WHEN_FULL,
+        default=LinkConfig.when_full,
+        help="a full buffer blocks capture (default), drops its oldest item or the new one",
+    )
+    faults.add_argument(
+        "--item-timeout",
+        type=float,
+        default=LinkConfig.item_timeout,
+        metavar="SECONDS",
+        help="an item unanswered this long resets the stream (default %(default)s)",
+    )
+    faults.add_argument(
+        "--resend-grace",
+        type=float,
+        default=LinkConfig.resend_grace,
+        metavar="SECONDS",
+        help="after a broken stream, how long unanswered items wait for a reconnect before "
+        "running here (default %(default)s)",
     )
     security = parser.add_argument_group("security (with --server)")
     security.add_argument(
@@ -172,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--window {args.window}: at least 1 item must be in flight")
         if args.max_message_bytes < 1024:
             raise ConfigError(f"--max-message-bytes {args.max_message_bytes}: at least 1024")
+        LinkConfig(args.buffer, args.when_full, args.item_timeout, args.resend_grace).check()
         if args.source is not None:
             pipeline.set_source(args.source)
     except (OffloadError, ValueError) as exc:
@@ -186,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         source=args.source,
         connect_timeout=args.connect_timeout,
         limits=Limits(max_message_bytes=args.max_message_bytes),
+        link=LinkConfig(
+            buffer=args.buffer,
+            when_full=args.when_full,
+            item_timeout=args.item_timeout,
+            resend_grace=args.resend_grace,
+        ),
         security=ClientSecurity(
             tls=args.tls,
             tls_ca=args.tls_ca,

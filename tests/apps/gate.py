@@ -1,0 +1,39 @@
+"""Items whose remaining tasks, run on the device, wait at a gate: to fill an offline buffer.
+
+Task 0 emits ``ITEMS`` items; it holds item 1 back until item 0's remaining tasks have started
+on the device, so what the buffer holds when it fills is deterministic. The device's task 1
+blocks on ``gate`` for item 0.
+"""
+
+import threading
+
+from offload import current_item
+
+ITEMS = 20
+_next = {"n": 0}
+zero_started = threading.Event()
+gate = threading.Event()
+
+
+def emit():
+    n = _next["n"]
+    if n >= ITEMS:
+        return False, None
+    if n == 1:
+        zero_started.wait(30)
+    _next["n"] = n + 1
+    return True, n
+
+
+def hold(n):
+    if current_item().item == 0 and not current_item().on_server:
+        zero_started.set()
+        gate.wait(30)
+    return True, n
+
+
+def result(n):
+    return True, {"n": n}
+
+
+tasks = [emit, hold, result]
