@@ -63,8 +63,9 @@ def run_split(
     return out.getvalue().splitlines(), report
 
 
-def self_signed_certificate(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for ``name`` and its key, made by the openssl command."""
+def self_signed_certificate(directory: Path, name: str, *also: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``name`` (and ``also``: "IP:127.0.0.1", ...) and its key,
+    made by the openssl command."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("the openssl command is needed to make a test certificate")
@@ -73,7 +74,7 @@ def self_signed_certificate(directory: Path, name: str) -> tuple[Path, Path]:
         [
             *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
             *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"),
-            *("-addext", f"subjectAltName=DNS:{name}"),
+            *("-addext", "subjectAltName=" + ",".join([f"DNS:{name}", *also])),
         ],
         check=True,
         capture_output=True,

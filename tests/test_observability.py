@@ -198,10 +198,7 @@ def test_healthcheck_exits_0_when_serving_and_1_otherwise(
     assert "UNAVAILABLE" in capsys.readouterr().err
 
 
-def test_healthcheck_over_tls_trusts_the_servers_certificate(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    cert, key = self_signed_certificate(tmp_path, "offload.test")
+def tls_health_server(cert: Path, key: Path) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(2))
     servicer = health.HealthServicer()
     servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -209,6 +206,14 @@ def test_healthcheck_over_tls_trusts_the_servers_certificate(
     credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
     port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
+    return server, port
+
+
+def test_healthcheck_over_tls_trusts_the_servers_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert, key = self_signed_certificate(tmp_path, "offload.test")
+    server, port = tls_health_server(cert, key)
     try:
         # As in the container: the server's own certificate (OFFLOAD_TLS_CERT) is the trust root.
         env = {"OFFLOAD_PORT": str(port), "OFFLOAD_TLS_CERT": str(cert)}
@@ -218,6 +223,13 @@ def test_healthcheck_over_tls_trusts_the_servers_certificate(
         assert healthcheck(["--timeout", "2"], env) == 1
         # And a plaintext check of a TLS port fails rather than passing by accident.
         assert healthcheck(["--timeout", "2"], {"OFFLOAD_PORT": str(port)}) == 1
+    finally:
+        server.stop(None)
+    # The deployment guide's certificate names 127.0.0.1 too: then nothing else is needed.
+    cert, key = self_signed_certificate(tmp_path, "guide.test", "IP:127.0.0.1")
+    server, port = tls_health_server(cert, key)
+    try:
+        assert healthcheck([], {"OFFLOAD_PORT": str(port), "OFFLOAD_TLS_CERT": str(cert)}) == 0
     finally:
         server.stop(None)
 
@@ -335,3 +347,13 @@ def test_server_logs_one_logfmt_line_per_event() -> None:
     reject = next(f for f in lines if f["event"] == "reject")
     assert reject["code"] == "FAILED_PRECONDITION"
     assert reject["reason"].startswith("pipeline mismatch: the item is for")
+
+
+def test_the_deployment_guide_names_every_server_variable() -> None:
+    guide = (ROOT / "docs" / "deployment.md").read_text()
+    missing = [
+        env_name(a)
+        for a in option_actions(build_parser({}))
+        if a.dest not in {"print_fingerprint", "announce"} and env_name(a) not in guide
+    ]
+    assert missing == [], "document these in docs/deployment.md"
