@@ -11,12 +11,21 @@ from typing import Any
 
 import pytest
 
+from examples.ball_tracking import reset_state
 from offload import ClientConfig, GrpcTransport, Pipeline, ServerConfig, load_pipeline, serve
 from offload._client import Client
 from offload._server import RunningServer, channel_options
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBCAM_CLIP = ROOT.parent / "shared" / "data" / "ball_real_webcam.mp4"
+
+
+@pytest.fixture(autouse=True)
+def fresh_ball_tracking_state() -> Iterator[None]:
+    """The ball tracker aggregates across devices in module state ("devices active in the last
+    30 s"): a device from an earlier test in this process must not change a later test's results."""
+    yield
+    reset_state()
 
 
 @pytest.fixture
