@@ -1,8 +1,9 @@
 """Prometheus metrics of the server, served over HTTP on ``--metrics-port``.
 
-``MeteredServicer`` wraps the ``OffloadServicer`` and watches the items and answers that pass
-through it, so the service itself knows nothing about metrics. Each server has its own registry:
-several servers in one process (tests, the embedded server) never share or clash.
+Two hooks, neither inside the service code: ``MeteredExecutor`` (a ``RemoteExecutor``) sees
+every item it runs and its answer; ``StreamMetrics`` (a gRPC server interceptor) sees the
+``ExecuteRemaining`` streams and the messages crossing them, however the service is registered.
+Each server has its own registry: several servers in one process (tests) never clash.
 
 Metrics (``device`` is capped at ``max_devices`` label values; later devices count as "other",
 so that a fleet of thousands of devices cannot blow up Prometheus' memory):
@@ -18,18 +19,20 @@ so that a fleet of thousands of devices cannot blow up Prometheus' memory):
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ._config import ServerConfig
 from ._pipeline import Pipeline
+from ._service import RemoteExecutor
 from .exceptions import OffloadError
 from .v1 import offload_pb2 as pb
-from .v1 import offload_pb2_grpc as pb_grpc
 
+METHOD = "/offload.v1.Offload/ExecuteRemaining"
 OTHER_DEVICES = "other"
 _STATUS = {
     pb.ItemResult.COMPLETED: "completed",
@@ -118,37 +121,57 @@ class ServerMetrics:
             self._http_thread = None
 
 
-class _Servicer(Protocol):
-    def ExecuteRemaining(
-        self, request_iterator: Iterator[pb.TaskState], context: grpc.ServicerContext
-    ) -> Iterator[pb.ItemResult]: ...
+class MeteredExecutor(RemoteExecutor):
+    """A ``RemoteExecutor`` that counts each answer it gives, by device and status."""
 
-
-class MeteredServicer(pb_grpc.OffloadServicer):
-    """The Offload service with metrics: counts what goes in and out of the wrapped servicer."""
-
-    def __init__(self, inner: _Servicer, metrics: ServerMetrics) -> None:
-        self.inner = inner
+    def __init__(self, pipeline: Pipeline, config: ServerConfig, metrics: ServerMetrics) -> None:
+        super().__init__(pipeline, config)
         self.metrics = metrics
 
-    def ExecuteRemaining(
-        self, request_iterator: Iterator[pb.TaskState], context: grpc.ServicerContext
-    ) -> Iterator[pb.ItemResult]:
-        # Whose answer is it: the devices of the items not yet answered, by item number.
-        pending: dict[int, str] = {}
+    def execute(self, state: pb.TaskState) -> pb.ItemResult:
+        result = super().execute(state)  # a refused item raises: the stream ends, nothing counts
+        self.metrics.observe(state.device_id, result)
+        return result
 
-        def received() -> Iterator[pb.TaskState]:
-            for state in request_iterator:
-                self.metrics.received_bytes.inc(state.ByteSize())
-                pending[state.item] = state.device_id
-                yield state
 
-        self.metrics.active_streams.inc()
-        try:
-            for result in self.inner.ExecuteRemaining(received(), context):
-                device = pending.pop(result.item, "unknown")
-                self.metrics.sent_bytes.inc(result.ByteSize())
-                self.metrics.observe(device, result)
-                yield result
-        finally:
-            self.metrics.active_streams.dec()
+def _size(message: Any) -> int:
+    """Wire size of a message, whether the handler gets it parsed or as raw bytes."""
+    return len(message) if isinstance(message, bytes) else int(message.ByteSize())
+
+
+class StreamMetrics(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Counts open ``ExecuteRemaining`` streams and the bytes of the messages on them."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or details.method != METHOD or handler.stream_stream is None:
+            return handler
+        inner = handler.stream_stream
+        metrics = self.metrics
+
+        def received(requests: Iterator[Any]) -> Iterator[Any]:
+            for request in requests:
+                metrics.received_bytes.inc(_size(request))
+                yield request
+
+        def metered(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            metrics.active_streams.inc()
+            try:
+                for answer in inner(received(requests), context):
+                    metrics.sent_bytes.inc(_size(answer))
+                    yield answer
+            finally:
+                metrics.active_streams.dec()
+
+        return grpc.stream_stream_rpc_method_handler(
+            metered,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -82,22 +82,25 @@ def serve(config: ServerConfig = ServerConfig(), pipeline: Pipeline | None = Non
     health = server_extra("grpc_health.v1.health")
     health_pb2 = server_extra("grpc_health.v1.health_pb2")
     health_pb2_grpc = server_extra("grpc_health.v1.health_pb2_grpc")
+    metrics = None
+    executor = RemoteExecutor(pipeline, config)
+    interceptors = []
+    if config.metrics_port is not None:
+        server_extra("prometheus_client")
+        from ._metrics import MeteredExecutor, ServerMetrics, StreamMetrics  # noqa: PLC0415
+
+        metrics = ServerMetrics(pipeline, config.metrics_max_devices)
+        executor = MeteredExecutor(pipeline, config, metrics)
+        interceptors.append(StreamMetrics(metrics))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="offload"),
+        interceptors=interceptors,
         options=channel_options(config.limits.max_message_bytes),
         # Beyond this many streams a new one is refused with RESOURCE_EXHAUSTED, not queued.
         maximum_concurrent_rpcs=config.workers,
     )
-    servicer = OffloadServicer(RemoteExecutor(pipeline, config))
-    metrics = None
-    if config.metrics_port is None:
-        pb_grpc.add_OffloadServicer_to_server(servicer, server)
-    else:
-        server_extra("prometheus_client")
-        from ._metrics import MeteredServicer, ServerMetrics  # noqa: PLC0415 (server extra)
-
-        metrics = ServerMetrics(pipeline, config.metrics_max_devices)
-        pb_grpc.add_OffloadServicer_to_server(MeteredServicer(servicer, metrics), server)
+    servicer = OffloadServicer(executor)
+    pb_grpc.add_OffloadServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [SERVICE_NAME, health.SERVICE_NAME]

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from offload import decode, load_pipeline
 from offload._env import env_name, option_actions
+from offload._metrics import ServerMetrics, StreamMetrics
 from offload._server import SERVICE_NAME, RunningServer
 from offload.healthcheck import main as healthcheck
 from offload.server import build_parser
@@ -109,6 +110,37 @@ def test_active_streams_counts_open_streams(metered: RunningServer) -> None:
         more.set()
         assert list(call) == []
     assert metric(scrape(metered.metrics_port), "offload_active_streams") == 0
+
+
+def test_stream_metrics_count_raw_bytes_of_a_generic_handler() -> None:
+    """The interceptor does not depend on how the service is registered: a handler that takes
+    its requests as raw bytes (no deserializer) is measured the same way."""
+    metrics = ServerMetrics(load_pipeline(COUNTER))
+
+    def echo(requests: Iterator[bytes], _context: grpc.ServicerContext) -> Iterator[pb.ItemResult]:
+        for raw in requests:
+            yield pb.ItemResult(item=pb.TaskState.FromString(raw).item)
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        echo, request_deserializer=None, response_serializer=pb.ItemResult.SerializeToString
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=[StreamMetrics(metrics)])
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(SERVICE_NAME, {"ExecuteRemaining": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        states = [state(i, i + 1, run_id="raw") for i in range(3)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answers = list(pb_grpc.OffloadStub(channel).ExecuteRemaining(iter(states), timeout=10))
+    finally:
+        server.stop(None)
+    assert [a.item for a in answers] == [0, 1, 2]
+    value = metrics.registry.get_sample_value
+    assert value("offload_received_bytes_total") == sum(s.ByteSize() for s in states)
+    assert value("offload_sent_bytes_total") == sum(a.ByteSize() for a in answers)
+    assert value("offload_active_streams") == 0
 
 
 def test_a_replayed_answer_is_counted_but_its_work_is_not(metered: RunningServer) -> None:
