@@ -106,6 +106,9 @@ class ClientConfig:
     frames: int | None = None  # stop after this many captured items
     source: str | None = None
     connect_timeout: float = 10.0
+    fps: float | None = None  # automatic mode: the throughput target, completed items/s
+    control_period: float = 2.0  # seconds between split decisions in automatic mode
+    slowdown: float = 1.0  # emulate a device this many times slower (1 = off)
     limits: Limits = Limits()
     security: ClientSecurity = ClientSecurity()
     keepalive: Keepalive = Keepalive()
@@ -130,3 +133,6 @@ class ServerConfig:
     # A stream that neither sends an item nor takes an answer for this long is dropped, so a
     # stalled device cannot hold one of the `workers` threads forever.
     stream_idle_seconds: float = 120.0
+    reflection: bool = True  # gRPC server reflection: grpcurl works without the .proto
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free); None = off
+    metrics_max_devices: int = 100  # device label values; more devices are counted as "other"

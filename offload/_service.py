@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from google.protobuf.message import DecodeError
 
 from ._codec import decode, encode_into
 from ._config import ServerConfig
+from ._logging import quote
 from ._pipeline import ItemContext, Pipeline, Status, arity_error, run_tasks
 from ._security import peer_device_id
 from .exceptions import CodecError
@@ -24,7 +26,7 @@ from .v1 import offload_pb2 as pb
 
 log = logging.getLogger("offload.server")
 
-SERVICE_NAME = "offload.v1.Offload"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Offload"].full_name  # "offload.v1.Offload"
 
 _STATUS = {
     Status.COMPLETED: pb.ItemResult.COMPLETED,
@@ -185,6 +187,55 @@ class _Watch:
         self.dropped = False
 
 
+_READ_AHEAD = 16  # items read and stamped ahead of the one running; then TCP pushes back
+_END = object()
+
+
+def _read_ahead(
+    requests: Iterator[bytes], context: grpc.ServicerContext
+) -> Iterator[tuple[bytes, float]]:
+    """Yield items with the time each finished arriving, read by a thread of its own.
+
+    Reading while the previous item runs stamps arrival times that reflect the link rather
+    than the server's pace, which is what lets the device measure its link's bandwidth.
+    """
+    inbox: queue.Queue[object] = queue.Queue(maxsize=_READ_AHEAD)
+
+    def offer(entry: object) -> bool:
+        while context.is_active():
+            try:
+                inbox.put(entry, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for state in requests:
+                if not offer((state, time.monotonic())):
+                    return
+        except Exception as exc:  # the stream broke: hand the error to the answering side
+            offer(exc)
+            return
+        offer(_END)
+
+    threading.Thread(target=read, name="offload-read", daemon=True).start()
+    while True:
+        try:
+            entry = inbox.get(timeout=0.25)
+        except queue.Empty:
+            # A cancelled stream may end with nothing handed over: never outlive it.
+            if not context.is_active():
+                return
+            continue
+        if entry is _END:
+            return
+        if isinstance(entry, Exception):
+            raise entry
+        yield entry  # type: ignore[misc]
+
+
 class OffloadServicer:
     """The gRPC face of ``RemoteExecutor``.
 
@@ -238,9 +289,8 @@ class OffloadServicer:
             for watch in idle:
                 watch.dropped = True
                 log.warning(
-                    "event=idle-drop peer=%s idle=%.1fs limit=%.1fs (ServerConfig."
-                    "stream_idle_seconds)",
-                    watch.context.peer(),
+                    "event=idle-drop peer=%s idle_s=%.1f limit_s=%.1f",
+                    quote(watch.context.peer()),
                     now - watch.last_activity,
                     self._idle_limit,
                 )
@@ -258,32 +308,34 @@ class OffloadServicer:
         with self._lock:
             self._watches[id(watch)] = watch
         try:
-            for data in request_iterator:
+            for data, arrived in _read_ahead(request_iterator, context):
                 watch.busy = True
                 state = self._parse(data, count, context, peer)
                 if proven is not None and state.device_id != proven:
                     if device is None:
                         log.warning(
-                            "event=device-id-override claimed=%r certificate=%r peer=%s",
-                            state.device_id,
-                            proven,
-                            peer,
+                            "event=device-id-override claimed=%s certificate=%s peer=%s",
+                            quote(state.device_id),
+                            quote(proven),
+                            quote(peer),
                         )
                     state.device_id = proven  # the certificate, not the message, names the device
                 if device is None:
                     device = state.device_id
-                    log.info("event=connect device=%s peer=%s", device, peer)
+                    log.info("event=connect device=%s peer=%s", quote(device), quote(peer))
                 try:
                     result = self.executor.execute(state)
                 except RequestRejected as exc:
                     log.warning(
-                        "event=reject device=%s peer=%s code=%s reason=%r",
-                        state.device_id,
-                        peer,
+                        "event=reject device=%s peer=%s code=%s reason=%s",
+                        quote(state.device_id),
+                        quote(peer),
                         exc.code.name,
-                        str(exc),
+                        quote(exc),
                     )
                     context.abort(exc.code, str(exc))
+                result.server_receive_time = arrived
+                result.server_seconds = time.monotonic() - arrived
                 watch.busy = False
                 yield result
                 watch.last_activity = time.monotonic()
@@ -296,7 +348,9 @@ class OffloadServicer:
             with self._lock:
                 del self._watches[id(watch)]
             if device is not None:
-                log.info("event=disconnect device=%s peer=%s items=%d", device, peer, count)
+                log.info(
+                    "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
+                )
 
     @staticmethod
     def _parse(data: bytes, index: int, context: grpc.ServicerContext, peer: str) -> pb.TaskState:
@@ -304,7 +358,9 @@ class OffloadServicer:
             return pb.TaskState.FromString(data)
         except DecodeError as exc:
             message = f"message {index} of the stream is not an offload.v1.TaskState: {exc}"
-            log.warning("event=reject peer=%s code=INVALID_ARGUMENT reason=%r", peer, message)
+            log.warning(
+                "event=reject peer=%s code=INVALID_ARGUMENT reason=%s", quote(peer), quote(message)
+            )
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
             raise  # pragma: no cover - abort raises
 

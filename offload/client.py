@@ -15,13 +15,17 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import IO, Any
 
-from ._client import Client, check_split
+from ._client import Client, check_auto, check_split, starting_split
 from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig
 from ._embedded import EmbeddedServer
+from ._emulation import LinkEmulator, LinkSpec
+from ._logging import add_log_level_option
+from ._logging import setup as setup_logging
 from ._pipeline import DEFAULT_PIPELINE, load_pipeline
+from ._progress import live_progress
 from ._report import format_summary
 from ._transport import GrpcTransport, Transport, client_options
-from .exceptions import ConfigError, OffloadError, PipelineMismatch
+from .exceptions import ConfigError, OffloadError
 
 log = logging.getLogger("offload.client")
 
@@ -33,6 +37,9 @@ examples:
   python -m offload.client --local-tasks 1 --server cloud.example.com:50051
   python -m offload.client --local-tasks 4 --source clip.mp4 --output results.jsonl
   python -m offload.client --local-tasks 2 --source 0     camera 0, through OpenCV
+  python -m offload.client --local-tasks 6 --fps 20       automatic: move the split to meet 20/s
+  python -m offload.client --fps 20 --emulate-slowdown 15 --emulate-link 200mbit,30ms
+                                                          ... as a slow device on a slow link
 """
 
 
@@ -49,6 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="K",
         help="tasks [0, K) run here, the rest on the server; omit for client-only mode",
+    )
+    parser.add_argument(
+        "--fps",
+        type=float,
+        metavar="TARGET",
+        help="automatic mode: move the split to complete TARGET items/s with the least server "
+        "work, starting at --local-tasks (default N-1)",
+    )
+    parser.add_argument(
+        "--control-period",
+        type=float,
+        default=ClientConfig.control_period,
+        metavar="SECONDS",
+        help="automatic mode: seconds between split decisions (default %(default)s)",
+    )
+    parser.add_argument(
+        "--emulate-slowdown",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="emulate a device X times slower: each local task sleeps to take X times as long",
+    )
+    parser.add_argument(
+        "--emulate-link",
+        metavar="RATE[,RTT]",
+        help="shape traffic to the server, e.g. 20mbit,30ms (units as in Linux tc)",
     )
     parser.add_argument(
         "--server",
@@ -146,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("OFFLOAD_TOKEN"),
         help="the server's token (prefer $OFFLOAD_TOKEN: arguments show in ps)",
     )
-    parser.add_argument("--log-level", default=env("OFFLOAD_LOG_LEVEL", "WARNING"))
+    add_log_level_option(parser, env("OFFLOAD_LOG_LEVEL", "WARNING").upper())
     return parser
 
 
@@ -160,7 +193,10 @@ def _open_output(path: str | None) -> Iterator[IO[str] | None]:
 
 
 def _connect(
-    args: argparse.Namespace, config: ClientConfig, stack: contextlib.ExitStack
+    args: argparse.Namespace,
+    config: ClientConfig,
+    link: LinkSpec | None,
+    stack: contextlib.ExitStack,
 ) -> Transport:
     target = args.server
     if not target:
@@ -172,6 +208,11 @@ def _connect(
         print(
             f"offload: no --server given; started an embedded server on {target}", file=sys.stderr
         )
+    if link is not None:
+        emulator = LinkEmulator(target, link)
+        stack.callback(emulator.close)
+        print(f"offload: emulating a {link} link to the server", file=sys.stderr)
+        target = emulator.target
     # The embedded server is a plaintext child on loopback: credentials are for --server.
     security = config.security if args.server else ClientSecurity()
     transport = GrpcTransport(target, client_options(config), config.connect_timeout, security)
@@ -189,9 +230,7 @@ def _connect(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    setup_logging(args.log_level)
     if args.frames is not None and args.frames < 0:
         parser.error("--frames must be 0 or more")
     try:
@@ -201,49 +240,55 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--window {args.window}: at least 1 item must be in flight")
         if args.max_message_bytes < 1024:
             raise ConfigError(f"--max-message-bytes {args.max_message_bytes}: at least 1024")
-        LinkConfig(args.buffer, args.when_full, args.item_timeout, args.resend_grace).check()
+        if args.emulate_slowdown < 1:
+            raise ConfigError(f"--emulate-slowdown {args.emulate_slowdown}: use 1 (off) or more")
+        link = LinkSpec.parse(args.emulate_link) if args.emulate_link else None
+        config = ClientConfig(
+            pipeline=args.pipeline,
+            local_tasks=args.local_tasks,
+            server=args.server,
+            window=args.window,
+            device_id=args.device_id,
+            frames=args.frames,
+            source=args.source,
+            connect_timeout=args.connect_timeout,
+            fps=args.fps,
+            control_period=args.control_period,
+            slowdown=args.emulate_slowdown,
+            limits=Limits(max_message_bytes=args.max_message_bytes),
+            link=LinkConfig(
+                buffer=args.buffer,
+                when_full=args.when_full,
+                item_timeout=args.item_timeout,
+                resend_grace=args.resend_grace,
+            ),
+            security=ClientSecurity(
+                tls=args.tls,
+                tls_ca=args.tls_ca,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                token=args.token,
+            ),
+        )
+        config.link.check()
+        check_auto(pipeline, config)
         if args.source is not None:
             pipeline.set_source(args.source)
     except (OffloadError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    config = ClientConfig(
-        pipeline=args.pipeline,
-        local_tasks=args.local_tasks,
-        server=args.server,
-        window=args.window,
-        device_id=args.device_id,
-        frames=args.frames,
-        source=args.source,
-        connect_timeout=args.connect_timeout,
-        limits=Limits(max_message_bytes=args.max_message_bytes),
-        link=LinkConfig(
-            buffer=args.buffer,
-            when_full=args.when_full,
-            item_timeout=args.item_timeout,
-            resend_grace=args.resend_grace,
-        ),
-        security=ClientSecurity(
-            tls=args.tls,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            token=args.token,
-        ),
-    )
     report: dict[str, Any]
     stop = _stop_on_signals()
     try:
         with contextlib.ExitStack() as stack, _open_output(args.output) as output:
-            needs_server = args.local_tasks is not None and args.local_tasks < len(pipeline)
-            transport = _connect(args, config, stack) if needs_server else None
+            remote = starting_split(pipeline, config) < len(pipeline)
+            transport = _connect(args, config, link, stack) if remote else None
             client = Client(pipeline, config, transport, output, stop)
-            report = client.run()
-    except PipelineMismatch as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+            with live_progress(client, sys.stderr):
+                report = client.run()
     except OffloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    report["emulation"] = {"slowdown": args.emulate_slowdown, "link": str(link) if link else None}
     print(format_summary(report))
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
