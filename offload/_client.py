@@ -292,6 +292,7 @@ class Client:
                 "throughput_per_second": round(measurements.throughput, 3),
                 "settled": settled,
                 "device_cpu_percent": measurements.device_cpu_percent,
+                "device_memory_percent": round(measurements.device_memory_percent, 2),
             }
         )
         return decision
