@@ -7,7 +7,7 @@ STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
 NODE_CLIENT := clients/node
 NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck clean
+.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck clean bench-scheduler
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
@@ -15,6 +15,7 @@ help:
 	@echo "make check   lint + type check + tests (what CI runs)"
 	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
 	@echo "make lint-docker   hadolint Dockerfile.server"
+	@echo "make bench-scheduler   automatic mode against the oracle (minutes; bench/results/)"
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,10 @@ demo: proto
 
 test: proto node-deps
 	$(PY) -m pytest -q
+
+# Automatic mode against a static sweep's oracle; writes bench/results/scheduler.{json,md}.
+bench-scheduler: proto
+	$(PY) -m bench.scheduler
 
 lint: proto lint-docker
 	$(PY) -m ruff check .
