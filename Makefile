@@ -7,7 +7,7 @@ STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
 NODE_CLIENT := clients/node
 NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck clean bench-scheduler
+.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck clean bench-scheduler soak
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
@@ -16,6 +16,7 @@ help:
 	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
 	@echo "make lint-docker   hadolint Dockerfile.server"
 	@echo "make bench-scheduler   automatic mode against the oracle (minutes; bench/results/)"
+	@echo "make soak              devices stream for SOAK_MINUTES (10): memory, threads, drift"
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,12 @@ test: proto node-deps
 # Automatic mode against a static sweep's oracle; writes bench/results/scheduler.{json,md}.
 bench-scheduler: proto
 	$(PY) -m bench.scheduler
+
+# Devices stream to a server process for SOAK_MINUTES; memory, threads and file descriptors of
+# both sides are sampled and their drift reported in bench/results/soak.{json,md}.
+SOAK_MINUTES ?= 10
+soak: proto
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 lint: proto lint-docker
 	$(PY) -m ruff check .
