@@ -127,6 +127,9 @@ class ServerConfig:
     grace_seconds: float = 5.0
     dedup_items: int = 1024  # answers remembered per device run, to replay a resent item
     max_runs: int = 10_000  # device runs remembered; the least recently used is forgotten
+    # Answers remembered over all runs (~1 kB each for the demo): past it, the least recently
+    # used runs are forgotten first. A run's resends need only its window and buffer.
+    dedup_total: int = 100_000
     limits: Limits = Limits()
     security: ServerSecurity = ServerSecurity()
     keepalive: Keepalive = Keepalive()

@@ -49,8 +49,10 @@ class _RunAnswers:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.lock = threading.Lock()
-        self.answers: OrderedDict[int, pb.ItemResult] = OrderedDict()
+        # Serialised: a parsed answer costs several times its wire size in memory.
+        self.answers: OrderedDict[int, bytes] = OrderedDict()
         self.highest = -1
+        self.counted = 0  # answers counted against ServerConfig.dedup_total (under _runs_lock)
 
 
 class RemoteExecutor:
@@ -61,6 +63,24 @@ class RemoteExecutor:
         self.config = config
         self._runs: OrderedDict[tuple[str, str], _RunAnswers] = OrderedDict()
         self._runs_lock = threading.Lock()
+        self._remembered = 0  # answers kept over all runs
+
+    def _account(self, key: tuple[str, str], run: _RunAnswers, delta: int) -> None:
+        """Count a run's answers; past ``dedup_total``, forget the least recently used runs."""
+        with self._runs_lock:
+            if self._runs.get(key) is not run:
+                return  # forgotten meanwhile
+            run.counted += delta
+            self._remembered += delta
+            while self._remembered > self.config.dedup_total and len(self._runs) > 1:
+                oldest_key = next(iter(self._runs))
+                if oldest_key == key:
+                    break
+                self._remembered -= self._runs.pop(oldest_key).counted
+
+    @property
+    def remembered_answers(self) -> int:
+        return self._remembered
 
     def _answers_for(self, device_id: str, run_id: str) -> _RunAnswers:
         key = (device_id, run_id)
@@ -69,7 +89,7 @@ class RemoteExecutor:
             if answers is None:
                 answers = self._runs[key] = _RunAnswers(self.config.dedup_items)
                 while len(self._runs) > self.config.max_runs:
-                    self._runs.popitem(last=False)
+                    self._remembered -= self._runs.popitem(last=False)[1].counted
             else:
                 self._runs.move_to_end(key)
             return answers
@@ -102,8 +122,7 @@ class RemoteExecutor:
         with answers.lock:
             replay = answers.answers.get(state.item)
             if replay is not None:
-                result = pb.ItemResult()
-                result.CopyFrom(replay)
+                result = pb.ItemResult.FromString(replay)
                 result.duplicate = True
                 return result
             if state.item <= answers.highest:
@@ -112,15 +131,19 @@ class RemoteExecutor:
                     status=pb.ItemResult.FAILED,
                     task=state.next_task,
                     error=f"item {state.item} was already processed and its answer is no "
-                    f"longer remembered (ServerConfig.dedup_items={answers.capacity})",
+                    f"longer remembered (ServerConfig.dedup_items={answers.capacity}, "
+                    f"dedup_total={self.config.dedup_total})",
                     duplicate=True,
                 )
             result = self._run(state)
-            answers.answers[state.item] = result
+            answers.answers[state.item] = result.SerializeToString()
             answers.highest = state.item
+            delta = 1
             while len(answers.answers) > answers.capacity:
                 answers.answers.popitem(last=False)
-            return result
+                delta -= 1
+        self._account((state.device_id, state.run_id), answers, delta)
+        return result
 
     def _run(self, state: pb.TaskState) -> pb.ItemResult:
         cpu_began = time.thread_time()

@@ -16,6 +16,8 @@ from offload import (
     GrpcTransport,
     ItemContext,
     Limits,
+    RemoteExecutor,
+    ServerConfig,
     decode,
     encode,
     load_pipeline,
@@ -208,3 +210,16 @@ def test_a_stalled_stream_is_dropped_and_frees_its_worker(
         # Both workers are free again: a new device is served.
         (answer,) = exchange(stub, [echo_state(5, item=0, run="after")])
     assert decode(answer.output) == {"n": 5}
+
+
+def test_remembered_answers_are_bounded_over_all_runs() -> None:
+    pipeline = load_pipeline(COUNTER)
+    executor = RemoteExecutor(pipeline, ServerConfig(pipeline=COUNTER, dedup_total=5))
+    for run in ("r1", "r2", "r3"):
+        for i in range(3):
+            executor.execute(state(i, i + 1, run_id=run))
+            assert executor.remembered_answers <= 5
+    # The most recent run still replays a resend; the least recently used one was forgotten.
+    assert executor.execute(state(1, 2, run_id="r3")).duplicate
+    assert executor.remembered_answers == 3
+    assert not executor.execute(state(1, 2, run_id="r1")).duplicate
