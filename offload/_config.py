@@ -77,7 +77,8 @@ class LinkConfig:
     # cameras: the freshest frames matter) or "reject-new"; drops are counted and reported.
     buffer: int = 32
     when_full: str = "block"
-    # An item sent but unanswered this long means the stream is stuck: reset it.
+    # An item unanswered this long, with no other answer meanwhile, means the stream is stuck:
+    # reset it (items queued behind each other at a slow server are progress, not a stall).
     item_timeout: float = 30.0
     # After a broken stream, unanswered items wait this long for a reconnect (to be resent:
     # the server replays what it already ran) before the device runs them itself.

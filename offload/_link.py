@@ -107,6 +107,7 @@ class Link:
         # trying it again, doubling on each stall in a row: a server that accepts streams but
         # never answers must not cost every item a full item_timeout.
         self._stalls = 0
+        self._last_answer = 0.0  # perf_counter of the current stream's latest answer
         self._offline_until = 0.0
         self._stalled_generation = -1
 
@@ -233,6 +234,7 @@ class Link:
             self._generation += 1
             generation = self._generation
             self._stream = stream
+            self._last_answer = time.perf_counter()
             self.stats.connects += 1
             if self.stats.connects > 1:
                 self._event(f"reconnected to {getattr(self.transport, 'target', 'the server')}")
@@ -272,15 +274,18 @@ class Link:
         if self._stream is None or not sent:
             return
         oldest = min(sent, key=lambda p: p.sent_at)
-        if now - oldest.sent_at > self.config.item_timeout:
+        # Waiting counts from the later of its send and the stream's latest answer: items queue
+        # behind each other at a slow server, which is progress, not a stall.
+        waited = now - max(oldest.sent_at, self._last_answer)
+        if waited > self.config.item_timeout:
             self.stats.item_timeouts += 1
             self._stalls += 1
             self._stalled_generation = self._generation
             pause = min(self.config.reconnect_backoff_max, 2.0 ** (self._stalls - 1))
             self._offline_until = now + pause
             message = (
-                f"item {oldest.item} unanswered after {self.config.item_timeout:.0f} s "
-                "(LinkConfig.item_timeout): resetting the stream"
+                f"item {oldest.item} unanswered, and no answer at all, for "
+                f"{self.config.item_timeout:g} s (--item-timeout): resetting the stream"
             )
             self._event(message)
             log.warning("event=item-timeout %s", message)
@@ -361,6 +366,7 @@ class Link:
                         continue
                     del self._pending[answer.item]
                     self._stalls = 0
+                    self._last_answer = time.perf_counter()
                     self._changed.notify_all()
                 self.owner.answered(pending, answer, size)
         except ServerError as exc:

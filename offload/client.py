@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=LinkConfig.item_timeout,
         metavar="SECONDS",
-        help="an item unanswered this long resets the stream (default %(default)s)",
+        help="an item unanswered this long, with no other answer meanwhile, resets the stream "
+        "(default %(default)s)",
     )
     faults.add_argument(
         "--resend-grace",

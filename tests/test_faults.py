@@ -309,6 +309,30 @@ def test_an_unanswered_item_times_out_and_ends_on_the_device(
     assert report["link"]["ran_locally"] >= 1
 
 
+def test_a_slow_server_is_not_mistaken_for_a_stalled_one(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # 0.25 s per item with 8 in flight: the last item sent waits ~2 s for its answer, twice the
+    # item timeout, but answers keep coming, so nothing is reset.
+    server = start_server("tests.apps.tally")
+    tally.server_delay["seconds"] = 0.25
+    try:
+        run = ClientThread(
+            "tests.apps.tally",
+            server.port,
+            16,
+            local_tasks=1,
+            window=8,
+            link=LinkConfig(item_timeout=1.0),
+        )
+        lines, report = run.join(60)
+    finally:
+        tally.server_delay["seconds"] = 0.003
+    assert_each_item_once(lines, 16)
+    assert report["link"]["item_timeouts"] == 0
+    assert report["link"]["ran_locally"] == 0 and report["link"]["disconnects"] == 0
+
+
 class Unreachable:
     """A transport whose server never answers."""
 

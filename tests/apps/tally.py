@@ -1,7 +1,7 @@
 """A stateful aggregate that shows double counting: ``seen`` counts items per device run.
 
-Task 1 takes a few milliseconds on the server, so that items are in flight when a test cuts
-the link. ``hang_on_server`` makes task 1 block on the server for the items it names until
+Task 1 takes a few milliseconds on the server (``server_delay``), so that items are in flight
+when a test cuts the link. ``hang_on_server`` makes task 1 block on the server for the items it names until
 ``release`` is set (a server that stops answering).
 """
 
@@ -13,6 +13,7 @@ from offload import current_item
 _seen: dict[tuple[str, str], int] = {}
 _next = {"n": 0}
 hang_on_server: set[int] = set()
+server_delay = {"seconds": 0.003}
 release = threading.Event()
 
 
@@ -26,7 +27,7 @@ def work(n):
     if ctx.on_server:
         if ctx.item in hang_on_server:
             release.wait(60)
-        time.sleep(0.003)
+        time.sleep(server_delay["seconds"])
     return True, n
 
 
