@@ -1,8 +1,8 @@
 """A stateful aggregate that shows double counting: ``seen`` counts items per device run.
 
 Task 1 takes a few milliseconds on the server (``server_delay``), so that items are in flight
-when a test cuts the link. ``hang_on_server`` makes task 1 block on the server for the items it names until
-``release`` is set (a server that stops answering).
+when a test cuts the link. ``hang_on_server`` makes task 1 block on the server for the items
+it names until ``release`` is set (a server that stops answering).
 """
 
 import threading
