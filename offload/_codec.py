@@ -142,20 +142,19 @@ def _decode_array(array: pb.NDArray, limits: Limits, path: str) -> Any:
         )
     dtype = np.dtype(array.dtype)
     shape = tuple(array.shape)
+    # Every read of ``array.data`` copies the payload out of the message: read it once.
+    data = array.data
     # Python ints cannot overflow: compare the declared size with the data before allocating.
     expected = math.prod(shape) * dtype.itemsize
-    if expected != len(array.data):
+    if expected != len(data):
         raise CodecError(
-            f"{path}.data: {len(array.data)} bytes, but dtype {array.dtype} x shape "
+            f"{path}.data: {len(data)} bytes, but dtype {array.dtype} x shape "
             f"{list(shape)} needs {expected}"
         )
     if array.scalar:
         if shape:
             raise CodecError(f"{path}.shape: a scalar has no shape, got {list(shape)}")
-        return np.frombuffer(array.data, dtype=dtype)[0]
+        return np.frombuffer(data, dtype=dtype)[0]
     # Tasks may draw into their input in place (the seed did): give them a writable array,
-    # which costs exactly one copy out of the message.
-    result = np.empty(shape, dtype=dtype)
-    if expected:
-        result.reshape(-1).view(np.uint8)[:] = np.frombuffer(array.data, dtype=np.uint8)
-    return result
+    # which costs one copy of the (immutable) bytes protobuf handed us.
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
