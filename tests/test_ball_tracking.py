@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
@@ -119,19 +120,23 @@ def test_result_is_plain_json(pipeline: Pipeline) -> None:
     }  # fmt: skip
 
 
-def test_draw_marks_the_frame_in_place() -> None:
+def test_draw_marks_the_frame_and_sends_a_jpeg_snapshot() -> None:
     frame = np.zeros((375, 500, 3), np.uint8)
     # Lists, not tuples: how a decoded item from the wire may carry the circle and centre.
-    ok, (drawn, circle, radius, centre) = bt.draw(frame, [100.0, 120.0], 30.0, [101, 119])
-    assert ok and drawn is frame
+    ok, (snapshot, circle, radius, centre) = bt.draw(frame, [100.0, 120.0], 30.0, [101, 119])
+    assert ok
     assert frame[119, 101].tolist() == [0, 0, 255]  # red centre dot
     assert frame[120, 130].tolist() == [0, 255, 255]  # yellow circle, radius 30 to the right
     assert (circle, radius, centre) == ((100.0, 120.0), 30.0, (101, 119))
+    decoded = cv2.imdecode(np.frombuffer(snapshot, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == frame.shape
+    assert decoded[119, 101, 2] > 200 and decoded[119, 101, 0] < 60  # still a red dot
+    assert len(snapshot) < frame.nbytes // 10
 
 
 def _aggregate(pipeline: Pipeline, item: int, centre: tuple[int, int], **kw: Any) -> Any:
-    frame = np.zeros((375, 500, 3), np.uint8)
-    args = (frame, (float(centre[0]), float(centre[1])), 20.0, centre)
+    snapshot = b"\xff\xd8 jpeg"
+    args = (snapshot, (float(centre[0]), float(centre[1])), 20.0, centre)
     outcome = run_tasks(pipeline, AGGREGATE, AGGREGATE + 1, args, context(item, **kw))
     assert outcome.status is Status.COMPLETED, outcome.error
     return outcome.value

@@ -7,7 +7,7 @@ Seven tasks, after the classic pyimagesearch colour tracker::
     2 mask              green range (29,86,6)-(64,255,255), erode 2, dilate 2
     3 contours          external contours of the mask
     4 enclosing_circle  largest contour's circle and centroid; no ball -> filtered
-    5 draw              circle and centre drawn on the frame
+    5 draw              circle and centre drawn; the frame becomes a JPEG snapshot
     6 aggregate         per-device trail, items seen, devices active   (server)
 
 ``set_source(spec)`` picks what ``capture`` reads (default: ``$OFFLOAD_SOURCE`` or the synthetic

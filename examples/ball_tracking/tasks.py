@@ -41,7 +41,8 @@ CENTRE_COLOUR = (0, 0, 255)  # red, BGR
 TRAIL_LENGTH = 32
 ACTIVE_WINDOW_S = 30.0  # a device is active if its last capture is this close to the item's
 MAX_DEVICES = 10_000  # per-device state kept by aggregate; least recently seen evicted first
-MAX_FRAMES = 64  # latest drawn frames kept for a viewer: ~560 kB each at 500x375
+MAX_FRAMES = 1024  # latest snapshots kept for a viewer: ~20 kB JPEGs
+JPEG_QUALITY = 80
 
 # --- the source that task 0 reads -----------------------------------------------------------
 
@@ -134,13 +135,21 @@ def enclosing_circle(
 
 def draw(
     frame: Frame, circle_xy: PointIn, radius: float, centre: CentreIn
-) -> tuple[bool, tuple[Frame, Point, float, Centre]]:
-    """Task 5: draw the circle and its centre on the frame, in place."""
+) -> tuple[bool, tuple[bytes, Point, float, Centre]]:
+    """Task 5: draw the circle and its centre on the frame, and JPEG it for the cloud viewer.
+
+    The raw frame is carried from capture to here only because this task needs it; after it,
+    an item is a ~20 kB snapshot instead of a 560 kB frame, which is what makes cutting after
+    this task cheap on a slow link.
+    """
     x, y = circle_xy
     cx, cy = centre
     cv2.circle(frame, (int(x), int(y)), int(radius), CIRCLE_COLOUR, 2)
     cv2.circle(frame, (int(cx), int(cy)), 5, CENTRE_COLOUR, -1)
-    return True, (frame, (x, y), radius, (cx, cy))
+    ok, jpeg = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError("OpenCV could not JPEG-encode the annotated frame")
+    return True, (jpeg.tobytes(), (x, y), radius, (cx, cy))
 
 
 # --- aggregation (task 6, on the server) ----------------------------------------------------
@@ -156,11 +165,11 @@ class _Device:
 
 _state_lock = threading.Lock()
 _devices: OrderedDict[str, _Device] = OrderedDict()  # least recently seen first
-_frames: OrderedDict[str, Frame] = OrderedDict()
+_frames: OrderedDict[str, bytes] = OrderedDict()
 
 
 def aggregate(
-    frame: Frame, circle_xy: PointIn, radius: float, centre: CentreIn
+    snapshot: bytes, circle_xy: PointIn, radius: float, centre: CentreIn
 ) -> tuple[bool, dict[str, JSONValue]]:
     """Task 6: the ball's trail per device, items seen, devices active; a JSON-friendly result."""
     ctx = current_item()
@@ -184,7 +193,7 @@ def aggregate(
             for d in _devices.values()
             if abs(d.last_capture - ctx.capture_time) <= ACTIVE_WINDOW_S
         )
-        _frames[ctx.device_id] = frame
+        _frames[ctx.device_id] = snapshot
         _frames.move_to_end(ctx.device_id)
         while len(_frames) > MAX_FRAMES:
             _frames.popitem(last=False)
@@ -201,8 +210,8 @@ def aggregate(
     }
 
 
-def latest_frame(device_id: str) -> Frame | None:
-    """The last frame aggregate saw from a device, with the ball drawn on it (for a viewer)."""
+def latest_frame(device_id: str) -> bytes | None:
+    """The last annotated snapshot (JPEG) aggregate saw from a device (for a viewer)."""
     with _state_lock:
         return _frames.get(device_id)
 
