@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 PROTO_SRC := protos/offload/v1/offload.proto
 STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
 
-.PHONY: help venv proto demo test check lint typecheck clean
+.PHONY: help venv proto demo test check lint typecheck bench clean
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
 	@echo "make test    run the test suite"
 	@echo "make check   lint + type check + tests (what CI runs)"
 	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
+	@echo "make bench   benchmarks (minutes): writes bench/results/ and prints the summary"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,14 @@ demo: proto
 
 test: proto
 	$(PY) -m pytest -q
+
+# Not part of test/check: it takes minutes and measures speed, not behaviour.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: proto $(VENV)/.bench-installed
+	$(PY) -m bench
 
 lint: proto
 	$(PY) -m ruff check .

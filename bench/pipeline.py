@@ -70,7 +70,8 @@ def capture() -> tuple[bool, Frame | None]:
     _next += 1
     height, width = frame.shape[:2]
     size = (FRAME_WIDTH, int(height * FRAME_WIDTH / width))
-    return True, cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+    resized: Frame = np.asarray(cv2.resize(frame, size, interpolation=cv2.INTER_AREA))
+    return True, resized
 
 
 tasks = [capture, blur_hsv, mask, contours, enclosing_circle, draw, aggregate]

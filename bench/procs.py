@@ -53,7 +53,9 @@ class ServerProcess:
             self.process.stdout.close()
 
 
-def offload_server(pipeline: str = "bench.pipeline", *extra: str) -> ServerProcess:
+def offload_server(
+    pipeline: str = "bench.pipeline", port: int = 0, extra: tuple[str, ...] = ()
+) -> ServerProcess:
     return ServerProcess(
         [
             "-m",
@@ -61,7 +63,7 @@ def offload_server(pipeline: str = "bench.pipeline", *extra: str) -> ServerProce
             "--host",
             "127.0.0.1",
             "--port",
-            "0",
+            str(port),
             "--pipeline",
             pipeline,
             "--announce",
@@ -74,3 +76,7 @@ def offload_server(pipeline: str = "bench.pipeline", *extra: str) -> ServerProce
 
 def seed_server(receive: str, pipeline: str = "bench.pipeline") -> ServerProcess:
     return ServerProcess(["-m", "bench.seed", "--pipeline", pipeline, "--receive", receive])
+
+
+def delay_proxy(target: str, rtt_ms: float) -> ServerProcess:
+    return ServerProcess(["-m", "bench.delay_proxy", "--target", target, "--rtt-ms", str(rtt_ms)])

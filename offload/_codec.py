@@ -1,8 +1,8 @@
 """The value codec: Python / NumPy values <-> ``offload.v1.Value``.
 
 Arrays travel as dtype + shape + raw C-order bytes and are rebuilt with ``np.frombuffer``: no
-per-element fields, nothing Python-specific crosses the wire. Decoding validates every length against
-the declared dtype and shape, and every bound in ``Limits``, before allocating anything.
+per-element fields, nothing Python-specific crosses the wire. Decoding validates every length
+against the declared dtype and shape, and every bound in ``Limits``, before allocating anything.
 """
 
 from __future__ import annotations

@@ -1,0 +1,104 @@
+"""``make bench`` / ``python -m bench``: run every section, write ``bench/results/``.
+
+Sections (``--only`` picks some): ``compare`` (offload vs the seed's wire approach vs the 2019
+prototype's receiver at every split, and achieved / bottleneck bound), ``window`` (window sweep
+through an emulated 30 ms round trip), ``codec`` (encode + decode vs pickle vs memcpy),
+``scaling`` (1-64 concurrent streams against each server concurrency model). Every comparison
+runs both sides in the same run, interleaved, on the same pre-rendered frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from offload import load_pipeline
+from offload._allocator import keep_large_buffers
+
+from . import codec, compare, machine, report, scaling, window
+from . import pipeline as bench_pipeline
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("compare", "window", "codec", "scaling")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each comparison")
+    parser.add_argument("--items", type=int, default=400, help="items per device run")
+    parser.add_argument("--source", default="synthetic", help="synthetic, webcam or a file")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few items, 1 rep")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.quick:
+        args.reps, args.items = 1, 60
+    # The same allocator tuning the offload client CLI and server use (see offload/_allocator).
+    keep_large_buffers()
+    args.out.mkdir(parents=True, exist_ok=True)
+    about = machine.describe()
+    log(f"machine: {machine.one_line(about)}")
+    pipeline = load_pipeline(bench_pipeline.NAME)
+    frames = bench_pipeline.render(args.source, 120)
+    log(f"frames: {len(frames)} from {args.source}, {frames[0].shape}")
+    began = time.perf_counter()
+    results: dict[str, Any] = {}
+    splits = list(range(1, len(pipeline.tasks)))
+    # The codec first: its microbenchmark is sensitive to the heap left by other sections.
+    if "codec" in only:
+        log("== codec")
+        results["codec"] = codec.run(pipeline, frames, 50 if args.quick else 400)
+    if "compare" in only:
+        log("== against the seed's wire approach and the bottleneck bound (no emulation)")
+        results["compare"] = compare.run(
+            pipeline,
+            frames,
+            splits,
+            args.reps,
+            args.items,
+            max(20, args.items // 4),
+            8,
+            log,
+        )
+    if "window" in only:
+        log("== window sweep through an emulated 30 ms round trip")
+        results["window"] = window.run(
+            pipeline, frames, [1, 6], [1, 2, 4, 8, 16], 30.0, args.reps, args.items // 2, log
+        )
+    if "scaling" in only:
+        log("== server scaling at K=1")
+        results["scaling"] = scaling.run(
+            ["threads", "processes-2", "aio"],
+            [1, 4, 16, 64],
+            20 if args.quick else 60,
+            4,
+            log,
+        )
+    about["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    about["seconds"] = round(time.perf_counter() - began, 1)
+    about["source"] = args.source
+    for name, data in results.items():
+        (args.out / f"{name}.json").write_text(
+            json.dumps({"machine": about, **data}, indent=1) + "\n"
+        )
+    summary = report.write(args.out, about, results)
+    print()
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Item 3 (and the emulated-RTT part of item 2): throughput against the window of items in
+flight, through a proxy that adds a 30 ms round trip (``bench.delay_proxy``).
+
+Window 1 is ping-pong: one item per round trip plus its processing. Larger windows hide the
+round trip until the slowest stage (device, server, link) is the limit again.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+from offload import Pipeline
+
+from .compare import bound, calibrate, loopback_bandwidth, run_ours
+from .pipeline import Frame
+from .procs import delay_proxy, offload_server
+
+
+def run(
+    pipeline: Pipeline,
+    frames: list[Frame],
+    splits: list[int],
+    windows: list[int],
+    rtt_ms: float,
+    reps: int,
+    items: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    calibration = calibrate(pipeline, frames, 2 * len(frames))
+    bandwidth = statistics.median(loopback_bandwidth(0.5) for _ in range(3))
+    work = [ms / 1000 for ms in calibration["task_ms_per_item"]]
+    runs = []
+    server = offload_server()
+    proxy = delay_proxy(server.target, rtt_ms)
+    try:
+        for k in splits:  # warm up the server and the proxy
+            run_ours(pipeline, frames, proxy.target, k, 20, max(windows), "warm-up")
+        for rep in range(reps):
+            for k in splits:
+                for w in windows if rep % 2 == 0 else windows[::-1]:
+                    # Window 1 is slow by design (one item per round trip): fewer items.
+                    count = max(30, items // 4) if w == 1 else items
+                    report = run_ours(
+                        pipeline, frames, proxy.target, k, count, w, f"window-{rep}-{k}-{w}"
+                    )
+                    runs.append(
+                        {
+                            "k": k,
+                            "window": w,
+                            "rep": rep,
+                            "throughput": report["throughput_per_second"],
+                            "finished_per_second": report["finished_per_second"],
+                            "latency_ms": report["latency_ms"],
+                        }
+                    )
+                    log(
+                        f"  rep {rep} K={k} window {w:2d}: "
+                        f"{report['finished_per_second']:7.1f} items/s"
+                    )
+    finally:
+        proxy.stop()
+        server.stop()
+    rows = []
+    for k in splits:
+        limit = bound(k, work, work, calibration["cut_bytes"], bandwidth)
+        cycle = rtt_ms / 1000 + sum(work)  # one item's round trip and all of its work
+        for w in windows:
+            achieved = statistics.median(
+                r["finished_per_second"] for r in runs if r["k"] == k and r["window"] == w
+            )
+            window_limit = w / cycle
+            rows.append(
+                {
+                    "k": k,
+                    "window": w,
+                    "finished_per_second": round(achieved, 1),
+                    "bound": round(limit["rate"], 1),
+                    "limiter": limit["limiter"],
+                    "window_limit": round(window_limit, 1),
+                    "achieved_vs_bound": round(achieved / limit["rate"], 3),
+                    "achieved_vs_min_bound_window": round(
+                        achieved / min(limit["rate"], window_limit), 3
+                    ),
+                }
+            )
+    return {
+        "rtt_ms": rtt_ms,
+        "calibration": calibration,
+        "loopback_bytes_per_second": round(bandwidth),
+        "rows": rows,
+        "runs": runs,
+    }
