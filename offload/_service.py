@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -145,6 +146,55 @@ class RemoteExecutor:
         return result
 
 
+_READ_AHEAD = 16  # items read and stamped ahead of the one running; then TCP pushes back
+_END = object()
+
+
+def _read_ahead(
+    requests: Iterator[pb.TaskState], context: grpc.ServicerContext
+) -> Iterator[tuple[pb.TaskState, float]]:
+    """Yield items with the time each finished arriving, read by a thread of its own.
+
+    Reading while the previous item runs stamps arrival times that reflect the link rather
+    than the server's pace, which is what lets the device measure its link's bandwidth.
+    """
+    inbox: queue.Queue[object] = queue.Queue(maxsize=_READ_AHEAD)
+
+    def offer(entry: object) -> bool:
+        while context.is_active():
+            try:
+                inbox.put(entry, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for state in requests:
+                if not offer((state, time.monotonic())):
+                    return
+        except Exception as exc:  # the stream broke: hand the error to the answering side
+            offer(exc)
+            return
+        offer(_END)
+
+    threading.Thread(target=read, name="offload-read", daemon=True).start()
+    while True:
+        try:
+            entry = inbox.get(timeout=0.25)
+        except queue.Empty:
+            # A cancelled stream may end with nothing handed over: never outlive it.
+            if not context.is_active():
+                return
+            continue
+        if entry is _END:
+            return
+        if isinstance(entry, Exception):
+            raise entry
+        yield entry  # type: ignore[misc]
+
+
 class OffloadServicer(pb_grpc.OffloadServicer):
     """The gRPC face of ``RemoteExecutor``."""
 
@@ -162,12 +212,15 @@ class OffloadServicer(pb_grpc.OffloadServicer):
         with self._lock:
             self._streams += 1
         try:
-            for state in request_iterator:
+            for state, arrived in _read_ahead(request_iterator, context):
                 if device is None:
                     device = state.device_id
                     log.info("event=connect device=%s peer=%s", device, peer)
                 try:
-                    yield self.executor.execute(state)
+                    result = self.executor.execute(state)
+                    result.server_receive_time = arrived
+                    result.server_seconds = time.monotonic() - arrived
+                    yield result
                 except RequestRejected as exc:
                     log.warning(
                         "event=reject device=%s peer=%s code=%s reason=%r",
