@@ -170,7 +170,6 @@ def run(
     splits: list[int],
     reps: int,
     items: int,
-    prototype_items: int,
     window: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -207,7 +206,7 @@ def run(
                             "in_run_work": in_run_work(report),
                         }
                     else:
-                        count = items if system == "seed" else prototype_items
+                        count = items
                         result = run_seed(
                             pipeline, frames, servers[system].port, k, count, device_id
                         )
@@ -236,6 +235,13 @@ def summarise(
         )
 
     work = [ms / 1000 for ms in calibration["task_ms_per_item"]]
+
+    def paired(k: int, other: str) -> float:
+        """Median over repetitions of offload / other, each pair measured back to back."""
+        by_rep = {(r["system"], r["rep"]): r["throughput"] for r in runs if r["k"] == k}
+        reps = sorted({r["rep"] for r in runs})
+        return float(statistics.median(by_rep["offload", rep] / by_rep[other, rep] for rep in reps))
+
     rows = []
     for k in splits:
         ours = median("offload", k)
@@ -256,8 +262,8 @@ def summarise(
                 "offload_finished": round(ours_finished, 1),
                 "seed": round(seed_rate, 1),
                 "prototype": round(prototype_rate, 1),
-                "vs_seed": round(ours / seed_rate, 3),
-                "vs_prototype": round(ours / prototype_rate, 3),
+                "vs_seed": round(paired(k, "seed"), 3),
+                "vs_prototype": round(paired(k, "prototype"), 3),
                 "bound": {
                     k2: (round(v, 1) if isinstance(v, float) else v) for k2, v in isolated.items()
                 },

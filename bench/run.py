@@ -34,8 +34,8 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of each comparison")
-    parser.add_argument("--items", type=int, default=400, help="items per device run")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each comparison")
+    parser.add_argument("--items", type=int, default=300, help="items per device run")
     parser.add_argument("--source", default="synthetic", help="synthetic, webcam or a file")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few items, 1 rep")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -69,14 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             splits,
             args.reps,
             args.items,
-            max(20, args.items // 4),
             8,
             log,
         )
     if "window" in only:
         log("== window sweep through an emulated 30 ms round trip")
         results["window"] = window.run(
-            pipeline, frames, [1, 6], [1, 2, 4, 8, 16], 30.0, args.reps, args.items // 2, log
+            pipeline, frames, [1, 6], [1, 2, 4, 8, 16], 30.0, max(1, args.reps - 2), args.items, log
         )
     if "scaling" in only:
         log("== server scaling at K=1")
