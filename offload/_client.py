@@ -8,6 +8,8 @@ or link slows capture down instead of filling memory.
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import threading
 import time
 import uuid
@@ -15,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ._codec import decode, encode_into
+from ._codec import decode, encode, encode_into
 from ._config import ClientConfig
 from ._pipeline import ItemContext, Pipeline, Status, run_tasks
 from ._report import Recorder
+from ._scheduler import Decision, ModelPolicy, SplitPolicy
+from ._telemetry import Telemetry
 from ._transport import Stream, Transport
 from .exceptions import ConfigError, OffloadError, ServerError
 from .v1 import offload_pb2 as pb
@@ -43,9 +47,37 @@ def check_split(pipeline: Pipeline, local_tasks: int | None) -> None:
         )
 
 
+SIZE_SAMPLE_EVERY = 10  # items between measurements of every cut's size
+
+
+def check_auto(pipeline: Pipeline, config: ClientConfig) -> None:
+    n = len(pipeline.tasks)
+    if config.fps is None:
+        return
+    if config.fps <= 0:
+        raise ConfigError(f"--fps {config.fps}: the target must be a positive items/s rate")
+    if config.local_tasks is not None and not 1 <= config.local_tasks <= n - 1:
+        raise ConfigError(
+            f"--fps needs a starting split that uses the server: --local-tasks 1..{n - 1} "
+            f"(got {config.local_tasks}). Tasks of {pipeline.name}: {pipeline.describe()}"
+        )
+    if config.control_period <= 0:
+        raise ConfigError(f"--control-period {config.control_period}: must be positive")
+
+
+def starting_split(pipeline: Pipeline, config: ClientConfig) -> int:
+    """``--local-tasks``; in automatic mode without it, N-1: the most work on the device."""
+    n = len(pipeline.tasks)
+    if config.local_tasks is not None:
+        return config.local_tasks
+    return n - 1 if config.fps is not None else n
+
+
 @dataclass
 class _InFlight:
     capture_perf: float
+    sent: float
+    size: int
     args: Any  # the item's state at the cut, kept until its answer arrives
 
 
@@ -59,16 +91,27 @@ class Client:
         transport: Transport | None = None,
         output: IO[str] | None = None,
         stop: threading.Event | None = None,
+        policy: SplitPolicy | None = None,
     ) -> None:
         check_split(pipeline, config.local_tasks)
+        check_auto(pipeline, config)
         if config.window < 1:
             raise ConfigError(f"--window {config.window}: at least 1 item must be in flight")
-        needs_server = config.local_tasks is not None and config.local_tasks < len(pipeline.tasks)
+        n = len(pipeline.tasks)
+        self._split = starting_split(pipeline, config)
+        needs_server = self._split < n
         if needs_server and transport is None:
-            raise ConfigError(f"split {config.local_tasks} needs a server: give a transport")
+            raise ConfigError(f"split {self._split} needs a server: give a transport")
         self.pipeline = pipeline
         self.config = config
         self.transport = transport if needs_server else None
+        self.policy: SplitPolicy | None = None
+        if config.fps is not None:
+            self.policy = policy or ModelPolicy(config.fps)
+        self.telemetry = Telemetry(n, config.window)
+        self.history: list[dict[str, Any]] = []
+        self.periods: list[dict[str, Any]] = []
+        self._said_infeasible = False
         self.run_id = uuid.uuid4().hex
         self.recorder = Recorder(pipeline, output)
         self._stop = stop or threading.Event()
@@ -82,7 +125,7 @@ class Client:
     @property
     def split(self) -> int:
         """Tasks run on the device for the next item."""
-        return self.config.local_tasks or len(self.pipeline.tasks)
+        return self._split
 
     def stop(self) -> None:
         """Stop capturing; items already captured still finish (safe from a signal handler)."""
@@ -111,27 +154,92 @@ class Client:
         return self._stream_error
 
     def report(self) -> dict[str, Any]:
-        return self.recorder.summary(
+        if self.policy is not None:
+            mode = f"automatic, target {self.config.fps:g}/s, final split {self.split}"
+        elif self.transport is None and self.config.local_tasks is None:
+            mode = "client-only"
+        else:
+            mode = f"split {self.split}"
+        report = self.recorder.summary(
             device_id=self.config.device_id,
             run_id=self.run_id,
-            mode="client-only" if self.config.local_tasks is None else f"split {self.split}",
+            mode=mode,
             local_tasks=self.split,
             server=getattr(self.transport, "target", None),
             window=self.config.window,
             error=str(self._stream_error) if self._stream_error else None,
         )
+        report["cloud"] = self._cloud_cost(report)
+        if self.policy is not None:
+            report["scheduler"] = {
+                "target_per_second": self.config.fps,
+                "control_period_seconds": self.config.control_period,
+                "final_split": self.split,
+                "history": self.history,
+                "periods": self.periods,
+            }
+        return report
+
+    def _cloud_cost(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Server CPU seconds per item, and what the final split saves against K = 1.
+
+        The server reports CPU time per item; the cost of K = 1 is estimated by scaling it
+        with the server's per-task wall times (all measured, after the scheduler's probe).
+        """
+        remote_items = sum(t["server_runs"] for t in report["tasks"][-1:])
+        if not remote_items:
+            return {"server_cpu_seconds_per_item": 0.0, "saving_vs_all_remote_percent": None}
+        per_item = report["server_cpu_seconds"] / remote_items
+        server_ms = [t["server_mean_ms"] if t["server_runs"] else math.nan for t in report["tasks"]]
+        at_final = sum(server_ms[self.split :])
+        everything = sum(server_ms[1:])
+        saving = None
+        if not math.isnan(everything) and everything > 0 and not math.isnan(at_final):
+            saving = round(100 * (1 - at_final / everything), 1)
+        return {
+            "server_cpu_seconds_per_item": round(per_item, 6),
+            "saving_vs_all_remote_percent": saving,
+        }
 
     def _capture_loop(self, stream: Stream | None) -> None:
         n = len(self.pipeline.tasks)
         item = 0
+        period_start = time.perf_counter()
+        next_decision_item: int | None = None
+        settled = True
         while not self._stop.is_set() and self._stream_error is None:
             if self.config.frames is not None and item >= self.config.frames:
                 break
+            if self.policy is not None:
+                now = time.perf_counter()
+                if next_decision_item is not None:
+                    due = item >= next_decision_item
+                else:
+                    due = now - period_start >= self.config.control_period
+                if due:
+                    decision = self._decide(now - period_start, settled)
+                    settled = decision.split == self._split
+                    self._apply(decision, now)
+                    period_start = now
+                    next_decision_item = (
+                        item + decision.hold_items if decision.hold_items is not None else None
+                    )
             split = self.split
             capture_time = time.time()
             began = time.perf_counter()
             context = ItemContext(self.config.device_id, self.run_id, item, capture_time, False)
-            outcome = run_tasks(self.pipeline, 0, split, None, context)
+            sample = self.policy is not None and (
+                item % SIZE_SAMPLE_EVERY == 0 or next_decision_item is not None
+            )
+            outcome = run_tasks(
+                self.pipeline,
+                0,
+                split,
+                None,
+                context,
+                slowdown=self.config.slowdown,
+                on_output=self._sample_size if sample else None,
+            )
             if outcome.task == 0 and outcome.status is Status.FILTERED:
                 log.info("event=end-of-stream items=%d", item)
                 break
@@ -139,11 +247,13 @@ class Client:
                 raise OffloadError(f"capture (task 0) failed: {outcome.error}")
             self.recorder.captured_item(began)
             self.recorder.device_times(outcome.task_seconds)
+            self.telemetry.device_times(item, outcome.task_seconds)
             if outcome.status is Status.CONTINUE:
                 assert stream is not None and split < n
                 self._send(stream, item, split, outcome.value, capture_time, began)
             else:
                 now = time.perf_counter()
+                self.telemetry.finished(outcome.status is Status.COMPLETED)
                 self.recorder.finished(
                     item,
                     outcome.status.value,
@@ -154,6 +264,62 @@ class Client:
                     at=now,
                 )
             item += 1
+
+    def _sample_size(self, index: int, value: Any) -> None:
+        cut = index + 1
+        if cut < self._split:
+            # The cut in use is measured exactly when sent; the others cost one encode.
+            self.telemetry.cut_size(cut, encode(value, self.config.limits).ByteSize())
+
+    def _decide(self, period: float, settled: bool) -> Decision:
+        assert self.policy is not None
+        measurements = self.telemetry.snapshot(self._split, period, settled)
+        decision = self.policy.decide(measurements)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("event=measurements %s", measurements)
+            for p in decision.predictions:
+                log.debug(
+                    "event=prediction split=%d rate=%.2f bottleneck=%s rates=%s",
+                    p.split,
+                    p.throughput,
+                    p.bottleneck,
+                    p.rates,
+                )
+        self.periods.append(
+            {
+                "seconds": round(time.perf_counter() - (self.recorder.first_capture or 0), 3),
+                "split": self._split,
+                "throughput_per_second": round(measurements.throughput, 3),
+                "settled": settled,
+                "device_cpu_percent": measurements.device_cpu_percent,
+            }
+        )
+        return decision
+
+    def _apply(self, decision: Decision, now: float) -> None:
+        if decision.infeasible and not self._said_infeasible:
+            self._said_infeasible = True
+            log.warning("event=target-unreachable %s", decision.reason)
+            print(f"offload: {decision.reason}", file=sys.stderr)
+        if decision.split != self._split:
+            n = len(self.pipeline.tasks)
+            if not 1 <= decision.split <= n - 1:
+                raise ConfigError(
+                    f"the split policy chose {decision.split}; automatic mode keeps it in "
+                    f"1..{n - 1} (task 0 on the device, the last on the server)"
+                )
+            log.info(
+                "event=split old=%d new=%d reason=%r", self._split, decision.split, decision.reason
+            )
+            self.history.append(
+                {
+                    "seconds": round(now - (self.recorder.first_capture or now), 3),
+                    "from": self._split,
+                    "to": decision.split,
+                    "reason": decision.reason,
+                }
+            )
+            self._split = decision.split
 
     def _send(
         self, stream: Stream, item: int, split: int, args: Any, capture_time: float, began: float
@@ -187,8 +353,12 @@ class Client:
             )
             return
         with self._lock:
-            self._in_flight[item] = _InFlight(began, args)
-        self.recorder.bytes_sent += stream.send(state)
+            # Sent under the lock: the answer thread must not see the item before its size.
+            pending = self._in_flight[item] = _InFlight(began, time.perf_counter(), 0, args)
+            pending.size = stream.send(state)
+        self.recorder.bytes_sent += pending.size
+        if self.policy is not None:
+            self.telemetry.cut_size(split, pending.size)
 
     def _read_answers(self, stream: Stream) -> None:
         try:
@@ -201,9 +371,18 @@ class Client:
                     continue
                 self._credits.release()
                 self.recorder.bytes_received += size
-                self.recorder.server_times(
-                    [(t.task, t.seconds) for t in answer.task_times], answer.server_cpu_seconds
+                timings = [(t.task, t.seconds) for t in answer.task_times]
+                self.recorder.server_times(timings, answer.server_cpu_seconds)
+                self.telemetry.answer(
+                    answer.item,
+                    pending.size,
+                    pending.sent,
+                    now,
+                    answer.server_receive_time,
+                    answer.server_seconds,
+                    timings,
                 )
+                self.telemetry.finished(answer.status == pb.ItemResult.COMPLETED)
                 result = None
                 if answer.status == pb.ItemResult.COMPLETED:
                     result = decode(answer.output, self.config.limits)

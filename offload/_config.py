@@ -33,6 +33,9 @@ class ClientConfig:
     frames: int | None = None  # stop after this many captured items
     source: str | None = None
     connect_timeout: float = 10.0
+    fps: float | None = None  # automatic mode: the throughput target, completed items/s
+    control_period: float = 2.0  # seconds between split decisions in automatic mode
+    slowdown: float = 1.0  # emulate a device this many times slower (1 = off)
     limits: Limits = Limits()
 
 

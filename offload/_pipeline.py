@@ -177,10 +177,30 @@ def _unpack(index: int, name: str, returned: Any) -> tuple[bool, Any]:
     )
 
 
+def _stretch(began: float, slowdown: float) -> float:
+    """Seconds since ``began``, after sleeping to make them ``slowdown`` times as long."""
+    elapsed = time.perf_counter() - began
+    if slowdown > 1.0:
+        time.sleep(elapsed * (slowdown - 1.0))
+        elapsed = time.perf_counter() - began
+    return elapsed
+
+
 def run_tasks(
-    pipeline: Pipeline, start: int, stop: int, args: Any, context: ItemContext
+    pipeline: Pipeline,
+    start: int,
+    stop: int,
+    args: Any,
+    context: ItemContext,
+    slowdown: float = 1.0,
+    on_output: Callable[[int, Any], None] | None = None,
 ) -> Outcome:
-    """Run tasks ``[start, stop)`` on one item whose input is ``args``. Never raises for a task."""
+    """Run tasks ``[start, stop)`` on one item whose input is ``args``. Never raises for a task.
+
+    ``slowdown`` > 1 emulates a slower device: each task is followed by a sleep that makes it
+    take that many times its measured time (the CPU stays free for other processes).
+    ``on_output(index, args)`` sees each task's output (the scheduler samples cut sizes).
+    """
     token = _current.set(context)
     last = len(pipeline.tasks) - 1
     timings: list[tuple[int, float]] = []
@@ -195,11 +215,13 @@ def run_tasks(
                 else:
                     ok, args = _unpack(index, pipeline.task_name(index), call_task(task, args))
             except Exception as exc:  # a task's bug fails this item, never the run
-                timings.append((index, time.perf_counter() - began))
+                timings.append((index, _stretch(began, slowdown)))
                 return Outcome(Status.FAILED, None, index, f"{type(exc).__name__}: {exc}", timings)
-            timings.append((index, time.perf_counter() - began))
+            timings.append((index, _stretch(began, slowdown)))
             if not ok:
                 return Outcome(Status.FILTERED, None, index, "", timings)
+            if on_output is not None:
+                on_output(index, args)
         status = Status.COMPLETED if stop == last + 1 else Status.CONTINUE
         return Outcome(status, args, -1, "", timings)
     finally:

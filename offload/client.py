@@ -15,14 +15,15 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import IO, Any
 
-from ._client import Client, check_split
+from ._client import Client, check_auto, check_split, starting_split
 from ._config import ClientConfig
 from ._embedded import EmbeddedServer
+from ._emulation import LinkEmulator, LinkSpec
 from ._pipeline import DEFAULT_PIPELINE, load_pipeline
 from ._report import format_summary
 from ._server import channel_options
 from ._transport import GrpcTransport, Transport
-from .exceptions import ConfigError, OffloadError, PipelineMismatch
+from .exceptions import ConfigError, OffloadError
 
 log = logging.getLogger("offload.client")
 
@@ -34,6 +35,9 @@ examples:
   python -m offload.client --local-tasks 1 --server cloud.example.com:50051
   python -m offload.client --local-tasks 4 --source clip.mp4 --output results.jsonl
   python -m offload.client --local-tasks 2 --source 0     camera 0, through OpenCV
+  python -m offload.client --local-tasks 6 --fps 20       automatic: move the split to meet 20/s
+  python -m offload.client --fps 20 --emulate-slowdown 15 --emulate-link 200mbit,30ms
+                                                          ... as a slow device on a slow link
 """
 
 
@@ -50,6 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="K",
         help="tasks [0, K) run here, the rest on the server; omit for client-only mode",
+    )
+    parser.add_argument(
+        "--fps",
+        type=float,
+        metavar="TARGET",
+        help="automatic mode: move the split to complete TARGET items/s with the least server "
+        "work, starting at --local-tasks (default N-1)",
+    )
+    parser.add_argument(
+        "--control-period",
+        type=float,
+        default=ClientConfig.control_period,
+        metavar="SECONDS",
+        help="automatic mode: seconds between split decisions (default %(default)s)",
+    )
+    parser.add_argument(
+        "--emulate-slowdown",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="emulate a device X times slower: each local task sleeps to take X times as long",
+    )
+    parser.add_argument(
+        "--emulate-link",
+        metavar="RATE[,RTT]",
+        help="shape traffic to the server, e.g. 20mbit,30ms (units as in Linux tc)",
     )
     parser.add_argument(
         "--server",
@@ -101,7 +131,10 @@ def _open_output(path: str | None) -> Iterator[IO[str] | None]:
 
 
 def _connect(
-    args: argparse.Namespace, config: ClientConfig, stack: contextlib.ExitStack
+    args: argparse.Namespace,
+    config: ClientConfig,
+    link: LinkSpec | None,
+    stack: contextlib.ExitStack,
 ) -> Transport:
     target = args.server
     if not target:
@@ -111,6 +144,11 @@ def _connect(
         print(
             f"offload: no --server given; started an embedded server on {target}", file=sys.stderr
         )
+    if link is not None:
+        emulator = LinkEmulator(target, link)
+        stack.callback(emulator.close)
+        print(f"offload: emulating a {link} link to the server", file=sys.stderr)
+        target = emulator.target
     transport = GrpcTransport(
         target, channel_options(config.limits.max_message_bytes), config.connect_timeout
     )
@@ -131,34 +169,39 @@ def main(argv: list[str] | None = None) -> int:
         check_split(pipeline, args.local_tasks)
         if args.window < 1:
             raise ConfigError(f"--window {args.window}: at least 1 item must be in flight")
+        if args.emulate_slowdown < 1:
+            raise ConfigError(f"--emulate-slowdown {args.emulate_slowdown}: use 1 (off) or more")
+        link = LinkSpec.parse(args.emulate_link) if args.emulate_link else None
+        config = ClientConfig(
+            pipeline=args.pipeline,
+            local_tasks=args.local_tasks,
+            server=args.server,
+            window=args.window,
+            device_id=args.device_id,
+            frames=args.frames,
+            source=args.source,
+            connect_timeout=args.connect_timeout,
+            fps=args.fps,
+            control_period=args.control_period,
+            slowdown=args.emulate_slowdown,
+        )
+        check_auto(pipeline, config)
         if args.source is not None:
             pipeline.set_source(args.source)
     except (OffloadError, ValueError) as exc:
         parser.exit(2, f"error: {exc}\n")
-    config = ClientConfig(
-        pipeline=args.pipeline,
-        local_tasks=args.local_tasks,
-        server=args.server,
-        window=args.window,
-        device_id=args.device_id,
-        frames=args.frames,
-        source=args.source,
-        connect_timeout=args.connect_timeout,
-    )
     report: dict[str, Any]
     stop = _stop_on_signals()
     try:
         with contextlib.ExitStack() as stack, _open_output(args.output) as output:
-            needs_server = args.local_tasks is not None and args.local_tasks < len(pipeline)
-            transport = _connect(args, config, stack) if needs_server else None
+            remote = starting_split(pipeline, config) < len(pipeline)
+            transport = _connect(args, config, link, stack) if remote else None
             client = Client(pipeline, config, transport, output, stop)
             report = client.run()
-    except PipelineMismatch as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except OffloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    report["emulation"] = {"slowdown": args.emulate_slowdown, "link": str(link) if link else None}
     print(format_summary(report))
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:

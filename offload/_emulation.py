@@ -1,0 +1,148 @@
+"""Emulation, so that a development machine can stand in for a Raspberry Pi on Wi-Fi.
+
+* A slow device: ``run_tasks(..., slowdown=X)`` waits after each local task so that it takes X
+  times its measured time. It sleeps, so the machine's CPU stays free for the server.
+* A slow link: ``LinkEmulator`` is a TCP proxy on loopback between the client and the server
+  that shapes each direction to a bandwidth (token bucket) and adds half the round-trip time of
+  delay. It shapes the real byte stream, so gRPC's flow control and TCP back-pressure behave as
+  they would on the real link, and whatever the client measures, it measures for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import threading
+from dataclasses import dataclass
+
+from .exceptions import ConfigError
+
+_RATE_UNITS = {  # tc's conventions: "bit" units are bits, "bps" units are bytes per second
+    "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
+    "bps": 1.0, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9,
+}  # fmt: skip
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_CHUNK = 64 * 1024  # bytes shaped at a time: few enough wake-ups for a Python proxy
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A link: bandwidth in bytes per second each way, and round-trip time in seconds."""
+
+    bytes_per_second: float
+    rtt_seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> LinkSpec:
+        """``RATE[,RTT]``, e.g. ``20mbit,30ms`` or ``500kbit`` (units as in Linux ``tc``)."""
+        rate_text, _, rtt_text = text.strip().lower().partition(",")
+        rate = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]+)", rate_text.strip())
+        if not rate or rate.group(2) not in _RATE_UNITS or float(rate.group(1)) <= 0:
+            raise ConfigError(
+                f"--emulate-link {text!r}: the rate must be a positive number with a unit "
+                f"({', '.join(_RATE_UNITS)}), e.g. 20mbit,30ms"
+            )
+        rtt = 0.0
+        if rtt_text:
+            match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(us|ms|s)", rtt_text.strip())
+            if not match:
+                raise ConfigError(
+                    f"--emulate-link {text!r}: the round-trip time must be a number with a unit "
+                    "(us, ms, s), e.g. 20mbit,30ms"
+                )
+            rtt = float(match.group(1)) * _TIME_UNITS[match.group(2)]
+        return cls(float(rate.group(1)) * _RATE_UNITS[rate.group(2)], rtt)
+
+    def __str__(self) -> str:
+        return f"{self.bytes_per_second * 8 / 1e6:g}mbit,{self.rtt_seconds * 1e3:g}ms"
+
+
+class LinkEmulator:
+    """A shaping TCP proxy: connect to ``target`` (``127.0.0.1:port``) instead of ``upstream``."""
+
+    def __init__(self, upstream: str, link: LinkSpec) -> None:
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host.strip("[]") or "127.0.0.1", int(port))
+        self.link = link
+        self._loop = asyncio.new_event_loop()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.target = f"127.0.0.1:{self.port}"
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="offload-link", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._connection, sock=self._listener)
+        )
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _connection(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            client_writer.close()
+            return
+        for writer in (client_writer, server_writer):
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.gather(
+            self._pump(client_reader, server_writer),
+            self._pump(server_reader, client_writer),
+            return_exceptions=True,
+        )
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Carry one direction: serialise at the link rate, deliver half an RTT later.
+
+        The next chunk is read only once this one has been "transmitted", so a full link pushes
+        back through TCP to the sender, as a real bottleneck does.
+        """
+        loop = asyncio.get_running_loop()
+        one_way = self.link.rtt_seconds / 2
+        free_at = loop.time()
+        try:
+            while data := await reader.read(_CHUNK):
+                free_at = max(loop.time(), free_at) + len(data) / self.link.bytes_per_second
+                await asyncio.sleep(free_at - loop.time())
+                loop.call_at(free_at + one_way, _deliver, writer, data)
+            loop.call_at(free_at + one_way, _finish, writer)
+        except (ConnectionError, OSError):
+            writer.close()
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            done = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+            with contextlib.suppress(Exception):
+                done.result(5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+
+
+def _deliver(writer: asyncio.StreamWriter, data: bytes) -> None:
+    if not writer.is_closing():
+        writer.write(data)
+
+
+def _finish(writer: asyncio.StreamWriter) -> None:
+    if not writer.is_closing():
+        with contextlib.suppress(OSError):
+            writer.write_eof()

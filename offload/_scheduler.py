@@ -1,0 +1,209 @@
+"""Choosing the split: a pure policy, measurements in, decision out (no I/O, no clocks).
+
+The model (Neurosurgeon-like, re-decided continuously like Odessa): items are pipelined, so the
+throughput of split K is bounded by the slowest of
+
+* the device:  1 / (sum of device times of tasks [0, K)),
+* the link:    bandwidth / (bytes an item carries when cut after task K-1),
+* the server:  workers / (sum of server times of tasks [K, N)),
+* the window:  W / (time one item holds a credit: RTT + transmission + server time).
+
+The policy picks the **largest** K (most work on the device, least cloud cost) whose predicted
+throughput of completed items meets the target with a margin, in either direction, with
+hysteresis so it does not flap. Replace it with any object that has ``decide``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+UNKNOWN = math.nan
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """Everything a policy may use, as plain numbers. Times are seconds, sizes bytes."""
+
+    split: int  # K in use now
+    device_seconds: tuple[float, ...]  # per task; NaN when never measured
+    server_seconds: tuple[float, ...]  # per task; NaN when never measured
+    cut_bytes: tuple[float, ...]  # [k]: bytes per item cut after task k-1 (k = 1..N-1); NaN unknown
+    bandwidth: float | None  # bytes/s device -> server; None: never seen the link saturate
+    rtt: float  # round trip without transmission
+    window: int  # items allowed in flight
+    throughput: float  # completed items per second over the last period (NaN: no data)
+    completed_fraction: float = 1.0  # completed / finished items: the rest were filtered
+    settled: bool = True  # the whole last period ran at ``split``
+    server_workers: int = 1  # items of one device stream the server runs at once
+    device_cpu_percent: float = UNKNOWN
+    device_memory_percent: float = UNKNOWN
+
+    @property
+    def tasks(self) -> int:
+        return len(self.device_seconds)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    split: int
+    throughput: float  # completed items per second
+    bottleneck: str  # device, link, server or window
+    rates: dict[str, float] = field(default_factory=dict)  # items per second per resource
+
+
+@dataclass(frozen=True)
+class Decision:
+    split: int
+    reason: str
+    predictions: tuple[Prediction, ...] = ()
+    infeasible: bool = False  # no split is predicted to meet the target
+    hold_items: int | None = None  # decide again after this many items, not at the period end
+
+
+class SplitPolicy(Protocol):
+    """What the client asks every control period. Must be pure: no I/O, no sleeping."""
+
+    def decide(self, m: Measurements) -> Decision: ...
+
+
+def predict(m: Measurements, k: int) -> Prediction:
+    """Predicted throughput of completed items at split ``k`` (tasks [0, k) on the device)."""
+    device = sum(m.device_seconds[:k])
+    server = sum(m.server_seconds[k:])
+    cut = m.cut_bytes[k] if k < m.tasks else 0.0
+    transmit = cut / m.bandwidth if m.bandwidth else 0.0
+    rates = {
+        "device": 1 / device if device > 0 else math.inf,
+        "link": 1 / transmit if transmit > 0 else math.inf,
+        "server": m.server_workers / server if server > 0 else math.inf,
+        "window": m.window / (m.rtt + transmit + server) if k < m.tasks else math.inf,
+    }
+    bottleneck = min(rates, key=lambda name: rates[name])
+    return Prediction(k, rates[bottleneck] * m.completed_fraction, bottleneck, rates)
+
+
+def _unknown(values: tuple[float, ...], indices: range) -> list[int]:
+    return [i for i in indices if math.isnan(values[i])]
+
+
+class ModelPolicy:
+    """Largest split predicted to meet ``target`` items/s with ``margin``; see the module doc.
+
+    Hysteresis: a target being missed is acted on at once (towards a split expected to do
+    better); any other move needs ``confirm`` consecutive decisions agreeing, and a split that
+    still meets the target within half the margin is kept rather than offloading more.
+    """
+
+    def __init__(
+        self, target: float, margin: float = 0.10, confirm: int = 2, probe_items: int = 4
+    ) -> None:
+        if target <= 0:
+            raise ValueError(f"target throughput must be positive, got {target}")
+        self.target = target
+        self.margin = margin
+        self.confirm = confirm
+        self.probe_items = probe_items
+        self.efficiency = 1.0  # observed / predicted at the split in use, smoothed
+        self._proposal: int | None = None
+        self._proposals = 0
+        self._probed: set[int] = set()
+        self._after_probe = False
+
+    def decide(self, m: Measurements) -> Decision:
+        n = m.tasks
+        first, last = 1, n - 1  # task 0 stays on the device, the last task on the server
+        probe = self._probe(m, first, last)
+        if probe is not None:
+            return probe
+        predictions = tuple(predict(m, k) for k in range(first, last + 1))
+        by_split = {p.split: p for p in predictions}
+        current = by_split.get(m.split)
+        if current is not None and m.settled and m.throughput > 0 and current.throughput > 0:
+            # The model misses fixed costs (encoding, Python overhead): learn how far off it is
+            # at the split we can observe, and apply that to the others.
+            ratio = min(1.5, max(0.3, m.throughput / current.throughput))
+            self.efficiency = 0.5 * self.efficiency + 0.5 * ratio
+
+        def expected(k: int) -> float:
+            if k == m.split and m.settled and m.throughput > 0:
+                return m.throughput  # measured beats predicted
+            return by_split[k].throughput * self.efficiency
+
+        need = self.target * (1 + self.margin)
+        meets = [k for k in by_split if expected(k) >= need]
+        infeasible = not meets
+        if meets:
+            choice = max(meets)
+        else:  # nothing meets the target: run where throughput is best (ties: more local)
+            choice = max(by_split, key=lambda k: (round(expected(k), 6), k))
+        reason = self._reason(m.split, choice, expected, by_split, infeasible)
+
+        if self._after_probe:  # the probe split was never a choice: leave it without ado
+            self._after_probe = False
+            self._proposal, self._proposals = None, 0
+            return Decision(choice, reason, predictions, infeasible)
+        if choice == m.split:
+            self._proposal, self._proposals = None, 0
+            return Decision(m.split, reason, predictions, infeasible)
+        keep = m.split in by_split and expected(m.split) >= self.target * (1 + self.margin / 2)
+        missing = m.settled and m.throughput < self.target
+        if missing and expected(choice) > expected(m.split):
+            self._proposal, self._proposals = None, 0
+            return Decision(choice, reason, predictions, infeasible)  # fix a miss at once
+        if choice < m.split and keep:
+            return Decision(m.split, f"stay at {m.split}: still meets the target", predictions)
+        self._proposals = self._proposals + 1 if self._proposal == choice else 1
+        self._proposal = choice
+        if self._proposals < self.confirm:
+            return Decision(
+                m.split,
+                f"stay at {m.split}: {choice} proposed ({self._proposals}/{self.confirm})",
+                predictions,
+                infeasible,
+            )
+        self._proposal, self._proposals = None, 0
+        return Decision(choice, reason, predictions, infeasible)
+
+    def _probe(self, m: Measurements, first: int, last: int) -> Decision | None:
+        """Measure what the model needs once: device times of the tasks the server runs and
+        server times of the tasks the device runs, by running a few items at the far splits."""
+        missing_device = _unknown(m.device_seconds, range(0, last))
+        missing_cuts = _unknown(m.cut_bytes, range(first, last + 1))
+        if (missing_device or missing_cuts) and last not in self._probed:
+            self._probed.add(last)
+            self._after_probe = True
+            what = f"device times of tasks {missing_device}" if missing_device else "cut sizes"
+            return Decision(last, f"probe: {what} unknown", hold_items=self.probe_items)
+        missing_server = _unknown(m.server_seconds, range(first, last + 1))
+        if missing_server and first not in self._probed:
+            self._probed.add(first)
+            self._after_probe = True
+            return Decision(
+                first,
+                f"probe: server times of tasks {missing_server} unknown",
+                hold_items=self.probe_items,
+            )
+        return None
+
+    def _reason(
+        self,
+        old: int,
+        new: int,
+        expected: object,
+        by_split: dict[int, Prediction],
+        infeasible: bool,
+    ) -> str:
+        assert callable(expected)
+        head = f"split {old} -> {new}" if old != new else f"split {new}"
+        if infeasible:
+            return (
+                f"{head}: no split meets {self.target:g}/s; best is K={new} at "
+                f"{expected(new):.1f}/s ({by_split[new].bottleneck}-bound)"
+            )
+        text = f"{head}: predicted {expected(new):.1f}/s at K={new} >= {self.target:g} target"
+        above = new + 1
+        if above in by_split:
+            text += f"; K={above} {by_split[above].bottleneck}-bound at {expected(above):.1f}/s"
+        return text

@@ -1,0 +1,145 @@
+"""What the device measures for the scheduler: task times, cut sizes, the link, throughput.
+
+Fed by the capture loop and the answer thread; ``snapshot`` turns it into the plain numbers of
+``Measurements`` for the policy.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+
+import psutil
+
+from ._scheduler import UNKNOWN, Measurements
+
+ALPHA = 0.2  # EWMA weight of a new sample: ~5 recent items dominate, noise is damped
+MAX_DRIFT = 4.0
+WARMUP_ITEMS = 2  # the first items pay for imports, caches and opening the camera: not typical
+_LINK_SAMPLES = 32
+
+
+class _Ewma:
+    """Smoothed per-task seconds, and the reference task's value when each was last measured.
+
+    A task measured long ago on one side is rescaled by how much the always-measured reference
+    task (task 0 on the device, the last task on the server) has changed since: when the device
+    slows down, so do our estimates for tasks it is not running right now.
+    """
+
+    def __init__(self, n: int, reference: int) -> None:
+        self.value = [UNKNOWN] * n
+        self.ref_at = [UNKNOWN] * n
+        self.reference = reference
+
+    def add(self, task: int, seconds: float) -> None:
+        old = self.value[task]
+        self.value[task] = seconds if math.isnan(old) else old + ALPHA * (seconds - old)
+        self.ref_at[task] = self.value[self.reference]
+
+    def estimates(self) -> tuple[float, ...]:
+        ref_now = self.value[self.reference]
+        out = []
+        for value, ref_then in zip(self.value, self.ref_at, strict=True):
+            drift = ref_now / ref_then if ref_then > 0 and not math.isnan(ref_now) else 1.0
+            # Bounded: one noisy reference sample must not rescale everything tenfold.
+            out.append(value * min(MAX_DRIFT, max(1 / MAX_DRIFT, drift)))
+        return tuple(out)
+
+
+class Telemetry:
+    def __init__(self, tasks: int, window: int) -> None:
+        self.tasks = tasks
+        self.window = window
+        self._lock = threading.Lock()
+        self._device = _Ewma(tasks, reference=0)
+        self._server = _Ewma(tasks, reference=tasks - 1)
+        self._cuts = [UNKNOWN] * (tasks + 1)
+        self._bandwidth: deque[float] = deque(maxlen=_LINK_SAMPLES)
+        self._rtt: deque[float] = deque(maxlen=_LINK_SAMPLES)
+        self._previous: tuple[int, float, float] | None = None  # item, sent, server arrival
+        self._completed = 0
+        self._finished = 0
+        self._period_completed = 0
+        self._period_finished = 0
+        self._process = psutil.Process()
+        psutil.cpu_percent(None)  # the first call only starts the measurement
+
+    def device_times(self, item: int, timings: list[tuple[int, float]]) -> None:
+        if item < WARMUP_ITEMS:
+            return
+        with self._lock:
+            for task, seconds in timings:
+                self._device.add(task, seconds)
+
+    def cut_size(self, cut: int, size: int) -> None:
+        """An item cut after task ``cut - 1`` takes ``size`` bytes on the wire."""
+        with self._lock:
+            old = self._cuts[cut]
+            self._cuts[cut] = size if math.isnan(old) else old + ALPHA * (size - old)
+
+    def answer(
+        self,
+        item: int,
+        size_up: int,
+        sent: float,
+        received: float,
+        server_arrival: float,
+        server_seconds: float,
+        timings: list[tuple[int, float]],
+    ) -> None:
+        """An answer to an item of ``size_up`` bytes sent at ``sent`` and answered at ``received``
+        (device clock); ``server_arrival`` is on the server's clock, comparable only to itself."""
+        with self._lock:
+            if item >= WARMUP_ITEMS:
+                for task, seconds in timings:
+                    self._server.add(task, seconds)
+            previous, self._previous = self._previous, (item, sent, server_arrival)
+            if previous is not None and previous[0] == item - 1 and server_arrival > 0:
+                send_gap = sent - previous[1]
+                arrival_gap = server_arrival - previous[2]
+                # Packet-pair dispersion: if the link spread two items further apart than the
+                # device sent them, the second one queued behind the first, and the spread is
+                # its transmission time.
+                if arrival_gap > 1.2 * send_gap and arrival_gap > 0:
+                    self._bandwidth.append(size_up / arrival_gap)
+            bandwidth = self._bandwidth_estimate()
+            transmit = size_up / bandwidth if bandwidth else 0.0
+            self._rtt.append(max(0.0, received - sent - server_seconds - transmit))
+
+    def _bandwidth_estimate(self) -> float | None:
+        if not self._bandwidth:
+            return None
+        # A high percentile: congestion and scheduling noise only ever make gaps longer.
+        ordered = sorted(self._bandwidth)
+        return ordered[min(len(ordered) - 1, int(0.8 * len(ordered)))]
+
+    def finished(self, completed: bool) -> None:
+        with self._lock:
+            self._finished += 1
+            self._period_finished += 1
+            if completed:
+                self._completed += 1
+                self._period_completed += 1
+
+    def snapshot(self, split: int, period_seconds: float, settled: bool) -> Measurements:
+        """Measurements for the policy; starts a new period."""
+        with self._lock:
+            throughput = self._period_completed / period_seconds if period_seconds > 0 else 0.0
+            fraction = self._completed / self._finished if self._finished else 1.0
+            self._period_completed = self._period_finished = 0
+            return Measurements(
+                split=split,
+                device_seconds=self._device.estimates(),
+                server_seconds=self._server.estimates(),
+                cut_bytes=tuple(self._cuts),
+                bandwidth=self._bandwidth_estimate(),
+                rtt=min(self._rtt) if self._rtt else 0.0,
+                window=self.window,
+                throughput=throughput,
+                completed_fraction=max(fraction, 0.01),
+                settled=settled,
+                device_cpu_percent=psutil.cpu_percent(None),
+                device_memory_percent=self._process.memory_percent(),
+            )

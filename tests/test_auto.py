@@ -1,0 +1,139 @@
+"""Automatic mode end to end: emulated slow device and link, a real server, real OpenCV."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from offload import ConfigError, load_pipeline
+from offload._emulation import LinkEmulator, LinkSpec
+from offload._server import RunningServer
+
+from .conftest import run_split
+
+BALL = "examples.ball_tracking"
+STAGES = "tests.apps.stages"
+
+
+def settled_periods(report: dict, split: int) -> list[float]:
+    return [
+        p["throughput_per_second"]
+        for p in report["scheduler"]["periods"]
+        if p["settled"] and p["split"] == split
+    ]
+
+
+def test_offloads_to_meet_a_target_the_device_alone_cannot(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # Each middle stage costs ~1 ms here; 25x slower, the device alone (K=5) manages ~8/s,
+    # while K=1 leaves it only capture. Even a machine 3x slower than ours shows the contrast.
+    pipeline = load_pipeline(STAGES)
+    server = start_server(pipeline)
+    reference, _ = run_split(pipeline, None, frames=150)
+    lines, report = run_split(
+        pipeline, 5, server.port, frames=150, fps=15.0, slowdown=25.0, control_period=1.0
+    )
+    # Nothing lost or duplicated across the split changes: the client-only results, exactly.
+    assert lines == reference
+    assert report["scheduler"]["history"], "the split never changed"
+    final = report["scheduler"]["final_split"]
+    assert final < 5
+    at_start = settled_periods(report, 5)
+    assert at_start and max(at_start) < 15
+    assert max(settled_periods(report, final)) >= 15
+
+
+def test_takes_work_back_onto_the_device_when_the_target_is_low(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    pipeline = load_pipeline(BALL)
+    server = start_server(pipeline)
+    reference, _ = run_split(pipeline, None, source="synthetic", frames=120)
+    lines, report = run_split(
+        pipeline, 1, server.port, source="synthetic", frames=120,
+        fps=4.0, slowdown=3.0, control_period=1.0,
+    )  # fmt: skip
+    assert lines == reference
+    assert report["scheduler"]["final_split"] == 6  # all but the aggregate on the device
+    assert [h["to"] for h in report["scheduler"]["history"]][-1] == 6
+    saving = report["cloud"]["saving_vs_all_remote_percent"]
+    assert saving is not None and saving > 50  # blur, mask and draw stay off the server
+
+
+def test_auto_mode_needs_a_split_that_uses_the_server() -> None:
+    pipeline = load_pipeline(BALL)
+    with pytest.raises(ConfigError, match="--fps needs a starting split"):
+        run_split(pipeline, 7, None, fps=10.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "rate", "rtt"),
+    [("20mbit,30ms", 2.5e6, 0.03), ("500kbit", 62_500, 0.0), ("1mbps,1s", 1e6, 1.0)],
+)
+def test_link_spec_parses_tc_units(text: str, rate: float, rtt: float) -> None:
+    spec = LinkSpec.parse(text)
+    assert spec.bytes_per_second == pytest.approx(rate)
+    assert spec.rtt_seconds == pytest.approx(rtt)
+
+
+@pytest.mark.parametrize("text", ["fast", "20,30ms", "20mbit,soon", "-1mbit"])
+def test_link_spec_errors_show_an_example(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"e\.g\. 20mbit,30ms"):
+        LinkSpec.parse(text)
+
+
+def test_link_emulator_carries_bytes_intact_no_faster_than_the_link() -> None:
+    """Shaping is a lower bound on time whatever the machine's load, so this cannot flake."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        received = bytearray()
+
+        def echo_sink() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"!")  # one byte back: measures the return path too
+                while chunk := conn.recv(65536):
+                    received.extend(chunk)
+
+        sink = threading.Thread(target=echo_sink)
+        sink.start()
+        link = LinkEmulator(f"127.0.0.1:{port}", LinkSpec.parse("8mbit,40ms"))
+        payload = bytes(range(256)) * 2000  # 512 000 bytes: 0.512 s at 1 MB/s
+        try:
+            began = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", link.port)) as client:
+                assert client.recv(1) == b"!"
+                first_byte = time.perf_counter() - began
+                client.sendall(payload)
+                client.shutdown(socket.SHUT_WR)
+                sink.join(10)
+            elapsed = time.perf_counter() - began
+        finally:
+            link.close()
+    assert bytes(received) == payload
+    assert first_byte >= 0.02  # the byte back crossed the link one way (half the RTT)
+    assert elapsed >= 0.512 + 0.02
+
+
+def test_report_shows_the_split_history_and_the_cloud_cost(
+    start_server: Callable[..., RunningServer], tmp_path: object
+) -> None:
+    pipeline = load_pipeline(BALL)
+    server = start_server(pipeline)
+    _, report = run_split(
+        pipeline, 3, server.port, source="synthetic", frames=40, fps=1000.0, control_period=0.2
+    )
+    json.dumps(report)  # the --report file is plain JSON
+    scheduler = report["scheduler"]
+    assert scheduler["target_per_second"] == 1000.0
+    assert all({"seconds", "from", "to", "reason"} <= set(h) for h in scheduler["history"])
+    assert all("throughput_per_second" in p for p in scheduler["periods"])
+    # 1000/s is out of reach: the probes ran, and every task has times on both sides.
+    assert any("probe" in h["reason"] for h in scheduler["history"])
+    assert all(t["server_runs"] for t in report["tasks"][1:])

@@ -1,0 +1,177 @@
+"""The split policy on synthetic traces: pure logic, no network, no clocks.
+
+A small "world" plays the system: true per-task times, cut sizes, link and server. The policy
+sees what the device would measure (with noise) and the world answers each split with the
+throughput the bottleneck allows. Step changes then test that the policy follows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, replace
+
+import pytest
+
+from offload._scheduler import Decision, Measurements, ModelPolicy, predict
+
+# Ball-tracking-like: 7 tasks; cut sizes shrink after task 5 (a JPEG snapshot).
+DEVICE = (0.025, 0.009, 0.003, 0.0015, 0.0008, 0.02, 0.0005)
+SERVER = (0.0, 0.0015, 0.0004, 0.0001, 0.00005, 0.0015, 0.00005)
+CUTS = (math.nan, 562_000, 1_125_000, 750_000, 563_000, 562_000, 23_000)
+MB = 1e6
+
+
+@dataclass
+class World:
+    device: tuple[float, ...] = DEVICE
+    server: tuple[float, ...] = SERVER
+    cuts: tuple[float, ...] = CUTS
+    bandwidth: float = 25 * MB  # 200 mbit/s
+    rtt: float = 0.03
+    noise: float = 0.0
+    rng: random.Random = random.Random(7)  # noqa: RUF009 - a fixed seed per test module
+
+    def truth(self, split: int) -> Measurements:
+        return Measurements(
+            split=split,
+            device_seconds=self.device,
+            server_seconds=self.server,
+            cut_bytes=self.cuts,
+            bandwidth=self.bandwidth,
+            rtt=self.rtt,
+            window=8,
+            throughput=math.nan,
+        )
+
+    def measure(self, split: int, settled: bool = True) -> Measurements:
+        """What the device sees after a period at ``split``."""
+
+        def jitter(values: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(v * (1 + self.rng.uniform(-self.noise, self.noise)) for v in values)
+
+        achieved = predict(self.truth(split), split).throughput
+        return replace(
+            self.truth(split),
+            device_seconds=jitter(self.device),
+            server_seconds=jitter(self.server),
+            bandwidth=self.bandwidth * (1 + self.rng.uniform(-self.noise, self.noise)),
+            throughput=achieved * (1 + self.rng.uniform(-self.noise, self.noise)),
+            settled=settled,
+        )
+
+
+def oracle(world: World, target: float) -> int:
+    meets = [k for k in range(1, 7) if predict(world.truth(k), k).throughput >= target * 1.1]
+    return max(meets)
+
+
+def run(policy: ModelPolicy, world: World, split: int, periods: int) -> list[int]:
+    """Closed loop: the policy decides each period; returns the split of every period."""
+    splits = []
+    settled = True
+    for _ in range(periods):
+        decision = policy.decide(world.measure(split, settled))
+        settled = decision.split == split
+        split = decision.split
+        splits.append(split)
+    return splits
+
+
+def test_the_model_matches_the_bottleneck_arithmetic() -> None:
+    m = World().truth(6)
+    p = predict(m, 6)
+    assert p.bottleneck == "device"
+    assert p.throughput == pytest.approx(1 / sum(DEVICE[:6]))
+    assert predict(m, 2).bottleneck == "link"
+    assert predict(m, 2).throughput == pytest.approx(25 * MB / 1_125_000)
+
+
+@pytest.mark.parametrize(("target", "expected"), [(10, 6), (17, 5), (28, 1)])
+def test_chooses_the_largest_split_that_meets_the_target(target: float, expected: int) -> None:
+    world = World()
+    assert oracle(world, target) == expected
+    for start in (1, 3, 6):
+        splits = run(ModelPolicy(target), world, start, periods=6)
+        assert splits[-1] == expected, (start, splits)
+        # Met within 3 periods and never left afterwards.
+        assert splits[2:] == [expected] * 4, (start, splits)
+
+
+def test_a_missed_target_is_fixed_at_once_and_work_is_taken_back_only_when_confirmed() -> None:
+    world = World()
+    policy = ModelPolicy(28, confirm=2)
+    assert policy.decide(world.measure(6)).split == 1  # 6 misses 28/s: offload now
+    policy = ModelPolicy(10, confirm=2)
+    first = policy.decide(world.measure(1))
+    assert first.split == 1 and "proposed (1/2)" in first.reason
+    assert policy.decide(world.measure(1)).split == 6
+
+
+def test_infeasible_target_says_so_and_runs_at_the_best_split() -> None:
+    world = World(bandwidth=2.5 * MB)  # 20 mbit/s: raw frames crawl
+    decision = ModelPolicy(60).decide(world.measure(3))
+    assert decision.infeasible
+    assert "no split meets 60/s" in decision.reason
+    best = max(range(1, 7), key=lambda k: predict(world.truth(k), k).throughput)
+    assert decision.split == best
+
+
+def test_follows_a_step_change_in_device_speed() -> None:
+    world = World()
+    policy = ModelPolicy(17)
+    assert run(policy, world, 6, periods=4)[-1] == 5
+    world.device = tuple(1.6 * t for t in DEVICE)  # the device slowed down (thermal throttle)
+    after = run(policy, world, 5, periods=4)
+    assert after[-1] == oracle(world, 17) == 1
+    assert after[0] == 1  # a miss is acted on in the first period
+
+
+def test_follows_a_bandwidth_drop_by_keeping_more_on_the_device() -> None:
+    world = World()
+    policy = ModelPolicy(10)
+    assert run(policy, world, 1, periods=4)[-1] == 6
+    policy = ModelPolicy(18)
+    assert run(policy, world, 6, periods=4)[-1] == 5
+    world.bandwidth = 5 * MB  # Wi-Fi degraded: 40 mbit/s
+    # Nothing meets 18/s now; the best throughput is the small-cut split.
+    after = run(policy, world, 5, periods=3)
+    assert after[-1] == 6
+
+
+def test_a_slow_server_moves_work_back_to_the_device() -> None:
+    world = World(server=tuple(t * 40 for t in SERVER))
+    policy = ModelPolicy(15)
+    splits = run(policy, world, 1, periods=5)
+    assert splits[-1] == oracle(world, 15)
+    assert splits[-1] > 1
+
+
+def test_noise_does_not_make_it_flap() -> None:
+    world = World(noise=0.08)
+    policy = ModelPolicy(17)
+    splits = run(policy, world, 6, periods=60)
+    changes = sum(1 for a, b in itertools.pairwise(splits) if a != b)
+    assert splits[-1] == 5
+    assert changes <= 1, splits
+
+
+def test_probes_what_it_has_not_measured_first() -> None:
+    unknown = (math.nan,) * 7
+    world = World()
+    first = ModelPolicy(17).decide(
+        replace(world.measure(3), device_seconds=DEVICE[:3] + unknown[3:])
+    )
+    assert first == Decision(6, first.reason, hold_items=4)
+    assert "device times of tasks [3, 4, 5]" in first.reason
+    policy = ModelPolicy(17)
+    probe = policy.decide(replace(world.measure(6), server_seconds=unknown[:6] + SERVER[6:]))
+    assert probe.split == 1 and probe.hold_items == 4
+    # Leaving a probe is immediate: it was never a choice.
+    assert policy.decide(world.measure(1, settled=False)).split == 5
+
+
+def test_rejects_a_non_positive_target() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        ModelPolicy(0)
