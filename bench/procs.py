@@ -76,7 +76,3 @@ def offload_server(
 
 def seed_server(receive: str, pipeline: str = "bench.pipeline") -> ServerProcess:
     return ServerProcess(["-m", "bench.seed", "--pipeline", pipeline, "--receive", receive])
-
-
-def delay_proxy(target: str, rtt_ms: float) -> ServerProcess:
-    return ServerProcess(["-m", "bench.delay_proxy", "--target", target, "--rtt-ms", str(rtt_ms)])

@@ -99,9 +99,9 @@ def _window(data: dict[str, Any]) -> str:
     ]
     return "\n\n".join(
         [
-            f"### Window sweep, {data['rtt_ms']:.0f} ms emulated round trip (items/s)",
-            "Through a proxy delaying each direction by half the round trip "
-            "(`bench/delay_proxy.py`). Window limit = W / (round trip + server work): what W "
+            f"### Window sweep, emulated link {data['link']} (items/s)",
+            "Through offload's link emulation (`--emulate-link`: a shaping proxy in the device "
+            "process). Window limit = W / (round trip + server work): what W "
             "items in flight allow (W = 1 is ping-pong). No RTT = the same split straight to "
             "the server in the same run; bound = the isolated bottleneck bound as above.",
             _table(

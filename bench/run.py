@@ -73,9 +73,16 @@ def main(argv: list[str] | None = None) -> int:
             log,
         )
     if "window" in only:
-        log("== window sweep through an emulated 30 ms round trip")
+        log("== window sweep through an emulated link: 10 Gbit/s, 30 ms round trip")
         results["window"] = window.run(
-            pipeline, frames, [1, 6], [1, 2, 4, 8, 16], 30.0, max(1, args.reps - 2), args.items, log
+            pipeline,
+            frames,
+            [1, 6],
+            [1, 2, 4, 8, 16],
+            "10gbit,30ms",
+            max(1, args.reps - 2),
+            args.items,
+            log,
         )
     if "scaling" in only:
         log("== server scaling at K=1")

@@ -1,5 +1,7 @@
 """Item 3 (and the emulated-RTT part of item 2): throughput against the window of items in
-flight, through a proxy that adds a 30 ms round trip (``bench.delay_proxy``).
+flight, through offload's own link emulation (``--emulate-link``'s ``LinkEmulator``: a
+shaping proxy in the device's process) with a 30 ms round trip and a 10 Gbit/s rate, so that
+the round trip, not the rate, is what the window has to hide.
 
 Window 1 is ping-pong: one item per round trip plus its processing. Larger windows hide the
 round trip until the slowest stage (device, server, link) is the limit again.
@@ -12,10 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from offload import Pipeline
+from offload._emulation import LinkEmulator, LinkSpec
 
-from .compare import bound, calibrate, loopback_bandwidth, run_ours
+from .compare import bound, calibrate, run_ours
 from .pipeline import Frame
-from .procs import delay_proxy, offload_server
+from .procs import offload_server
 
 
 def run(
@@ -23,17 +26,17 @@ def run(
     frames: list[Frame],
     splits: list[int],
     windows: list[int],
-    rtt_ms: float,
+    link: str,
     reps: int,
     items: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     calibration = calibrate(pipeline, frames, 2 * len(frames))
-    bandwidth = statistics.median(loopback_bandwidth(0.5) for _ in range(3))
+    spec = LinkSpec.parse(link)
     work = [ms / 1000 for ms in calibration["task_ms_per_item"]]
     runs = []
     server = offload_server()
-    proxy = delay_proxy(server.target, rtt_ms)
+    proxy = LinkEmulator(server.target, spec)
     try:
         for k in splits:  # warm up the server and the proxy
             run_ours(pipeline, frames, proxy.target, k, 20, max(windows), "warm-up")
@@ -60,13 +63,13 @@ def run(
                     label = f"window {w:2d}" if w else f"no round trip, window {max(windows)}"
                     log(f"  rep {rep} K={k} {label}: {report['finished_per_second']:7.1f} items/s")
     finally:
-        proxy.stop()
+        proxy.close()
         server.stop()
     rows = []
     for k in splits:
-        limit = bound(k, work, work, calibration["cut_bytes"], bandwidth)
+        limit = bound(k, work, work, calibration["cut_bytes"], spec.bytes_per_second)
         # An item holds its credit from send to answer: a round trip plus the server's work.
-        in_flight = rtt_ms / 1000 + sum(work[k:])
+        in_flight = spec.rtt_seconds + sum(work[k:])
 
         def achieved(k: int, w: int | None) -> float:
             return float(
@@ -92,9 +95,9 @@ def run(
                 }
             )
     return {
-        "rtt_ms": rtt_ms,
+        "link": str(spec),
+        "rtt_ms": spec.rtt_seconds * 1000,
         "calibration": calibration,
-        "loopback_bytes_per_second": round(bandwidth),
         "rows": rows,
         "runs": runs,
     }
