@@ -101,9 +101,13 @@ def _window(data: dict[str, Any]) -> str:
         [
             f"### Window sweep, emulated link {data['link']} (items/s)",
             "Through offload's link emulation (`--emulate-link`: a shaping proxy in the device "
-            "process). Window limit = W / (round trip + server work): what W "
-            "items in flight allow (W = 1 is ping-pong). No RTT = the same split straight to "
-            "the server in the same run; bound = the isolated bottleneck bound as above.",
+            "process), which carries "
+            f"{data['link_bytes_per_second']['measured'] / 1e6:.1f} MB/s of its nominal "
+            f"{data['link_bytes_per_second']['nominal'] / 1e6:.1f} MB/s: the bound's link rate "
+            "is the measured one. Window limit = W / (round trip + transfer + server work): "
+            "what W items in flight allow (W = 1 is ping-pong). No RTT = the same split "
+            "straight to the server in the same run; bound = the bottleneck bound as above, "
+            "with the emulated link.",
             _table(
                 [
                     "K",

@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
             log,
         )
     if "window" in only:
-        log("== window sweep through an emulated link: 10 Gbit/s, 30 ms round trip")
+        log("== window sweep through an emulated link: 200 Mbit/s, 30 ms round trip")
         results["window"] = window.run(
             pipeline,
             frames,
             [1, 6],
             [1, 2, 4, 8, 16],
-            "10gbit,30ms",
+            "200mbit,30ms",
             max(1, args.reps - 2),
             args.items,
             log,

@@ -1,7 +1,7 @@
 """Item 3 (and the emulated-RTT part of item 2): throughput against the window of items in
 flight, through offload's own link emulation (``--emulate-link``'s ``LinkEmulator``: a
-shaping proxy in the device's process) with a 30 ms round trip and a 10 Gbit/s rate, so that
-the round trip, not the rate, is what the window has to hide.
+shaping proxy in the device's process) with a 30 ms round trip and 200 Mbit/s: the link is the
+bottleneck for cuts that carry a frame (K = 1), the device for K = 6.
 
 Window 1 is ping-pong: one item per round trip plus its processing. Larger windows hide the
 round trip until the slowest stage (device, server, link) is the limit again.
@@ -9,7 +9,10 @@ round trip until the slowest stage (device, server, link) is the limit again.
 
 from __future__ import annotations
 
+import socket
 import statistics
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +22,39 @@ from offload._emulation import LinkEmulator, LinkSpec
 from .compare import bound, calibrate, run_ours
 from .pipeline import Frame
 from .procs import offload_server
+
+
+def emulated_bandwidth(spec: LinkSpec, total: int = 8 << 20) -> float:
+    """Bytes per second the emulated link really carries (its receiver's view, first byte to
+    last): the link rate of the bound, which the nominal rate overstates."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    span: list[float] = []
+
+    def receive() -> None:
+        conn, _ = listener.accept()
+        buffer = bytearray(1 << 20)
+        got = 0
+        with conn:
+            while got < total:
+                n = conn.recv_into(buffer)
+                if not n:
+                    break
+                if not got:
+                    span.append(time.perf_counter())
+                got += n
+            span.append(time.perf_counter())
+
+    reader = threading.Thread(target=receive, daemon=True)
+    reader.start()
+    emulator = LinkEmulator(f"127.0.0.1:{listener.getsockname()[1]}", spec)
+    try:
+        with socket.create_connection(("127.0.0.1", emulator.port)) as conn:
+            conn.sendall(bytes(total))
+            reader.join(60)
+    finally:
+        emulator.close()
+        listener.close()
+    return total / (span[-1] - span[0])
 
 
 def run(
@@ -33,6 +69,8 @@ def run(
 ) -> dict[str, Any]:
     calibration = calibrate(pipeline, frames, 2 * len(frames))
     spec = LinkSpec.parse(link)
+    effective = emulated_bandwidth(spec)
+    log(f"  the emulated link carries {effective / 1e6:.1f} MB/s of its nominal {spec}")
     work = [ms / 1000 for ms in calibration["task_ms_per_item"]]
     runs = []
     server = offload_server()
@@ -67,9 +105,10 @@ def run(
         server.stop()
     rows = []
     for k in splits:
-        limit = bound(k, work, work, calibration["cut_bytes"], spec.bytes_per_second)
-        # An item holds its credit from send to answer: a round trip plus the server's work.
-        in_flight = spec.rtt_seconds + sum(work[k:])
+        limit = bound(k, work, work, calibration["cut_bytes"], effective)
+        # An item holds its credit from send to answer: a round trip, its transfer and the
+        # server's work.
+        in_flight = spec.rtt_seconds + calibration["cut_bytes"][k] / effective + sum(work[k:])
 
         def achieved(k: int, w: int | None) -> float:
             return float(
@@ -97,6 +136,7 @@ def run(
     return {
         "link": str(spec),
         "rtt_ms": spec.rtt_seconds * 1000,
+        "link_bytes_per_second": {"nominal": spec.bytes_per_second, "measured": round(effective)},
         "calibration": calibration,
         "rows": rows,
         "runs": runs,
