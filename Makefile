@@ -4,20 +4,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROTO_SRC := protos/offload/v1/offload.proto
 STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
+NODE_CLIENT := clients/node
+NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: help venv proto demo test check lint typecheck bench clean
+.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck bench clean
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
 	@echo "make test    run the test suite"
 	@echo "make check   lint + type check + tests (what CI runs)"
 	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
+	@echo "make lint-docker   hadolint Dockerfile.server"
 	@echo "make bench   benchmarks (minutes): writes bench/results/ and prints the summary"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[server,dev]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,23 +31,36 @@ $(STUBS): $(PROTO_SRC) $(VENV)/.installed
 
 proto: $(STUBS)
 
+# The Node.js client's packages, exactly as package-lock.json pins them.
+$(NODE_CLIENT)/node_modules/.package-lock.json: $(NODE_CLIENT)/package-lock.json
+ifdef NPM
+	cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --loglevel=error
+else
+	@echo "npm not found: the Node.js client test will be skipped (install nodejs and npm)"
+endif
+
+node-deps: $(NODE_CLIENT)/node_modules/.package-lock.json
+
 demo: proto
 	$(PY) -m offload.client --local-tasks 3 --frames 300
 
-test: proto
+test: proto node-deps
 	$(PY) -m pytest -q
 
 # Not part of test/check: it takes minutes and measures speed, not behaviour.
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[server,dev,bench]'
 	touch $@
 
 bench: proto $(VENV)/.bench-installed
 	$(PY) -m bench
 
-lint: proto
+lint: proto lint-docker
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+lint-docker: venv
+	$(VENV)/bin/hadolint Dockerfile.server
 
 typecheck: proto
 	$(PY) -m mypy
@@ -52,4 +68,5 @@ typecheck: proto
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) offload/v1/*_pb2*.py offload/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) offload/v1/*_pb2*.py offload/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache \
+		$(NODE_CLIENT)/node_modules build dist *.egg-info

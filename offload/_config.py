@@ -52,3 +52,6 @@ class ServerConfig:
     dedup_items: int = 1024  # answers remembered per device run, to replay a resent item
     max_runs: int = 10_000  # device runs remembered; the least recently used is forgotten
     limits: Limits = Limits()
+    reflection: bool = True  # gRPC server reflection: grpcurl works without the .proto
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free); None = off
+    metrics_max_devices: int = 100  # device label values; more devices are counted as "other"

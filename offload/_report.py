@@ -196,12 +196,36 @@ def format_summary(report: dict[str, Any]) -> str:
         f"p95 {report['latency_ms']['p95']:.1f} ms (capture to result)",
         f"  bytes      sent {_size(report['bytes']['sent'])}, "
         f"received {_size(report['bytes']['received'])}",
-        "  tasks      where         device ms   server ms",
     ]
+    cloud = report.get("cloud") or {}
+    if cloud.get("server_cpu_seconds_per_item"):
+        line = f"  cloud      server CPU {1000 * cloud['server_cpu_seconds_per_item']:.2f} ms/item"
+        saving = cloud.get("saving_vs_all_remote_percent")
+        if saving is not None:
+            line += (
+                f"; split {report['local_tasks']} saves {saving:.0f}% of the server work of "
+                "sending everything (K=1)"
+            )
+        lines.append(line)
+    emulation = report.get("emulation") or {}
+    if emulation.get("slowdown", 1) != 1 or emulation.get("link"):
+        lines.append(
+            f"  emulation  device {emulation.get('slowdown', 1):g}x slower, "
+            f"link {emulation.get('link') or 'not shaped'}"
+        )
+    scheduler = report.get("scheduler")
+    if scheduler:
+        periods = ", ".join(
+            f"K={p['split']} {p['throughput_per_second']:.1f}/s" for p in scheduler["periods"][-8:]
+        )
+        lines.append(f"  periods    {periods} (last {min(8, len(scheduler['periods']))})")
+        for change in scheduler["history"][-10:]:
+            lines.append(f"  at {change['seconds']:6.1f} s {change['reason']}")
+    lines.append("  tasks      where              device ms   server ms")
     for t in report["tasks"]:
         dev = f"{t['device_mean_ms']:9.2f}" if t["device_runs"] else "        -"
         srv = f"{t['server_mean_ms']:9.2f}" if t["server_runs"] else "        -"
-        lines.append(f"    {t['index']} {t['name']:<16} {t['ran_on']:<8} {dev}   {srv}")
+        lines.append(f"    {t['index']} {t['name']:<16} {t['ran_on']:<13} {dev}   {srv}")
     for error in report["errors"][:5]:
         lines.append(f"  error      {error}")
     return "\n".join(lines)

@@ -94,10 +94,18 @@ class ModelPolicy:
     Hysteresis: a target being missed is acted on at once (towards a split expected to do
     better); any other move needs ``confirm`` consecutive decisions agreeing, and a split that
     still meets the target within half the margin is kept rather than offloading more.
+    Measured beats predicted: throughput observed at a split (smoothed over the periods spent
+    there) caps the model's promise for that split for ``memory`` decisions, so the policy does
+    not return on the model's word to a split it has just seen fall short.
     """
 
     def __init__(
-        self, target: float, margin: float = 0.10, confirm: int = 2, probe_items: int = 4
+        self,
+        target: float,
+        margin: float = 0.10,
+        confirm: int = 2,
+        probe_items: int = 4,
+        memory: int = 10,
     ) -> None:
         if target <= 0:
             raise ValueError(f"target throughput must be positive, got {target}")
@@ -110,6 +118,9 @@ class ModelPolicy:
         self._proposals = 0
         self._probed: set[int] = set()
         self._after_probe = False
+        self.memory = memory
+        self._decisions = 0
+        self._observed: dict[int, tuple[float, int]] = {}  # split -> (smoothed /s, decision no.)
 
     def decide(self, m: Measurements) -> Decision:
         n = m.tasks
@@ -119,17 +130,23 @@ class ModelPolicy:
             return probe
         predictions = tuple(predict(m, k) for k in range(first, last + 1))
         by_split = {p.split: p for p in predictions}
+        self._decisions += 1
         current = by_split.get(m.split)
-        if current is not None and m.settled and m.throughput > 0 and current.throughput > 0:
+        observed = self._observe(m)
+        if current is not None and observed is not None and current.throughput > 0:
             # The model misses fixed costs (encoding, Python overhead): learn how far off it is
             # at the split we can observe, and apply that to the others.
-            ratio = min(1.5, max(0.3, m.throughput / current.throughput))
+            ratio = min(1.5, max(0.3, observed / current.throughput))
             self.efficiency = 0.5 * self.efficiency + 0.5 * ratio
 
         def expected(k: int) -> float:
-            if k == m.split and m.settled and m.throughput > 0:
-                return m.throughput  # measured beats predicted
-            return by_split[k].throughput * self.efficiency
+            if k == m.split and observed is not None:
+                return observed
+            model = by_split[k].throughput * self.efficiency
+            seen = self._observed.get(k)
+            if seen is not None and self._decisions - seen[1] <= self.memory:
+                return min(model, seen[0])
+            return model
 
         need = self.target * (1 + self.margin)
         meets = [k for k in by_split if expected(k) >= need]
@@ -148,7 +165,7 @@ class ModelPolicy:
             self._proposal, self._proposals = None, 0
             return Decision(m.split, reason, predictions, infeasible)
         keep = m.split in by_split and expected(m.split) >= self.target * (1 + self.margin / 2)
-        missing = m.settled and m.throughput < self.target
+        missing = observed is not None and observed < self.target
         if missing and expected(choice) > expected(m.split):
             self._proposal, self._proposals = None, 0
             return Decision(choice, reason, predictions, infeasible)  # fix a miss at once
@@ -165,6 +182,19 @@ class ModelPolicy:
             )
         self._proposal, self._proposals = None, 0
         return Decision(choice, reason, predictions, infeasible)
+
+    def _observe(self, m: Measurements) -> float | None:
+        """Smooth the throughput measured over consecutive settled periods at one split."""
+        if not m.settled or not m.throughput > 0:
+            return None
+        seen = self._observed.get(m.split)
+        value = m.throughput
+        # Smooth noise within one stay, but a jump of over 20% is a change: follow it at once.
+        if seen is not None and seen[1] == self._decisions - 1:
+            if abs(m.throughput - seen[0]) <= 0.2 * seen[0]:
+                value = 0.5 * seen[0] + 0.5 * m.throughput
+        self._observed[m.split] = (value, self._decisions)
+        return value
 
     def _probe(self, m: Measurements, first: int, last: int) -> Decision | None:
         """Measure what the model needs once: device times of the tasks the server runs and

@@ -17,6 +17,7 @@ import grpc
 
 from ._codec import decode, encode_into
 from ._config import ServerConfig
+from ._logging import quote
 from ._pipeline import ItemContext, Pipeline, Status, run_tasks
 from .exceptions import CodecError
 from .v1 import offload_pb2 as pb
@@ -215,7 +216,7 @@ class OffloadServicer(pb_grpc.OffloadServicer):
             for state, arrived in _read_ahead(request_iterator, context):
                 if device is None:
                     device = state.device_id
-                    log.info("event=connect device=%s peer=%s", device, peer)
+                    log.info("event=connect device=%s peer=%s", quote(device), quote(peer))
                 try:
                     result = self.executor.execute(state)
                     result.server_receive_time = arrived
@@ -223,11 +224,11 @@ class OffloadServicer(pb_grpc.OffloadServicer):
                     yield result
                 except RequestRejected as exc:
                     log.warning(
-                        "event=reject device=%s peer=%s code=%s reason=%r",
-                        state.device_id,
-                        peer,
+                        "event=reject device=%s peer=%s code=%s reason=%s",
+                        quote(state.device_id),
+                        quote(peer),
                         exc.code.name,
-                        str(exc),
+                        quote(exc),
                     )
                     context.abort(exc.code, str(exc))
                 count += 1
@@ -235,7 +236,9 @@ class OffloadServicer(pb_grpc.OffloadServicer):
             with self._lock:
                 self._streams -= 1
             if device is not None:
-                log.info("event=disconnect device=%s peer=%s items=%d", device, peer, count)
+                log.info(
+                    "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
+                )
 
     @property
     def active_streams(self) -> int:

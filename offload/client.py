@@ -19,7 +19,10 @@ from ._client import Client, check_auto, check_split, starting_split
 from ._config import ClientConfig
 from ._embedded import EmbeddedServer
 from ._emulation import LinkEmulator, LinkSpec
+from ._logging import add_log_level_option
+from ._logging import setup as setup_logging
 from ._pipeline import DEFAULT_PIPELINE, load_pipeline
+from ._progress import live_progress
 from ._report import format_summary
 from ._server import channel_options
 from ._transport import GrpcTransport, Transport
@@ -117,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the server at start (default %(default)s)",
     )
-    parser.add_argument("--log-level", default=env("OFFLOAD_LOG_LEVEL", "WARNING"))
+    add_log_level_option(parser, env("OFFLOAD_LOG_LEVEL", "WARNING").upper())
     return parser
 
 
@@ -159,9 +162,7 @@ def _connect(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    setup_logging(args.log_level)
     if args.frames is not None and args.frames < 0:
         parser.error("--frames must be 0 or more")
     try:
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             remote = starting_split(pipeline, config) < len(pipeline)
             transport = _connect(args, config, link, stack) if remote else None
             client = Client(pipeline, config, transport, output, stop)
-            report = client.run()
+            with live_progress(client, sys.stderr):
+                report = client.run()
     except OffloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

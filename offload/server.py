@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import FrameType
 
 from ._allocator import keep_large_buffers
 from ._config import ServerConfig
-from ._pipeline import DEFAULT_PIPELINE
+from ._env import apply_env_defaults
+from ._logging import add_log_level_option
+from ._logging import setup as setup_logging
+from ._pipeline import DEFAULT_PIPELINE, load_pipeline
 from ._prefork import reserve_port, run_processes
 from ._server import serve
 from .exceptions import OffloadError
@@ -22,58 +24,114 @@ from .exceptions import OffloadError
 log = logging.getLogger("offload.server")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    env = os.environ.get
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The server's options; each can also be set as ``OFFLOAD_<OPTION>`` (see ``_env``)."""
     parser = argparse.ArgumentParser(
         prog="python -m offload.server",
-        description="Run the remaining tasks of items that devices stream to this server.",
+        description="Run the remaining tasks of items that devices stream to this server.\n"
+        "Every option can also be set in the environment, named in [brackets].",
         epilog="examples:\n"
         "  python -m offload.server                      # ball tracking on 0.0.0.0:50051\n"
-        "  python -m offload.server --port 6000 --pipeline mypkg.pipeline\n",
+        "  python -m offload.server --port 6000 --pipeline mypkg.pipeline\n"
+        "  OFFLOAD_METRICS_PORT=9464 python -m offload.server   # with Prometheus metrics\n"
+        "  python -m offload.server --print-fingerprint  # what a client in another language "
+        "sends\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default=env("OFFLOAD_HOST", "0.0.0.0"), help="address to bind")
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default %(default)s)")
     parser.add_argument(
-        "--port", type=int, default=int(env("OFFLOAD_PORT", "50051")), help="0 picks a free port"
+        "--port", type=int, default=50051, help="gRPC port, 0 = any free one (default %(default)s)"
     )
     parser.add_argument(
         "--pipeline",
-        default=env("OFFLOAD_PIPELINE", DEFAULT_PIPELINE),
+        default=DEFAULT_PIPELINE,
         help="import path: package.module or package.module:attribute (default %(default)s)",
     )
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=int(env("OFFLOAD_WORKERS", "64")),
-        help="concurrent device streams (default %(default)s)",
+        "--workers", type=int, default=64, help="concurrent device streams (default %(default)s)"
     )
     parser.add_argument(
         "--processes",
         type=int,
-        default=int(env("OFFLOAD_PROCESSES", "1")),
+        default=1,
         help="server processes sharing the port (SO_REUSEPORT), forked at start; each keeps "
         "its own per-device state, so aggregation sees only its own devices (default 1)",
     )
-    parser.add_argument("--log-level", default=env("OFFLOAD_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=ServerConfig.grace_seconds,
+        metavar="SECONDS",
+        help="on SIGTERM, how long streams in flight may take to finish (default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port "
+        "(default: off; the container image uses 9464)",
+    )
+    parser.add_argument(
+        "--metrics-max-devices",
+        type=int,
+        default=ServerConfig.metrics_max_devices,
+        metavar="N",
+        help="devices with their own metrics label; later ones count as 'other' (default "
+        "%(default)s)",
+    )
+    parser.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        help="turn off gRPC server reflection (on by default, so grpcurl needs no .proto)",
+    )
+    add_log_level_option(parser, "INFO")
     parser.add_argument(
         "--announce",
         action="store_true",
         help="print 'listening on HOST:PORT' to stdout once serving (for supervisors)",
     )
-    return parser
+    parser.add_argument(
+        "--print-fingerprint",
+        action="store_true",
+        help="print the pipeline's fingerprint (what a TaskState must carry) and exit",
+    )
+    return apply_env_defaults(parser, environ, skip=frozenset({"print_fingerprint"}))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    for name in ("workers", "processes"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name} must be at least 1", file=sys.stderr)
-            return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    for option, value, least in [
+        ("--workers", args.workers, 1),
+        ("--processes", args.processes, 1),
+        ("--grace", args.grace, 0),
+        ("--metrics-max-devices", args.metrics_max_devices, 0),
+    ]:
+        if value < least:
+            parser.error(f"{option} must be at least {least}")
+    for option, value in [("--port", args.port), ("--metrics-port", args.metrics_port)]:
+        if value is not None and not 0 <= value <= 65535:
+            parser.error(f"{option} {value} is not a port: use 0..65535 (0 picks a free one)")
+    if args.processes > 1 and args.metrics_port is not None:
+        parser.error("--metrics-port serves one process's metrics: use it with --processes 1")
+    if args.print_fingerprint:
+        try:
+            print(load_pipeline(args.pipeline).fingerprint)
+        except OffloadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     config = ServerConfig(
-        pipeline=args.pipeline, host=args.host, port=args.port, workers=args.workers
+        pipeline=args.pipeline,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        grace_seconds=args.grace,
+        reflection=args.reflection,
+        metrics_port=args.metrics_port,
+        metrics_max_devices=args.metrics_max_devices,
     )
     keep_large_buffers()  # before the first item: ~1 ms less CPU per 560 kB frame
     if args.processes == 1:
@@ -132,6 +190,8 @@ def _serve_until_signalled(
         ready()
     if announce:
         print(f"listening on {config.host}:{running.port}", flush=True)
+        if running.metrics_port is not None:
+            print(f"metrics on {config.host}:{running.metrics_port}", flush=True)
     running.wait()
     log.info("event=stopped")
     return 0

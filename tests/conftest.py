@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from examples.ball_tracking import reset_state
 from offload import ClientConfig, GrpcTransport, Pipeline, ServerConfig, load_pipeline, serve
 from offload._client import Client
 from offload._server import RunningServer, channel_options
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBCAM_CLIP = ROOT.parent / "shared" / "data" / "ball_real_webcam.mp4"
+
+
+@pytest.fixture(autouse=True)
+def fresh_ball_tracking_state() -> Iterator[None]:
+    """The ball tracker aggregates across devices in module state ("devices active in the last
+    30 s"): a device from an earlier test in this process must not change a later test's results."""
+    yield
+    reset_state()
 
 
 @pytest.fixture
@@ -59,3 +70,23 @@ def run_split(
         if transport is not None:
             transport.close()
     return out.getvalue().splitlines(), report
+
+
+def self_signed_certificate(directory: Path, name: str, *also: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``name`` (and ``also``: "IP:127.0.0.1", ...) and its key,
+    made by the openssl command."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"),
+            *("-addext", "subjectAltName=" + ",".join([f"DNS:{name}", *also])),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key

@@ -63,7 +63,8 @@ class World:
 
 
 def oracle(world: World, target: float) -> int:
-    meets = [k for k in range(1, 7) if predict(world.truth(k), k).throughput >= target * 1.1]
+    """The largest split whose true throughput meets the target (what a static sweep finds)."""
+    meets = [k for k in range(1, 7) if predict(world.truth(k), k).throughput >= target]
     return max(meets)
 
 
@@ -124,8 +125,11 @@ def test_follows_a_step_change_in_device_speed() -> None:
     assert run(policy, world, 6, periods=4)[-1] == 5
     world.device = tuple(1.6 * t for t in DEVICE)  # the device slowed down (thermal throttle)
     after = run(policy, world, 5, periods=4)
-    assert after[-1] == oracle(world, 17) == 1
-    assert after[0] == 1  # a miss is acted on in the first period
+    # The oracle is K=2 at 18.4/s, inside the policy's 10% safety margin over 17/s: the policy
+    # settles one split lower, at the largest split that meets the target with the margin.
+    assert oracle(world, 17) == 2
+    assert after[-1] == oracle(world, 17 * 1.1) == 1
+    assert after[0] < 5  # a miss is acted on in the first period
 
 
 def test_follows_a_bandwidth_drop_by_keeping_more_on_the_device() -> None:
@@ -146,6 +150,17 @@ def test_a_slow_server_moves_work_back_to_the_device() -> None:
     splits = run(policy, world, 1, periods=5)
     assert splits[-1] == oracle(world, 15)
     assert splits[-1] > 1
+
+
+def test_a_split_seen_falling_short_is_not_returned_to_on_the_models_word() -> None:
+    world = World()
+    policy = ModelPolicy(15, confirm=1)
+    # The model promises 16.9/s at K=6, but the device measured only 13/s there.
+    short = replace(world.measure(6), throughput=13.0)
+    moved = policy.decide(short)
+    assert moved.split == 5
+    later = [policy.decide(world.measure(5)).split for _ in range(5)]
+    assert later == [5] * 5
 
 
 def test_noise_does_not_make_it_flap() -> None:

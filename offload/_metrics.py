@@ -1,0 +1,177 @@
+"""Prometheus metrics of the server, served over HTTP on ``--metrics-port``.
+
+Two hooks, neither inside the service code: ``MeteredExecutor`` (a ``RemoteExecutor``) sees
+every item it runs and its answer; ``StreamMetrics`` (a gRPC server interceptor) sees the
+``ExecuteRemaining`` streams and the messages crossing them, however the service is registered.
+Each server has its own registry: several servers in one process (tests) never clash.
+
+Metrics (``device`` is capped at ``max_devices`` label values; later devices count as "other",
+so that a fleet of thousands of devices cannot blow up Prometheus' memory):
+
+    offload_items_total{device,status}       answers given: completed / filtered / failed
+    offload_task_seconds{task,name}          histogram of server wall time per task
+    offload_item_cpu_seconds                 histogram of server CPU seconds per item
+    offload_active_streams                   device streams open now
+    offload_received_bytes_total             TaskState bytes received
+    offload_sent_bytes_total                 ItemResult bytes sent
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from ._config import ServerConfig
+from ._pipeline import Pipeline
+from ._service import RemoteExecutor
+from .exceptions import OffloadError
+from .v1 import offload_pb2 as pb
+
+METHOD = "/offload.v1.Offload/ExecuteRemaining"
+OTHER_DEVICES = "other"
+_STATUS = {
+    pb.ItemResult.COMPLETED: "completed",
+    pb.ItemResult.FILTERED: "filtered",
+    pb.ItemResult.FAILED: "failed",
+}
+# Ball-tracking tasks take 0.1-20 ms on a server core; the default buckets start at 5 ms.
+TASK_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class ServerMetrics:
+    """The server's metrics in their own registry, and the HTTP endpoint that serves them."""
+
+    def __init__(self, pipeline: Pipeline, max_devices: int = 100) -> None:
+        if max_devices < 0:
+            raise ValueError(f"max_devices {max_devices}: must be 0 or more")
+        self.registry = CollectorRegistry()
+        self.max_devices = max_devices
+        self._devices: set[str] = set()
+        self._devices_lock = threading.Lock()
+        self._task_names = [pipeline.task_name(i) for i in range(len(pipeline))]
+        r = self.registry
+        self.items = Counter(
+            "offload_items", "Items answered by device and status", ["device", "status"], registry=r
+        )
+        self.task_seconds = Histogram(
+            "offload_task_seconds",
+            "Server wall time of one task on one item",
+            ["task", "name"],
+            buckets=TASK_BUCKETS,
+            registry=r,
+        )
+        self.item_cpu_seconds = Histogram(
+            "offload_item_cpu_seconds",
+            "Server CPU seconds spent on one item (the cloud cost of an item)",
+            buckets=TASK_BUCKETS,
+            registry=r,
+        )
+        self.active_streams = Gauge("offload_active_streams", "Device streams open now", registry=r)
+        self.received_bytes = Counter(
+            "offload_received_bytes", "TaskState bytes received", registry=r
+        )
+        self.sent_bytes = Counter("offload_sent_bytes", "ItemResult bytes sent", registry=r)
+        self._http: WSGIServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    def device_label(self, device_id: str) -> str:
+        """The device's own label while fewer than ``max_devices`` are known, else "other"."""
+        with self._devices_lock:
+            if device_id in self._devices:
+                return device_id
+            if len(self._devices) < self.max_devices and device_id != OTHER_DEVICES:
+                self._devices.add(device_id)
+                return device_id
+        return OTHER_DEVICES
+
+    def observe(self, device_id: str, result: pb.ItemResult) -> None:
+        """Count one answer given to a device."""
+        status = _STATUS.get(result.status, "failed")
+        self.items.labels(self.device_label(device_id), status).inc()
+        if result.duplicate:
+            return  # a replayed answer: its work was counted when it was done
+        for t in result.task_times:
+            name = self._task_names[t.task] if t.task < len(self._task_names) else "?"
+            self.task_seconds.labels(str(t.task), name).observe(t.seconds)
+        self.item_cpu_seconds.observe(result.server_cpu_seconds)
+
+    def start_http(self, host: str, port: int) -> int:
+        """Serve /metrics on ``host:port`` (0 picks a free port); returns the bound port."""
+        try:
+            self._http, self._http_thread = start_http_server(port, host, registry=self.registry)
+        except OSError as exc:
+            raise OffloadError(
+                f"cannot serve metrics on {host}:{port} ({exc}): is the port in use? Choose "
+                "another --metrics-port"
+            ) from None
+        return int(self._http.server_port)
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._http_thread is not None:
+            self._http_thread.join(5)
+            self._http_thread = None
+
+
+class MeteredExecutor(RemoteExecutor):
+    """A ``RemoteExecutor`` that counts each answer it gives, by device and status."""
+
+    def __init__(self, pipeline: Pipeline, config: ServerConfig, metrics: ServerMetrics) -> None:
+        super().__init__(pipeline, config)
+        self.metrics = metrics
+
+    def execute(self, state: pb.TaskState) -> pb.ItemResult:
+        result = super().execute(state)  # a refused item raises: the stream ends, nothing counts
+        self.metrics.observe(state.device_id, result)
+        return result
+
+
+def _size(message: Any) -> int:
+    """Wire size of a message, whether the handler gets it parsed or as raw bytes."""
+    return len(message) if isinstance(message, bytes) else int(message.ByteSize())
+
+
+class StreamMetrics(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Counts open ``ExecuteRemaining`` streams and the bytes of the messages on them."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or details.method != METHOD or handler.stream_stream is None:
+            return handler
+        inner = handler.stream_stream
+        metrics = self.metrics
+
+        def received(requests: Iterator[Any]) -> Iterator[Any]:
+            for request in requests:
+                metrics.received_bytes.inc(_size(request))
+                yield request
+
+        def metered(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            metrics.active_streams.inc()
+            try:
+                for answer in inner(received(requests), context):
+                    metrics.sent_bytes.inc(_size(answer))
+                    yield answer
+            finally:
+                metrics.active_streams.dec()
+
+        return grpc.stream_stream_rpc_method_handler(
+            metered,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
