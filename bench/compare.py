@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
 from offload import ClientConfig, GrpcTransport, Pipeline
 from offload._client import Client
 from offload._codec import encode_into
@@ -59,6 +61,11 @@ def run_seed(
 ) -> dict[str, Any]:
     bench_pipeline.prepare(frames, items)
     return seed.run_device(pipeline, port, k, device_id)
+
+
+def _cpu(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def calibrate(pipeline: Pipeline, frames: list[Frame], items: int) -> dict[str, Any]:
@@ -194,6 +201,10 @@ def run(
                 order = systems[rep % 3 :] + systems[: rep % 3]  # rotate who goes first
                 for system in order:
                     device_id = f"bench-{system}-{rep}-{k}"
+                    # CPU seconds per item on each side: far steadier than items/s on a
+                    # shared machine, and what a pair of dedicated cores would have to pay.
+                    device_cpu = time.process_time()
+                    server_cpu = _cpu(servers[system].pid)
                     if system == "offload":
                         report = run_ours(
                             pipeline, frames, servers[system].target, k, items, window, device_id
@@ -206,14 +217,17 @@ def run(
                             "in_run_work": in_run_work(report),
                         }
                     else:
-                        count = items
                         result = run_seed(
-                            pipeline, frames, servers[system].port, k, count, device_id
+                            pipeline, frames, servers[system].port, k, items, device_id
                         )
                         record = {
                             "throughput": result["throughput_per_second"],
                             "completed": result["completed"],
                         }
+                    record["device_cpu_ms"] = 1000 * (time.process_time() - device_cpu) / items
+                    record["server_cpu_ms"] = (
+                        1000 * (_cpu(servers[system].pid) - server_cpu) / items
+                    )
                     runs.append({"system": system, "k": k, "rep": rep, **record})
                     log(f"  rep {rep} K={k} {system:9s} {record['throughput']:7.1f} completed/s")
     finally:
@@ -255,9 +269,15 @@ def summarise(
                 device, server = r["in_run_work"]
                 in_run.append(bound(k, device, server, calibration["cut_bytes"], bandwidth))
         in_run_rate = statistics.median(b["rate"] for b in in_run)
+        cpu = {
+            f"{system}_{side}_cpu_ms": round(median(system, k, f"{side}_cpu_ms"), 3)
+            for system in ("offload", "seed")
+            for side in ("device", "server")
+        }
         rows.append(
             {
                 "k": k,
+                **cpu,
                 "offload": round(ours, 1),
                 "offload_finished": round(ours_finished, 1),
                 "seed": round(seed_rate, 1),

@@ -56,6 +56,22 @@ def _compare(data: dict[str, Any]) -> str:
                 ["K", "offload", "seed", "prototype", "offload / seed", "offload / prototype"],
                 seed_rows,
             ),
+            "CPU per item (ms, medians): what each side pays, steadier than items/s on a "
+            "shared machine. Device = the benchmark process running the device side (ours "
+            "includes its answer reader and gRPC threads); server = the server process.",
+            _table(
+                ["K", "offload device", "seed device", "offload server", "seed server"],
+                [
+                    [
+                        r["k"],
+                        r["offload_device_cpu_ms"],
+                        r["seed_device_cpu_ms"],
+                        r["offload_server_cpu_ms"],
+                        r["seed_server_cpu_ms"],
+                    ]
+                    for r in data["rows"]
+                ],
+            ),
             "### Against the bottleneck bound (items/s)",
             "Bound = min(device = 1 / local work, server = 1 / remote work x 1 worker (a "
             "stream's items run in order), link = loopback bandwidth / bytes at the cut), work "
@@ -193,7 +209,7 @@ def _scaling(data: dict[str, Any], cores: int) -> str:
             f"{data['window']})",
             "threads: one process, gRPC's thread per stream (the default); processes-2: "
             "`--processes 2`; aio: a grpc.aio server around the same executor (benchmark "
-            "only). Half load: the most streams, paced to half the best aggregate rate.",
+            "only). Half load: the most streams, paced to half of their full-load rate.",
             _table(
                 [
                     "server",

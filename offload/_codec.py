@@ -60,8 +60,14 @@ def encode_into(out: pb.Value, value: Any, limits: Limits = Limits()) -> None:
 def _encode_into(out: pb.Value, value: Any, limits: Limits, depth: int) -> None:
     if depth > limits.max_depth:
         raise _Invalid(f": nested deeper than {limits.max_depth} levels (Limits.max_depth)")
+    # The common leaves first, by exact type; subclasses (bool, np.float64) take the chain below.
+    kind = type(value)
+    if kind is float:
+        out.float_value = value
+    elif kind is int and _INT64[0] <= value <= _INT64[1]:
+        out.int_value = value
     # NumPy first (np.float64 subclasses float), and bool before int (bool subclasses int).
-    if value is None:
+    elif value is None:
         out.none.SetInParent()
     elif isinstance(value, (np.ndarray, np.generic)):
         _encode_array(out.array, value, limits)
@@ -162,7 +168,7 @@ def _decode(value: pb.Value, limits: Limits, depth: int) -> Any:
         entries = value.map_value.entries
         if len(entries) > limits.max_elements:
             raise _Invalid(f": {len(entries)} entries, more than {limits.max_elements}")
-        mapping = {}
+        mapping: dict[str, Any] = {}
         for entry in entries:
             try:
                 mapping[entry.key] = _decode(entry.value, limits, depth + 1)
