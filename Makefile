@@ -7,7 +7,7 @@ STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
 NODE_CLIENT := clients/node
 NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck bench clean
+.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck bench clean bench-scheduler
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
@@ -16,6 +16,7 @@ help:
 	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
 	@echo "make lint-docker   hadolint Dockerfile.server"
 	@echo "make bench   benchmarks (minutes): writes bench/results/ and prints the summary"
+	@echo "make bench-scheduler   automatic mode against the oracle (minutes; bench/results/)"
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,10 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 
 bench: proto $(VENV)/.bench-installed
 	$(PY) -m bench
+
+# Automatic mode against a static sweep's oracle; writes bench/results/scheduler.{json,md}.
+bench-scheduler: proto
+	$(PY) -m bench.scheduler
 
 lint: proto lint-docker
 	$(PY) -m ruff check .

@@ -134,12 +134,10 @@ class Client:
     def run(self) -> dict[str, Any]:
         """Capture and process until the source ends, ``frames`` is reached or ``stop()``."""
         stream = self.transport.open_stream() if self.transport else None
-        reader = None
         if stream is not None:
-            reader = threading.Thread(
+            threading.Thread(
                 target=self._read_answers, args=(stream,), name="offload-answers", daemon=True
-            )
-            reader.start()
+            ).start()
         try:
             self._capture_loop(stream)
         finally:
@@ -186,10 +184,10 @@ class Client:
         The server reports CPU time per item; the cost of K = 1 is estimated by scaling it
         with the server's per-task wall times (all measured, after the scheduler's probe).
         """
-        remote_items = sum(t["server_runs"] for t in report["tasks"][-1:])
-        if not remote_items:
+        answers = self.recorder.answers
+        if not answers:
             return {"server_cpu_seconds_per_item": 0.0, "saving_vs_all_remote_percent": None}
-        per_item = report["server_cpu_seconds"] / remote_items
+        per_item = report["server_cpu_seconds"] / answers
         server_ms = [t["server_mean_ms"] if t["server_runs"] else math.nan for t in report["tasks"]]
         at_final = sum(server_ms[self.split :])
         everything = sum(server_ms[1:])
@@ -292,6 +290,7 @@ class Client:
                 "throughput_per_second": round(measurements.throughput, 3),
                 "settled": settled,
                 "device_cpu_percent": measurements.device_cpu_percent,
+                "device_memory_percent": round(measurements.device_memory_percent, 2),
             }
         )
         return decision

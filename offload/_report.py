@@ -63,6 +63,7 @@ class Recorder:
     bytes_sent: int = 0
     bytes_received: int = 0
     server_cpu_seconds: float = 0.0
+    answers: int = 0  # items the server answered
     latencies: list[float] = field(default_factory=list)
     device_tasks: dict[int, TaskStats] = field(default_factory=dict)
     server_tasks: dict[int, TaskStats] = field(default_factory=dict)
@@ -89,6 +90,7 @@ class Recorder:
             for index, seconds in timings:
                 self.server_tasks.setdefault(index, TaskStats()).add(seconds)
             self.server_cpu_seconds += cpu_seconds
+            self.answers += 1
 
     def finished(
         self,

@@ -75,6 +75,13 @@ def test_split_out_of_range_names_the_range_and_the_tasks(k: str) -> None:
         (["--source", "/no/such/clip.mp4"], "/no/such/clip.mp4"),
         (["--window", "0"], "--window 0"),
         (["--frames", "-3"], "--frames must be 0 or more"),
+        (["--fps", "0", "--local-tasks", "3"], "--fps 0.0: the target must be a positive"),
+        (
+            ["--fps", "10", "--local-tasks", "7"],
+            "--fps needs a starting split that uses the server",
+        ),
+        (["--emulate-link", "fast"], "--emulate-link 'fast': the rate must be"),
+        (["--emulate-slowdown", "0.5"], "--emulate-slowdown 0.5: use 1 (off) or more"),
     ],
 )
 def test_bad_options_are_clear_errors(args: list[str], message: str) -> None:

@@ -1,0 +1,258 @@
+"""Benchmark of automatic mode against the oracle: ``make bench-scheduler``.
+
+For one emulation (a slow device and a shaped link) and a few throughput targets:
+
+1. sweep every static split K to measure its throughput and server CPU per item, and find the
+   **oracle** for each target: the largest K whose measured throughput meets it;
+2. run automatic mode from several starting splits, and report per run the seconds to first
+   meet the target, the final K against the oracle, the fraction of control periods at target
+   after that, the number of split changes and the server CPU per item against the oracle's.
+
+Everything runs against one real server process on loopback, through the link emulator.
+Results: ``bench/results/scheduler.json`` and ``bench/results/scheduler.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+import offload
+from offload._client import Client
+from offload._embedded import EmbeddedServer
+from offload._emulation import LinkEmulator, LinkSpec
+from offload._server import channel_options
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PIPELINE = "examples.ball_tracking"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "offload": offload.__version__,
+    }
+
+
+def run_once(
+    pipeline: offload.Pipeline,
+    target: str,
+    link: LinkSpec,
+    slowdown: float,
+    split: int,
+    frames: int,
+    fps: float | None = None,
+    control_period: float = 2.0,
+) -> dict[str, Any]:
+    emulator = LinkEmulator(target, link)
+    transport = offload.GrpcTransport(emulator.target, channel_options(16 << 20), 10.0)
+    pipeline.set_source("synthetic")
+    config = offload.ClientConfig(
+        pipeline=pipeline.name,
+        local_tasks=split,
+        frames=frames,
+        fps=fps,
+        control_period=control_period,
+        slowdown=slowdown,
+        device_id="bench",
+    )
+    try:
+        return Client(pipeline, config, transport).run()
+    finally:
+        transport.close()
+        emulator.close()
+
+
+def static_sweep(
+    pipeline: offload.Pipeline, target: str, link: LinkSpec, slowdown: float, seconds: float
+) -> dict[int, dict[str, float]]:
+    sweep = {}
+    for k in range(1, len(pipeline)):
+        # A short run first to estimate the rate, then one of about `seconds`.
+        probe = run_once(pipeline, target, link, slowdown, k, frames=20)
+        rate = max(probe["finished_per_second"], 1.0)
+        report = run_once(pipeline, target, link, slowdown, k, frames=int(rate * seconds) + 10)
+        sweep[k] = {
+            "throughput_per_second": report["throughput_per_second"],
+            "server_cpu_ms_per_item": 1000 * report["cloud"]["server_cpu_seconds_per_item"],
+            "latency_p50_ms": report["latency_ms"]["p50"],
+        }
+        print(f"  static K={k}: {sweep[k]['throughput_per_second']:.1f}/s", flush=True)
+    return sweep
+
+
+def oracle(sweep: dict[int, dict[str, float]], target: float) -> int | None:
+    meets = [k for k, r in sweep.items() if r["throughput_per_second"] >= target]
+    return max(meets) if meets else None
+
+
+def auto_run(
+    pipeline: offload.Pipeline,
+    server: str,
+    link: LinkSpec,
+    slowdown: float,
+    target: float,
+    start: int,
+    seconds: float,
+    period: float,
+    sweep: dict[int, dict[str, float]],
+) -> dict[str, Any]:
+    frames = int(target * seconds * 1.2)
+    report = run_once(pipeline, server, link, slowdown, start, frames, target, period)
+    periods = [p for p in report["scheduler"]["periods"] if p["settled"]]
+    met_at = next((p["seconds"] for p in periods if p["throughput_per_second"] >= target), None)
+    after = [p for p in periods if met_at is not None and p["seconds"] >= met_at]
+    at_target = sum(1 for p in after if p["throughput_per_second"] >= target)
+    best = oracle(sweep, target)
+    final = report["scheduler"]["final_split"]
+    history = report["scheduler"]["history"]
+    oracle_cpu = sweep[best]["server_cpu_ms_per_item"] if best else None
+    final_cpu = sweep[final]["server_cpu_ms_per_item"]
+    return {
+        "target": target,
+        "start": start,
+        "oracle": best,
+        "final": final,
+        "final_is_oracle": final == best,
+        "seconds_to_target": met_at,
+        "periods_to_target": (met_at / period) if met_at is not None else None,
+        "fraction_at_target_after": (at_target / len(after)) if after else 0.0,
+        "split_changes": len(history),
+        "probe_changes": sum(1 for h in history if h["reason"].startswith("probe")),
+        "throughput_per_second": report["throughput_per_second"],
+        "server_cpu_ms_per_item_final": final_cpu,
+        "server_cpu_ms_per_item_oracle": oracle_cpu,
+        "cpu_vs_oracle": (final_cpu / oracle_cpu) if oracle_cpu else None,
+        "history": history,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# Automatic split against the oracle",
+        "",
+        f"Machine: {m['cpus']} cores ({m['cpu_model']}), load average at start "
+        f"{m['load_average_at_start'][0]:.2f}, Python {m['python']}, grpcio {m['grpcio']}. "
+        f"Emulation: device {result['slowdown']:g}x slower, link {result['link']}. "
+        f"Control period {result['control_period']:g} s.",
+        "",
+        "Static sweep (measured):",
+        "",
+        "| K | completed/s | server CPU ms/item | p50 latency ms |",
+        "| --- | --- | --- | --- |",
+    ]
+    for k, r in result["sweep"].items():
+        lines.append(
+            f"| {k} | {r['throughput_per_second']:.1f} | {r['server_cpu_ms_per_item']:.2f} | "
+            f"{r['latency_p50_ms']:.0f} |"
+        )
+    lines += [
+        "",
+        "Automatic runs:",
+        "",
+        "| target/s | start K | oracle K | final K | s to target (periods) | at target after | "
+        "changes (probes) | completed/s | server CPU vs oracle |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["runs"]:
+        to_target = (
+            f"{r['seconds_to_target']:.1f} ({r['periods_to_target']:.1f})"
+            if r["seconds_to_target"] is not None
+            else "never"
+        )
+        cpu = f"{r['cpu_vs_oracle']:.2f}x" if r["cpu_vs_oracle"] else "-"
+        lines.append(
+            f"| {r['target']:g} | {r['start']} | {r['oracle']} | {r['final']} | {to_target} | "
+            f"{100 * r['fraction_at_target_after']:.0f}% | {r['split_changes']} "
+            f"({r['probe_changes']}) | {r['throughput_per_second']:.1f} | {cpu} |"
+        )
+    s = result["summary"]
+    lines += [
+        "",
+        f"Final K = oracle in {s['final_is_oracle']}/{s['runs']} runs; median periods to target "
+        f"{s['median_periods_to_target']}; median server CPU vs oracle "
+        f"{s['median_cpu_vs_oracle']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slowdown", type=float, default=15.0)
+    parser.add_argument("--link", default="200mbit,30ms")
+    parser.add_argument("--targets", default="10,17,28")
+    parser.add_argument("--starts", default="1,3,6")
+    parser.add_argument("--seconds", type=float, default=24.0, help="length of an automatic run")
+    parser.add_argument("--sweep-seconds", type=float, default=8.0)
+    parser.add_argument("--period", type=float, default=2.0)
+    args = parser.parse_args()
+    link = LinkSpec.parse(args.link)
+    targets = [float(t) for t in args.targets.split(",")]
+    starts = [int(s) for s in args.starts.split(",")]
+    pipeline = offload.load_pipeline(PIPELINE)
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "slowdown": args.slowdown,
+        "link": str(link),
+        "control_period": args.period,
+    }
+    server = EmbeddedServer(PIPELINE)
+    try:
+        print(f"static sweep: slowdown {args.slowdown:g}, link {link}", flush=True)
+        sweep = static_sweep(pipeline, server.target, link, args.slowdown, args.sweep_seconds)
+        result["sweep"] = sweep
+        runs = []
+        for target in targets:
+            for start in starts:
+                run = auto_run(
+                    pipeline, server.target, link, args.slowdown, target, start,
+                    args.seconds, args.period, sweep,
+                )  # fmt: skip
+                print(
+                    f"  target {target:g} from K={start}: final {run['final']} "
+                    f"(oracle {run['oracle']}), {run['split_changes']} changes",
+                    flush=True,
+                )
+                runs.append(run)
+        result["runs"] = runs
+    finally:
+        server.stop()
+    to_target = [r["periods_to_target"] for r in runs if r["periods_to_target"] is not None]
+    cpu = [r["cpu_vs_oracle"] for r in runs if r["cpu_vs_oracle"]]
+    result["summary"] = {
+        "runs": len(runs),
+        "final_is_oracle": sum(r["final_is_oracle"] for r in runs),
+        "median_periods_to_target": round(statistics.median(to_target), 2) if to_target else None,
+        "median_cpu_vs_oracle": round(statistics.median(cpu), 3) if cpu else None,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scheduler.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (RESULTS / "scheduler.md").write_text(table)
+    print(table)
+    print(f"took {time.process_time():.0f} s of CPU in this process")
+
+
+if __name__ == "__main__":
+    main()
