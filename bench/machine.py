@@ -25,18 +25,21 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def _commit() -> str:
+    """The commit measured; "-dirty" if code differs from it (earlier results do not count)."""
     try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
+        commit = _git("rev-parse", "--short", "HEAD")
+        changed = _git(
+            "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"
         )
-        return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return commit + ("-dirty" if changed else "")
 
 
 def describe() -> dict[str, Any]:
