@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -256,13 +257,13 @@ def _plots(out: Path, results: dict[str, Any]) -> list[str]:
                 [r["window"] for r in mine],
                 [r["finished_per_second"] for r in mine],
                 "o-",
-                label=f"K={k}",
+                label=f"K={k} ({mine[0]['limiter']}-bound)",
             )[0]
-            ax.axhline(mine[0]["no_rtt"], color=line.get_color(), linestyle="--", linewidth=1)
+            ax.axhline(mine[0]["bound"], color=line.get_color(), linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("window (items in flight)")
         ax.set_ylabel("items/s")
-        ax.set_title(f"{data['rtt_ms']:.0f} ms round trip; dashed: no round trip")
+        ax.set_title(f"emulated link {data['link']}; dashed: bottleneck bound")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "window.png", dpi=100)
@@ -308,23 +309,37 @@ def _plots(out: Path, results: dict[str, Any]) -> list[str]:
     return written
 
 
-def write(out: Path, machine: dict[str, Any], results: dict[str, Any]) -> str:
+def _measured(machine: dict[str, Any]) -> str:
     end_load = " ".join(map(str, machine["load_average_end"]))
+    return (
+        f"Measured: {one_line(machine)}; load average {end_load} at the end of the run, which "
+        f"took {machine['seconds']} s; frames: {machine['source']}."
+    )
+
+
+def write(out: Path, results: dict[str, dict[str, Any]]) -> str:
+    """The summary of every section in ``results`` (each with the ``machine`` it ran on)."""
+    data = {name: {k: v for k, v in r.items() if k != "machine"} for name, r in results.items()}
     parts = [
         "## Benchmark results",
-        f"Machine: {one_line(machine)}; load average {end_load} at the end; took "
-        f"{machine['seconds']} s; frames: {machine['source']}. Medians over interleaved "
-        "repetitions; the machine is shared, so expect noise.",
+        "Medians over interleaved repetitions on a shared machine: expect noise. Each section "
+        "says the commit and the machine's load it was measured with.",
     ]
-    if "compare" in results:
-        parts.append(_compare(results["compare"]))
-    if "window" in results:
-        parts.append(_window(results["window"]))
-    if "codec" in results:
-        parts.append(_codec(results["codec"]))
-    if "scaling" in results:
-        parts.append(_scaling(results["scaling"], machine["cores"] or 1))
-    plots = _plots(out, results)
+
+    def scaling(d: dict[str, Any]) -> str:
+        return _scaling(d, results["scaling"]["machine"]["cores"] or 1)
+
+    renderers: dict[str, Callable[[dict[str, Any]], str]] = {
+        "compare": _compare,
+        "window": _window,
+        "codec": _codec,
+        "scaling": scaling,
+    }
+    for name, render in renderers.items():
+        if name in data:
+            heading, _, rest = render(data[name]).partition("\n\n")
+            parts.append("\n\n".join([heading, _measured(results[name]["machine"]), rest]))
+    plots = _plots(out, data)
     parts.append("Plots: " + ", ".join(f"`{p}`" for p in plots))
     summary = "\n\n".join(parts) + "\n"
     (out / "summary.md").write_text(summary)

@@ -31,6 +31,20 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def rewrite_report(out: Path) -> int:
+    """The summary and plots of every section's latest results in ``out``."""
+    results = {
+        name: json.loads(path.read_text())
+        for name in SECTIONS
+        if (path := out / f"{name}.json").exists()
+    }
+    if not results:
+        print(f"error: no results in {out}; run `make bench` first", file=sys.stderr)
+        return 1
+    print(report.write(out, results))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
@@ -39,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="synthetic", help="synthetic, webcam or a file")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few items, 1 rep")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rewrite the summary and plots from the JSON files in --out",
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        return rewrite_report(args.out)
     only = [s for s in args.only.split(",") if s]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
@@ -91,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             [1, 4, 16, 64],
             20 if args.quick else 60,
             4,
+            min(args.reps, 2),
             log,
         )
     about["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -100,10 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{name}.json").write_text(
             json.dumps({"machine": about, **data}, indent=1) + "\n"
         )
-    summary = report.write(args.out, about, results)
     print()
-    print(summary)
-    return 0
+    # Sections not run this time keep their latest results in the summary.
+    return rewrite_report(args.out)
 
 
 if __name__ == "__main__":

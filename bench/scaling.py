@@ -9,6 +9,7 @@ latency. Server CPU is the server processes' user + system time over the run.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -65,55 +66,102 @@ def load(
     return result
 
 
+def _measure(
+    processes: list[psutil.Process],
+    target: str,
+    streams: int,
+    items: int,
+    window: int,
+    rate: float | None,
+    prefix: str,
+) -> dict[str, Any]:
+    before = _cpu(processes)
+    result = load(target, streams, items, window, rate, prefix)
+    result["server_cpu_seconds"] = round(_cpu(processes) - before, 3)
+    result["server_cpu_ms_per_item"] = round(
+        1000 * result["server_cpu_seconds"] / max(1, result["answered"]), 3
+    )
+    return result
+
+
 def run(
     configs: list[str],
     stream_counts: list[int],
     items: int,
     window: int,
+    reps: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    rows = []
-    for config in configs:
-        servers = start(config)
-        parent = psutil.Process(servers[0].pid)
-        processes = [parent, *parent.children()]
-        try:
-            load(servers[0].target, 4, 10, window, None, f"{config}-warm-up")
-            capacity = 0.0  # full-load rate at the most streams: half of it is half load
-            for streams in stream_counts:
-                before = _cpu(processes)
-                result = load(
-                    servers[0].target, streams, items, window, None, f"{config}-{streams}"
+    runs = []
+    for rep in range(reps):
+        for config in configs if rep % 2 == 0 else configs[::-1]:
+            servers = start(config)
+            parent = psutil.Process(servers[0].pid)
+            processes = [parent, *parent.children()]
+            target = servers[0].target
+            try:
+                load(target, 4, 10, window, None, f"{config}-warm-up-{rep}")
+                capacity = 0.0  # full-load rate at the most streams: half of it is half load
+                for streams in stream_counts:
+                    prefix = f"{config}-{rep}-{streams}"
+                    result = _measure(processes, target, streams, items, window, None, prefix)
+                    result.update(config=config, load="full", rep=rep)
+                    capacity = result["items_per_second"]
+                    runs.append(result)
+                    log(
+                        f"  rep {rep} {config:12s} {streams:3d} streams "
+                        f"{result['items_per_second']:7.1f} items/s p50 {result['p50_ms']} ms "
+                        f"p99 {result['p99_ms']} ms errors {result['errors']} server CPU "
+                        f"{result['server_cpu_ms_per_item']} ms/item"
+                    )
+                streams = max(stream_counts)
+                rate = capacity / 2 / streams
+                prefix = f"{config}-{rep}-half"
+                result = _measure(processes, target, streams, items, window, rate, prefix)
+                result.update(
+                    config=config, load="half", rep=rep, offered_per_second=round(capacity / 2, 1)
                 )
-                result["server_cpu_seconds"] = round(_cpu(processes) - before, 3)
-                result["server_cpu_ms_per_item"] = round(
-                    1000 * result["server_cpu_seconds"] / max(1, result["answered"]), 3
-                )
-                result.update(config=config, load="full")
-                capacity = result["items_per_second"]
-                rows.append(result)
+                runs.append(result)
                 log(
-                    f"  {config:12s} {streams:3d} streams {result['items_per_second']:7.1f} "
-                    f"items/s p50 {result['p50_ms']} ms p99 {result['p99_ms']} ms "
-                    f"errors {result['errors']} server CPU {result['server_cpu_ms_per_item']} "
-                    "ms/item"
+                    f"  rep {rep} {config:12s} {streams:3d} streams at half load "
+                    f"({capacity / 2:.0f}/s offered): {result['items_per_second']:.1f} items/s "
+                    f"p50 {result['p50_ms']} ms p99 {result['p99_ms']} ms errors "
+                    f"{result['errors']}"
                 )
-            streams = max(stream_counts)
-            rate = capacity / 2 / streams
-            before = _cpu(processes)
-            result = load(servers[0].target, streams, items, window, rate, f"{config}-half")
-            result["server_cpu_seconds"] = round(_cpu(processes) - before, 3)
-            result["server_cpu_ms_per_item"] = round(
-                1000 * result["server_cpu_seconds"] / max(1, result["answered"]), 3
-            )
-            result.update(config=config, load="half", offered_per_second=round(capacity / 2, 1))
-            rows.append(result)
-            log(
-                f"  {config:12s} {streams:3d} streams at half load ({capacity / 2:.0f}/s offered): "
-                f"{result['items_per_second']:.1f} items/s p50 {result['p50_ms']} ms p99 "
-                f"{result['p99_ms']} ms errors {result['errors']}"
-            )
-        finally:
-            for server in servers:
-                server.stop()
-    return {"items_per_stream": items, "window": window, "rows": rows}
+            finally:
+                for server in servers:
+                    server.stop()
+    return {
+        "items_per_stream": items,
+        "window": window,
+        "reps": reps,
+        "rows": _medians(runs, configs, stream_counts),
+        "runs": runs,
+    }
+
+
+def _medians(
+    runs: list[dict[str, Any]], configs: list[str], stream_counts: list[int]
+) -> list[dict[str, Any]]:
+    """One row per (configuration, streams, load): medians over repetitions; errors summed."""
+    rows = []
+    keys = [(c, s, "full") for c in configs for s in stream_counts]
+    keys += [(c, max(stream_counts), "half") for c in configs]
+    for config, streams, kind in sorted(keys, key=lambda k: (configs.index(k[0]), k[2], k[1])):
+        mine = [
+            r for r in runs if (r["config"], r["streams"], r["load"]) == (config, streams, kind)
+        ]
+        row: dict[str, Any] = {"config": config, "streams": streams, "load": kind}
+        for key in (
+            "items_per_second",
+            "p50_ms",
+            "p99_ms",
+            "server_cpu_ms_per_item",
+            "server_cpu_seconds",
+            "client_cpu_seconds",
+            "answered",
+        ):
+            row[key] = round(statistics.median(r[key] for r in mine), 3)
+        row["errors"] = sum(r["errors"] for r in mine)
+        rows.append(row)
+    return rows
