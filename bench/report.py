@@ -175,6 +175,24 @@ def _codec(data: dict[str, Any]) -> str:
     )
 
 
+def _transport(data: dict[str, Any]) -> str:
+    rows = [
+        [f"{r['size']:,}", r["system"], r["device_cpu_ms"], r["server_cpu_ms"]]
+        for r in data["rows"]
+    ]
+    return "\n\n".join(
+        [
+            "### Transport alone (CPU ms per item, medians)",
+            "The item K = 6 sends (a snapshot of the given size, circle, radius, centre); the "
+            "server runs only the aggregating task. grpc = a bare gRPC Python stream of raw "
+            "bytes answered with 16 bytes: the floor of any design on gRPC Python; offload = "
+            "its client transport (encoding included) and server; seed = pickle over TCP "
+            "(pickling included), no answers.",
+            _table(["item bytes", "system", "device CPU ms", "server CPU ms"], rows),
+        ]
+    )
+
+
 def _scaling(data: dict[str, Any], cores: int) -> str:
     rows = []
     for r in data["rows"]:
@@ -333,6 +351,7 @@ def write(out: Path, results: dict[str, dict[str, Any]]) -> str:
         "compare": _compare,
         "window": _window,
         "codec": _codec,
+        "transport": _transport,
         "scaling": scaling,
     }
     for name, render in renderers.items():

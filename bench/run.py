@@ -2,7 +2,8 @@
 
 Sections (``--only`` picks some): ``compare`` (offload vs the seed's wire approach vs the 2019
 prototype's receiver at every split, and achieved / bottleneck bound), ``window`` (window sweep
-through an emulated 30 ms round trip), ``codec`` (encode + decode vs pickle vs memcpy),
+through offload's link emulation at 200mbit,30ms), ``codec`` (encode + decode vs pickle vs
+memcpy), ``transport`` (CPU per item of the transport alone: bare gRPC, offload, the seed),
 ``scaling`` (1-64 concurrent streams against each server concurrency model). Every comparison
 runs both sides in the same run, interleaved, on the same pre-rendered frames.
 """
@@ -20,11 +21,11 @@ from typing import Any
 from offload import load_pipeline
 from offload._allocator import keep_large_buffers
 
-from . import codec, compare, machine, report, scaling, window
+from . import codec, compare, machine, report, scaling, transport, window
 from . import pipeline as bench_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("compare", "window", "codec", "scaling")
+SECTIONS = ("compare", "window", "codec", "transport", "scaling")
 
 
 def log(message: str) -> None:
@@ -104,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             max(1, args.reps - 2),
             args.items,
             log,
+        )
+    if "transport" in only:
+        log("== transport alone: gRPC's floor, offload, the seed")
+        results["transport"] = transport.run(
+            pipeline, [21_075, 562_625], 300 if args.quick else 1500, min(args.reps, 3), log
         )
     if "scaling" in only:
         log("== server scaling at K=1")
