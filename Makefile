@@ -7,7 +7,7 @@ STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
 NODE_CLIENT := clients/node
 NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck clean bench-scheduler soak
+.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck bench clean bench-scheduler soak
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
@@ -15,6 +15,7 @@ help:
 	@echo "make check   lint + type check + tests (what CI runs)"
 	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
 	@echo "make lint-docker   hadolint Dockerfile.server"
+	@echo "make bench   benchmarks and the soak (minutes): writes bench/results/, prints the summary"
 	@echo "make bench-scheduler   automatic mode against the oracle (minutes; bench/results/)"
 	@echo "make soak              devices stream for SOAK_MINUTES (10): memory, threads, drift"
 
@@ -47,6 +48,15 @@ demo: proto
 
 test: proto node-deps
 	$(PY) -m pytest -q
+
+# Not part of test/check: it takes minutes and measures speed, not behaviour.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[server,dev,bench]'
+	touch $@
+
+bench: proto $(VENV)/.bench-installed
+	$(PY) -m bench
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 # Automatic mode against a static sweep's oracle; writes bench/results/scheduler.{json,md}.
 bench-scheduler: proto

@@ -29,7 +29,7 @@ from offload import ClientConfig, GrpcTransport, load_pipeline
 from offload._client import Client
 from offload._transport import client_options
 
-from .scheduler import machine
+from . import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
+    about = machine.describe()
+    print(f"machine: {machine.one_line(about)}", flush=True)
     server, port = start_server(args.pipeline)
     server_ps = psutil.Process(server.pid)
     me = psutil.Process()
@@ -163,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.wait(30)
     elapsed = time.monotonic() - began
-    result = {
-        "machine": machine(),
+    result: dict[str, Any] = {
+        "machine": about,
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "elapsed_seconds": round(elapsed, 1),
         "runs": totals.runs,
@@ -188,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Soak: {args.devices} devices, {args.pipeline} at split {args.split}, "
         f"{elapsed / 60:.1f} min",
         "",
-        f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['cpu_model']}), load "
-        f"average at start {result['machine']['load_average_at_start'][0]:.2f}.",
+        f"Machine: {machine.one_line(about)}.",
         "",
         f"{totals.runs} client runs, {totals.items} items ({result['items_per_second']}/s), "
         f"{totals.failed} failed, {totals.dropped} dropped, {totals.disconnects} disconnects, "

@@ -369,7 +369,8 @@ class Client:
         )
         self.telemetry.finished(answer.status == pb.ItemResult.COMPLETED)
         result = None
-        if answer.status == pb.ItemResult.COMPLETED:
+        # The result is only ever written out: decoding it otherwise is wasted device CPU.
+        if answer.status == pb.ItemResult.COMPLETED and self.recorder.output is not None:
             result = decode(answer.output, self.config.limits)
         self.recorder.finished(
             answer.item,

@@ -25,6 +25,7 @@ _RATE_UNITS = {  # tc's conventions: "bit" units are bits, "bps" units are bytes
 }  # fmt: skip
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _CHUNK = 64 * 1024  # bytes shaped at a time: few enough wake-ups for a Python proxy
+_BURST = 0.005  # seconds of transmission the link may catch up on after a late wake-up
 
 
 @dataclass(frozen=True)
@@ -108,16 +109,23 @@ class LinkEmulator:
         back through TCP to the sender, as a real bottleneck does.
         """
         loop = asyncio.get_running_loop()
+        in_flight: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        delivery = asyncio.ensure_future(_deliver(in_flight, writer))
         one_way = self.link.rtt_seconds / 2
         free_at = loop.time()
         try:
             while data := await reader.read(_CHUNK):
-                free_at = max(loop.time(), free_at) + len(data) / self.link.bytes_per_second
+                # A bucket of _BURST seconds: the event loop wakes us late by a millisecond or
+                # so, and without credit for that the link would run slower than its rate.
+                free_at = (
+                    max(loop.time() - _BURST, free_at) + len(data) / self.link.bytes_per_second
+                )
                 await asyncio.sleep(free_at - loop.time())
-                loop.call_at(free_at + one_way, _deliver, writer, data)
-            loop.call_at(free_at + one_way, _finish, writer)
+                in_flight.put_nowait((free_at + one_way, data))
         except (ConnectionError, OSError):
-            writer.close()
+            pass
+        in_flight.put_nowait((free_at + one_way, b""))  # end of stream, after everything else
+        await delivery
 
     async def _shutdown(self) -> None:
         self._server.close()
@@ -137,12 +145,20 @@ class LinkEmulator:
             self._listener.close()
 
 
-def _deliver(writer: asyncio.StreamWriter, data: bytes) -> None:
-    if not writer.is_closing():
-        writer.write(data)
-
-
-def _finish(writer: asyncio.StreamWriter) -> None:
-    if not writer.is_closing():
-        with contextlib.suppress(OSError):
-            writer.write_eof()
+async def _deliver(
+    in_flight: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter
+) -> None:
+    """Write chunks, in order, once their propagation delay has passed; b"" ends the stream."""
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            due, data = await in_flight.get()
+            await asyncio.sleep(due - loop.time())
+            if not data:
+                if writer.can_write_eof():
+                    writer.write_eof()
+                return
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        writer.close()

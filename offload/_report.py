@@ -105,13 +105,16 @@ class Recorder:
         at: float,
     ) -> None:
         """Record an item's end (``status`` completed / filtered / failed) and write its line."""
-        record: dict[str, Any] = {"item": item, "status": status}
-        if status == "completed":
-            record["result"] = to_json(result)
-        else:
-            record["task"] = task
-            if error:
-                record["error"] = error
+        line = None
+        if self.output is not None:  # converting a result to JSON is costly: only when written
+            record: dict[str, Any] = {"item": item, "status": status}
+            if status == "completed":
+                record["result"] = to_json(result)
+            else:
+                record["task"] = task
+                if error:
+                    record["error"] = error
+            line = json.dumps(record, separators=(",", ":"))
         with self._lock:
             if status == "completed":
                 self.completed += 1
@@ -125,10 +128,10 @@ class Recorder:
                     self.errors.append(f"item {item}: task {task}: {error}")
             self.latencies.append(latency)
             self.last_finish = at
-            if self.output is not None:
+            if self.output is not None and line is not None:
                 # Items can end out of order (filtered on the device while earlier ones are on
                 # the server): hold lines until every earlier item has been written.
-                self._pending_lines[item] = json.dumps(record, separators=(",", ":"))
+                self._pending_lines[item] = line
                 while self._next_line in self._pending_lines:
                     self.output.write(self._pending_lines.pop(self._next_line) + "\n")
                     self._next_line += 1

@@ -7,14 +7,17 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from types import FrameType
 
+from ._allocator import keep_large_buffers
 from ._config import Limits, ServerConfig, ServerSecurity
 from ._env import apply_env_defaults
 from ._logging import add_log_level_option
 from ._logging import setup as setup_logging
 from ._pipeline import DEFAULT_PIPELINE, load_pipeline
+from ._prefork import reserve_port, run_processes
 from ._server import serve
 from .exceptions import OffloadError
 
@@ -46,6 +49,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     )
     parser.add_argument(
         "--workers", type=int, default=64, help="concurrent device streams (default %(default)s)"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT), forked at start; each keeps "
+        "its own per-device state, so aggregation sees only its own devices (default 1)",
     )
     parser.add_argument(
         "--grace",
@@ -115,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     for option, value, least in [
         ("--workers", args.workers, 1),
+        ("--processes", args.processes, 1),
         ("--grace", args.grace, 0),
         ("--metrics-max-devices", args.metrics_max_devices, 0),
         ("--max-message-bytes", args.max_message_bytes, 1024),
@@ -124,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     for option, value in [("--port", args.port), ("--metrics-port", args.metrics_port)]:
         if value is not None and not 0 <= value <= 65535:
             parser.error(f"{option} {value} is not a port: use 0..65535 (0 picks a free one)")
+    if args.processes > 1 and args.metrics_port is not None:
+        parser.error("--metrics-port serves one process's metrics: use it with --processes 1")
     if args.print_fingerprint:
         try:
             print(load_pipeline(args.pipeline).fingerprint)
@@ -148,6 +161,37 @@ def main(argv: list[str] | None = None) -> int:
             token=args.token,
         ),
     )
+    keep_large_buffers()  # before the first item: ~1 ms less CPU per 560 kB frame
+    if args.processes == 1:
+        return _serve_until_signalled(config, args.announce)
+    try:
+        reserved = reserve_port(args.host, args.port)
+    except OffloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    port = reserved.getsockname()[1]
+    shared = replace(config, port=port)
+
+    def child(_index: int, ready: Callable[[], None]) -> int:
+        reserved.close()
+        return _serve_until_signalled(shared, False, ready)
+
+    try:
+        _pids, wait = run_processes(args.processes, child)
+    except OffloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        reserved.close()
+    log.info("event=start processes=%d address=%s:%d", args.processes, args.host, port)
+    if args.announce:
+        print(f"listening on {args.host}:{port}", flush=True)
+    return wait()
+
+
+def _serve_until_signalled(
+    config: ServerConfig, announce: bool, ready: Callable[[], None] | None = None
+) -> int:
     try:
         running = serve(config)
     except OffloadError as exc:
@@ -170,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # Announce only once a signal can stop us gracefully: supervisors may signal right away.
-    if args.announce:
-        print(f"listening on {args.host}:{running.port}", flush=True)
+    if ready is not None:
+        ready()
+    if announce:
+        print(f"listening on {config.host}:{running.port}", flush=True)
         if running.metrics_port is not None:
-            print(f"metrics on {args.host}:{running.metrics_port}", flush=True)
+            print(f"metrics on {config.host}:{running.metrics_port}", flush=True)
     running.wait()
     log.info("event=stopped")
     return 0

@@ -35,18 +35,20 @@ def test_offloads_to_meet_a_target_the_device_alone_cannot(
     # while K=1 leaves it only capture. Even a machine 3x slower than ours shows the contrast.
     pipeline = load_pipeline(STAGES)
     server = start_server(pipeline)
-    reference, _ = run_split(pipeline, None, frames=150)
+    reference, _ = run_split(pipeline, None, frames=300)
     lines, report = run_split(
-        pipeline, 5, server.port, frames=150, fps=15.0, slowdown=25.0, control_period=1.0
+        pipeline, 5, server.port, frames=300, fps=15.0, slowdown=25.0, control_period=1.0
     )
     # Nothing lost or duplicated across the split changes: the client-only results, exactly.
     assert lines == reference
-    assert report["scheduler"]["history"], "the split never changed"
-    final = report["scheduler"]["final_split"]
-    assert final < 5
+    scheduler = report["scheduler"]
+    trace = f"history {scheduler['history']}, periods {scheduler['periods']}"
+    assert scheduler["history"], "the split never changed"
+    final = scheduler["final_split"]
+    assert final < 5, trace
     at_start = settled_periods(report, 5)
-    assert at_start and max(at_start) < 15
-    assert max(settled_periods(report, final)) >= 15
+    assert at_start and max(at_start) < 15, trace
+    assert max(settled_periods(report, final), default=0) >= 15, trace
 
 
 def test_takes_work_back_onto_the_device_when_the_target_is_low(
@@ -127,7 +129,7 @@ def test_report_shows_the_split_history_and_the_cloud_cost(
     pipeline = load_pipeline(BALL)
     server = start_server(pipeline)
     _, report = run_split(
-        pipeline, 3, server.port, source="synthetic", frames=40, fps=1000.0, control_period=0.2
+        pipeline, 3, server.port, source="synthetic", frames=120, fps=1000.0, control_period=0.1
     )
     json.dumps(report)  # the --report file is plain JSON
     scheduler = report["scheduler"]

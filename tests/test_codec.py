@@ -136,3 +136,10 @@ def test_malformed_wire_arrays_are_refused_before_allocating(
 
 def test_unset_value_decodes_as_none() -> None:
     assert decode(pb.Value()) is None
+
+
+def test_decode_errors_name_the_nested_field() -> None:
+    value = encode({"k": [1, np.zeros(2, np.uint8)]})
+    value.map_value.entries[0].value.list_value.items[1].array.dtype = "|O"
+    with pytest.raises(CodecError, match=r"^args\['k'\]\[1\]\.dtype: '\|O' is not an allowed"):
+        decode(value)

@@ -1,0 +1,87 @@
+"""Server options for many devices: several processes sharing a port, the allocator tuning."""
+
+from __future__ import annotations
+
+import platform
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from offload._allocator import keep_large_buffers
+
+from .test_cli import ENV, ROOT, cli_output, offload
+
+
+def listening_ports(process: psutil.Process) -> set[int]:
+    return {c.laddr.port for c in process.net_connections("tcp") if c.status == "LISTEN"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT load balancing is Linux's")
+def test_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "offload.server", "--host", "127.0.0.1", "--port", "0"),
+            *("--processes", "2", "--announce"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        children = psutil.Process(process.pid).children()
+        assert len(children) == 2
+        # Both serve the one port (the kernel spreads connections); the parent only supervises.
+        assert all(port in listening_ports(child) for child in children)
+        assert port not in listening_ports(psutil.Process(process.pid))
+        reference = cli_output(tmp_path, "local", "--frames", "20")
+        for k in (1, 5):
+            served = cli_output(
+                tmp_path,
+                f"k{k}",
+                "--frames",
+                "20",
+                "--local-tasks",
+                str(k),
+                "--server",
+                f"127.0.0.1:{port}",
+            )
+            assert served == reference, f"split {k}"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        _gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+def test_processes_must_be_positive() -> None:
+    result = offload("offload.server", "--processes", "0", "--port", "0")
+    assert result.returncode == 2
+    assert "--processes must be at least 1" in result.stderr
+
+
+def test_a_busy_port_is_a_clear_error_with_processes() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = offload(
+            "offload.server", "--host", "127.0.0.1", "--port", str(port), "--processes", "2"
+        )
+    assert result.returncode == 1
+    assert f"cannot bind 127.0.0.1:{port}" in result.stderr
+
+
+def test_allocator_tuning_applies_where_glibc_is() -> None:
+    assert keep_large_buffers() is (platform.libc_ver()[0] == "glibc")
