@@ -105,6 +105,7 @@ class Client:
         self.history: list[dict[str, Any]] = []
         self.periods: list[dict[str, Any]] = []
         self._said_infeasible = False
+        self._infeasible_streak = 0
         self.run_id = uuid.uuid4().hex
         self.recorder = Recorder(pipeline, output)
         self._stop = stop or threading.Event()
@@ -293,7 +294,9 @@ class Client:
         return decision
 
     def _apply(self, decision: Decision, now: float) -> None:
-        if decision.infeasible and not self._said_infeasible:
+        # Said once, and only when two decisions in a row agree: one noisy period is no verdict.
+        self._infeasible_streak = self._infeasible_streak + 1 if decision.infeasible else 0
+        if self._infeasible_streak >= 2 and not self._said_infeasible:
             self._said_infeasible = True
             log.warning("event=target-unreachable %s", decision.reason)
             print(f"offload: {decision.reason}", file=sys.stderr)

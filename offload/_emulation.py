@@ -96,11 +96,17 @@ class LinkEmulator:
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.gather(
-            self._pump(client_reader, server_writer),
-            self._pump(server_reader, client_writer),
-            return_exceptions=True,
-        )
+        try:
+            await asyncio.gather(
+                self._pump(client_reader, server_writer),
+                self._pump(server_reader, client_writer),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:
+            # Closing the emulator cancels its connections: end quietly, as a cut cable would
+            # (asyncio's server would otherwise log every cancelled connection as an error).
+            for writer in (client_writer, server_writer):
+                writer.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Carry one direction: serialise at the link rate, deliver half an RTT later.

@@ -139,17 +139,28 @@ class ModelPolicy:
             ratio = min(1.5, max(0.3, observed / current.throughput))
             self.efficiency = 0.5 * self.efficiency + 0.5 * ratio
 
-        def expected(k: int) -> float:
+        def measured(k: int) -> float | None:
             if k == m.split and observed is not None:
                 return observed
-            model = by_split[k].throughput * self.efficiency
             seen = self._observed.get(k)
             if seen is not None and self._decisions - seen[1] <= self.memory:
-                return min(model, seen[0])
-            return model
+                return seen[0]
+            return None
 
-        need = self.target * (1 + self.margin)
-        meets = [k for k in by_split if expected(k) >= need]
+        def expected(k: int) -> float:
+            model = by_split[k].throughput * self.efficiency
+            seen = measured(k)
+            if seen is None:
+                return model
+            return seen if k == m.split else min(model, seen)
+
+        def meets_target(k: int) -> bool:
+            # The margin covers the model's error; a measured rate needs only half of it,
+            # against noise.
+            margin = self.margin / 2 if measured(k) is not None else self.margin
+            return expected(k) >= self.target * (1 + margin)
+
+        meets = [k for k in by_split if meets_target(k)]
         infeasible = not meets
         if meets:
             choice = max(meets)
@@ -164,7 +175,7 @@ class ModelPolicy:
         if choice == m.split:
             self._proposal, self._proposals = None, 0
             return Decision(m.split, reason, predictions, infeasible)
-        keep = m.split in by_split and expected(m.split) >= self.target * (1 + self.margin / 2)
+        keep = m.split in by_split and meets_target(m.split)
         missing = observed is not None and observed < self.target
         if missing and expected(choice) > expected(m.split):
             self._proposal, self._proposals = None, 0
@@ -176,7 +187,8 @@ class ModelPolicy:
         if self._proposals < self.confirm:
             return Decision(
                 m.split,
-                f"stay at {m.split}: {choice} proposed ({self._proposals}/{self.confirm})",
+                f"stay at {m.split}: {choice} proposed ({self._proposals}/{self.confirm}); "
+                f"{reason}",
                 predictions,
                 infeasible,
             )
