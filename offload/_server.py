@@ -61,8 +61,12 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     """Size limits and keepalive: the server pings idle clients, and tolerates their pings."""
     keepalive = config.keepalive
     min_ping_ms = int(keepalive.min_ping_interval * 1000)
+    limit = config.limits.max_message_bytes
     return [
-        *channel_options(config.limits.max_message_bytes),
+        # Twice the limit reaches the service, which refuses anything over the limit itself
+        # with a message naming --max-message-bytes; beyond that gRPC refuses on its own.
+        ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
+        ("grpc.max_send_message_length", limit),
         ("grpc.keepalive_time_ms", int(keepalive.time * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
         # gRPC >= 1.6x waits for a ping's answer this long (default a minute), whatever the

@@ -375,8 +375,23 @@ class OffloadServicer:
                     "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
                 )
 
-    @staticmethod
-    def _parse(data: bytes, index: int, context: grpc.ServicerContext, peer: str) -> pb.TaskState:
+    def _parse(
+        self, data: bytes, index: int, context: grpc.ServicerContext, peer: str
+    ) -> pb.TaskState:
+        limit = self.executor.config.limits.max_message_bytes
+        if len(data) > limit:
+            # gRPC lets messages up to twice the limit through (server_options) so that the
+            # refusal can say which option to raise; its own text does not.
+            message = (
+                f"message {index} of the stream is {len(data)} bytes, more than this server's "
+                f"--max-message-bytes {limit}: raise it on the server and on the client"
+            )
+            log.warning(
+                "event=reject peer=%s code=RESOURCE_EXHAUSTED reason=%s",
+                quote(peer),
+                quote(message),
+            )
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         try:
             return pb.TaskState.FromString(data)
         except DecodeError as exc:

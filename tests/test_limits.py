@@ -75,6 +75,8 @@ def test_a_message_at_the_limit_passes_and_one_byte_more_is_resource_exhausted(
         with pytest.raises(grpc.RpcError) as err:
             list(call(iter([state_of_size(LIMIT + 1, item=1)]), timeout=10))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Any client (not only ours) is told which option to raise.
+    assert f"more than this server's --max-message-bytes {LIMIT}" in err.value.details()
 
 
 def run_echo(port: int, sizes: list[int], limit: int) -> tuple[list[dict[str, object]], dict]:  # type: ignore[type-arg]
