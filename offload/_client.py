@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import IO, Any
 
 from ._codec import check_size, decode, encode, encode_into
@@ -433,10 +432,6 @@ def run_client(
     config: ClientConfig,
     transport: Transport | None = None,
     output: IO[str] | None = None,
-    on_start: Callable[[Client], None] | None = None,
 ) -> dict[str, Any]:
     """Run a client to the end and return its report."""
-    client = Client(pipeline, config, transport, output)
-    if on_start is not None:
-        on_start(client)
-    return client.run()
+    return Client(pipeline, config, transport, output).run()
