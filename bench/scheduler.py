@@ -84,20 +84,34 @@ def run_once(
 
 
 def static_sweep(
-    pipeline: offload.Pipeline, target: str, link: LinkSpec, slowdown: float, seconds: float
-) -> dict[int, dict[str, float]]:
+    pipeline: offload.Pipeline,
+    target: str,
+    link: LinkSpec,
+    slowdown: float,
+    seconds: float,
+    repeats: int,
+) -> dict[int, dict[str, Any]]:
+    """Every static split, ``repeats`` rounds interleaved (K=1..N-1, then again): medians."""
+    runs: dict[int, list[dict[str, Any]]] = {k: [] for k in range(1, len(pipeline))}
+    frames: dict[int, int] = {}
+    for _ in range(repeats):
+        for k, reports in runs.items():
+            if k not in frames:  # a short run first to size runs of about `seconds`
+                probe = run_once(pipeline, target, link, slowdown, k, frames=20)
+                frames[k] = int(max(probe["finished_per_second"], 1.0) * seconds) + 10
+            reports.append(run_once(pipeline, target, link, slowdown, k, frames[k]))
     sweep = {}
-    for k in range(1, len(pipeline)):
-        # A short run first to estimate the rate, then one of about `seconds`.
-        probe = run_once(pipeline, target, link, slowdown, k, frames=20)
-        rate = max(probe["finished_per_second"], 1.0)
-        report = run_once(pipeline, target, link, slowdown, k, frames=int(rate * seconds) + 10)
+    for k, reports in runs.items():
+        rates = [r["throughput_per_second"] for r in reports]
         sweep[k] = {
-            "throughput_per_second": report["throughput_per_second"],
-            "server_cpu_ms_per_item": 1000 * report["cloud"]["server_cpu_seconds_per_item"],
-            "latency_p50_ms": report["latency_ms"]["p50"],
+            "throughput_per_second": statistics.median(rates),
+            "throughput_runs": rates,
+            "server_cpu_ms_per_item": statistics.median(
+                1000 * r["cloud"]["server_cpu_seconds_per_item"] for r in reports
+            ),
+            "latency_p50_ms": statistics.median(r["latency_ms"]["p50"] for r in reports),
         }
-        print(f"  static K={k}: {sweep[k]['throughput_per_second']:.1f}/s", flush=True)
+        print(f"  static K={k}: {sweep[k]['throughput_per_second']:.1f}/s {rates}", flush=True)
     return sweep
 
 
@@ -162,15 +176,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"Emulation: device {result['slowdown']:g}x slower, link {result['link']}. "
         f"Control period {result['control_period']:g} s.",
         "",
-        "Static sweep (measured):",
+        f"Static sweep (measured; median of {result['sweep_repeats']} interleaved rounds):",
         "",
-        "| K | completed/s | server CPU ms/item | p50 latency ms |",
-        "| --- | --- | --- | --- |",
+        "| K | completed/s (median) | runs | server CPU ms/item | p50 latency ms |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for k, r in result["sweep"].items():
+        runs = ", ".join(f"{v:.1f}" for v in r["throughput_runs"])
         lines.append(
-            f"| {k} | {r['throughput_per_second']:.1f} | {r['server_cpu_ms_per_item']:.2f} | "
-            f"{r['latency_p50_ms']:.0f} |"
+            f"| {k} | {r['throughput_per_second']:.1f} | {runs} | "
+            f"{r['server_cpu_ms_per_item']:.2f} | {r['latency_p50_ms']:.0f} |"
         )
     lines += [
         "",
@@ -217,7 +232,8 @@ def main() -> None:
     parser.add_argument("--targets", default="10,17,28")
     parser.add_argument("--starts", default="1,3,6")
     parser.add_argument("--seconds", type=float, default=24.0, help="length of an automatic run")
-    parser.add_argument("--sweep-seconds", type=float, default=8.0)
+    parser.add_argument("--sweep-seconds", type=float, default=6.0)
+    parser.add_argument("--sweep-repeats", type=int, default=3)
     parser.add_argument("--period", type=float, default=2.0)
     args = parser.parse_args()
     link = LinkSpec.parse(args.link)
@@ -229,11 +245,14 @@ def main() -> None:
         "slowdown": args.slowdown,
         "link": str(link),
         "control_period": args.period,
+        "sweep_repeats": args.sweep_repeats,
     }
     server = EmbeddedServer(PIPELINE)
     try:
         print(f"static sweep: slowdown {args.slowdown:g}, link {link}", flush=True)
-        sweep = static_sweep(pipeline, server.target, link, args.slowdown, args.sweep_seconds)
+        sweep = static_sweep(
+            pipeline, server.target, link, args.slowdown, args.sweep_seconds, args.sweep_repeats
+        )
         result["sweep"] = sweep
         runs = []
         for target in targets:
