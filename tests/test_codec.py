@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ def assert_same(a: Any, b: Any) -> None:
         assert list(a) == list(b)
         for key in a:
             assert_same(a[key], b[key])
+    elif isinstance(a, float) and math.isnan(a):  # NaN equals nothing, itself included
+        assert math.isnan(b)
     else:
         assert a == b
 
