@@ -332,7 +332,8 @@ class Client:
         )
         try:
             encode_into(state.args, args, self.config.limits)
-            check_size(state, self.config.limits, f"item {item}")
+            data = state.SerializeToString()
+            check_size(data, self.config.limits, f"item {item}")
         except OffloadError as exc:
             now = time.perf_counter()
             self.telemetry.finished(False)
@@ -346,7 +347,7 @@ class Client:
                 at=now,
             )
             return
-        self.link.submit(Pending(item, split, state.SerializeToString(), began))
+        self.link.submit(Pending(item, split, data, began))
 
     # --- how items end (called by the link's threads) -----------------------------------------
 

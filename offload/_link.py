@@ -8,12 +8,16 @@ Every item handed to the link is *pending* until exactly one of these ends it:
 * a full offline buffer dropping it (``when_full`` drop-oldest / reject-new: counted, reported);
 * a fatal refusal (wrong token, other pipeline): the item is reported failed, the run stops.
 
-Threads: a supervisor connects (gRPC's channel does the exponential backoff) and resets a stream
-whose oldest item has waited longer than ``item_timeout``; a pump sends queued items in item
-order within the credit window; one reader per stream matches answers; a local worker runs the
-remaining tasks of queued items while no stream is up. When a stream breaks, its unanswered
-items go back to the queue: they are resent after a reconnect (the server de-duplicates by
-device, run and item) or, if no reconnect comes within ``resend_grace``, run on the device.
+Threads: the capturing thread sends an item itself when the stream is up and nothing waits
+ahead of it (the common case: no hand-over to another thread); a supervisor connects (gRPC's
+channel does the exponential backoff) and resets a stream whose oldest item has waited longer
+than ``item_timeout``; a pump sends queued items (resends, a backlog) in item order within the
+credit window; one reader per stream matches answers; a local worker runs the remaining tasks
+of queued items while no stream is up. Each waits on its own condition (one shared condition
+woke all of them for every item: ~35 context switches per item on the device, now ~20, most of
+them gRPC's own). When a stream breaks, its unanswered items go back to the queue: they are
+resent after a reconnect (the server de-duplicates by device, run and item) or, if no reconnect
+comes within ``resend_grace``, run on the device.
 """
 
 from __future__ import annotations
@@ -96,6 +100,11 @@ class Link:
         self.stats = LinkStats()
         self._pending: dict[int, Pending] = {}  # in item order (items arrive in order)
         self._lock = threading.Lock()
+        # One lock, a condition per kind of waiter: ``_space`` (submit and finish: an item
+        # ended), ``_sendable`` (the pump: something queued can go), ``_changed`` (the
+        # supervisor and the local worker: the stream came or went, closing, an offline item).
+        self._space = threading.Condition(self._lock)
+        self._sendable = threading.Condition(self._lock)
         self._changed = threading.Condition(self._lock)
         self._stream: Stream | None = None
         self._generation = 0
@@ -149,6 +158,11 @@ class Link:
                     return False
                 if self._stream is not None:
                     if len(self._pending) < self.window:
+                        if not self._has_queued():
+                            # Nothing ahead of it: send from this thread, no hand-over.
+                            self._pending[pending.item] = pending
+                            self._send(pending, self._stream)
+                            return True
                         break
                 else:
                     queued = [p for p in self._pending.values() if p.state == "queued"]
@@ -161,12 +175,15 @@ class Link:
                     if self.config.when_full == "reject-new":
                         victim = pending
                         break
-                self._changed.wait(0.1)
+                self._space.wait(0.1)
             if victim is not None:
                 self.stats.dropped += 1
             if victim is not pending:
                 self._pending[pending.item] = pending
-            self._changed.notify_all()
+            if self._stream is not None:
+                self._sendable.notify()
+            else:
+                self._changed.notify_all()  # the local worker may run it
         if victim is not None:
             self.owner.lost(
                 victim,
@@ -180,12 +197,12 @@ class Link:
         """Wait until every pending item has ended, then close the stream and stop."""
         with self._lock:
             while self._pending and self._error is None:
-                self._changed.wait(0.2)
+                self._space.wait(0.2)
             orphans = list(self._pending.values()) if self._error is not None else []
             self._pending.clear()
             stream, self._stream = self._stream, None
             self._closing = True
-            self._changed.notify_all()
+            self._wake_all()
         for pending in orphans:
             self.owner.lost(pending, "failed", f"unanswered: {self._error}")
         if stream is not None:
@@ -198,7 +215,7 @@ class Link:
         with self._lock:
             stream, self._stream = self._stream, None
             self._closing = True
-            self._changed.notify_all()
+            self._wake_all()
         if stream is not None:
             stream.cancel()
 
@@ -221,6 +238,23 @@ class Link:
 
     # --- the link's threads -------------------------------------------------------------------
 
+    def _wake_all(self) -> None:  # holds the lock; for rare events (stream up/down, closing)
+        self._space.notify_all()
+        self._sendable.notify_all()
+        self._changed.notify_all()
+
+    def _has_queued(self) -> bool:  # holds the lock
+        return any(p.state == "queued" for p in self._pending.values())
+
+    def _send(self, pending: Pending, stream: Stream) -> None:  # holds the lock
+        pending.state = "sent"
+        pending.sends += 1
+        pending.sent_at = time.perf_counter()
+        if pending.sends > 1:
+            self.stats.resent += 1
+        # Under the lock, so a stream that breaks now requeues this item too.
+        self.owner.sent(pending, stream.send_bytes(pending.data))
+
     def _event(self, text: str) -> None:
         if len(self.stats.events) < 20:
             self.stats.events.append(text)
@@ -239,7 +273,7 @@ class Link:
             if self.stats.connects > 1:
                 self._event(f"reconnected to {getattr(self.transport, 'target', 'the server')}")
                 log.warning("event=reconnected target=%s", getattr(self.transport, "target", "?"))
-            self._changed.notify_all()
+            self._wake_all()
         reader = threading.Thread(
             target=self._read, args=(stream, generation), name="offload-answers", daemon=True
         )
@@ -300,16 +334,9 @@ class Link:
                     chosen = self._next_to_send()
                     if chosen is not None:
                         break
-                    self._changed.wait(0.25)
-                stream = self._stream
-                assert stream is not None
-                chosen.state = "sent"
-                chosen.sends += 1
-                chosen.sent_at = time.perf_counter()
-                if chosen.sends > 1:
-                    self.stats.resent += 1
-                # Under the lock, so a stream that breaks now requeues this item too.
-                self.owner.sent(chosen, stream.send_bytes(chosen.data))
+                    self._sendable.wait(0.25)
+                assert self._stream is not None
+                self._send(chosen, self._stream)
 
     def _next_to_send(self) -> Pending | None:  # holds the lock
         if self._stream is None:
@@ -332,6 +359,7 @@ class Link:
                     chosen = self._next_to_run()
                     if chosen is not None:
                         break
+                    # Polls too: a requeued item becomes runnable when its grace ends.
                     self._changed.wait(0.05)
                 chosen.state = "local"
             try:
@@ -340,7 +368,7 @@ class Link:
                 with self._lock:
                     self._pending.pop(chosen.item, None)
                     self.stats.ran_locally += 1
-                    self._changed.notify_all()
+                    self._space.notify_all()
 
     def _next_to_run(self) -> Pending | None:  # holds the lock
         now = time.perf_counter()
@@ -367,7 +395,9 @@ class Link:
                     del self._pending[answer.item]
                     self._stalls = 0
                     self._last_answer = time.perf_counter()
-                    self._changed.notify_all()
+                    self._space.notify_all()
+                    if self._has_queued():
+                        self._sendable.notify()
                 self.owner.answered(pending, answer, size)
         except ServerError as exc:
             error = exc
@@ -383,7 +413,7 @@ class Link:
             if error is not None and is_fatal(error):
                 self._error = error
                 self._event(f"refused: {error}")
-                self._changed.notify_all()
+                self._wake_all()
                 return
             self.stats.disconnects += 1
             # Items of a stalled stream have waited item_timeout already: no more grace.
@@ -404,5 +434,5 @@ class Link:
                 reason,
                 self.config.resend_grace,
             )
-            self._changed.notify_all()
+            self._wake_all()
         stream.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from concurrent import futures
 from dataclasses import dataclass
 from types import ModuleType
@@ -108,9 +109,22 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
+def limit_task_threads(threads: int | None) -> None:
+    """Cap the thread pool of OpenCV, if the pipeline uses it (see ServerConfig.task_threads)."""
+    cv2 = sys.modules.get("cv2")
+    if threads is not None and cv2 is not None:
+        cv2.setNumThreads(threads)
+
+
 def serve(config: ServerConfig = ServerConfig(), pipeline: Pipeline | None = None) -> RunningServer:
     """Start a server (port 0 picks a free port; read it from ``.port``)."""
     pipeline = pipeline or load_pipeline(config.pipeline)
+    if config.task_threads is not None and config.task_threads < 1:
+        raise OffloadError(
+            f"task_threads {config.task_threads}: give at least 1, or None for the libraries' "
+            "own default"
+        )
+    limit_task_threads(config.task_threads)
     config.keepalive.check()
     credentials = server_credentials(config.security)
     token = config.security.token

@@ -51,6 +51,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--workers", type=int, default=64, help="concurrent device streams (default %(default)s)"
     )
     parser.add_argument(
+        "--task-threads",
+        type=int,
+        default=ServerConfig.task_threads,
+        metavar="N",
+        help="threads OpenCV may use inside one task; 0 = OpenCV's default (default "
+        "%(default)s: streams already run in parallel, nested pools only fight over cores)",
+    )
+    parser.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -126,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     for option, value, least in [
         ("--workers", args.workers, 1),
         ("--processes", args.processes, 1),
+        ("--task-threads", args.task_threads, 0),
         ("--grace", args.grace, 0),
         ("--metrics-max-devices", args.metrics_max_devices, 0),
         ("--max-message-bytes", args.max_message_bytes, 1024),
@@ -149,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        task_threads=args.task_threads or None,
         grace_seconds=args.grace,
         reflection=args.reflection,
         metrics_port=args.metrics_port,

@@ -1,4 +1,4 @@
-"""Server options for many devices: several processes sharing a port, the allocator tuning."""
+"""Server options for many devices: processes sharing a port, OpenCV threads, the allocator."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import psutil
 import pytest
 
+from offload import ServerConfig, serve
 from offload._allocator import keep_large_buffers
 
 from .test_cli import ENV, ROOT, cli_output, offload
@@ -71,6 +73,27 @@ def test_processes_must_be_positive() -> None:
     result = offload("offload.server", "--processes", "0", "--port", "0")
     assert result.returncode == 2
     assert "--processes must be at least 1" in result.stderr
+
+
+def test_task_threads_must_not_be_negative() -> None:
+    result = offload("offload.server", "--task-threads", "-1", "--port", "0")
+    assert result.returncode == 2
+    assert "--task-threads must be at least 0" in result.stderr
+
+
+@pytest.mark.parametrize(("task_threads", "expected"), [(1, 1), (3, 3), (None, "default")])
+def test_the_server_caps_opencv_threads_per_task(
+    task_threads: int | None, expected: int | str
+) -> None:
+    cv2.setNumThreads(-1)  # OpenCV's own default, whatever an earlier test left
+    default = cv2.getNumThreads()
+    config = ServerConfig(host="127.0.0.1", port=0, task_threads=task_threads)
+    running = serve(config)
+    try:
+        assert cv2.getNumThreads() == (default if expected == "default" else expected)
+    finally:
+        running.stop(None)
+        cv2.setNumThreads(-1)
 
 
 def test_a_busy_port_is_a_clear_error_with_processes() -> None:
