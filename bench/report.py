@@ -51,7 +51,9 @@ def _compare(data: dict[str, Any]) -> str:
             "### Against the seed's wire approach (completed items/s, median of runs)",
             "offload: results back at the device, validated; seed: length-prefixed pickle over "
             "TCP, buffered reader, fire-and-forget, counted at its server; prototype: the same "
-            "with the 2019 receiver (`data += recv(4096)`). Window 8, no emulation. Ratios are "
+            "with the 2019 receiver (`data += recv(4096)`) and, like the 2019 process, glibc's "
+            "default allocator (seed and offload get the large-buffer tuning of "
+            "`offload/_allocator.py`). Window 8, no emulation. Ratios are "
             "medians of per-repetition ratios (the two runs of a pair are back to back).",
             _table(
                 ["K", "offload", "seed", "prototype", "offload / seed", "offload / prototype"],

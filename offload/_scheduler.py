@@ -16,7 +16,7 @@ hysteresis so it does not flap. Replace it with any object that has ``decide``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 UNKNOWN = math.nan
@@ -84,6 +84,21 @@ def predict(m: Measurements, k: int) -> Prediction:
     return Prediction(k, rates[bottleneck] * m.completed_fraction, bottleneck, rates)
 
 
+def _with_carried_bandwidth(m: Measurements, observed: float | None) -> Measurements:
+    """Raise a bandwidth estimate below what the link was seen to carry at the split in use.
+
+    Packet-pair dispersion under-reads a link whose sender waits on flow control; the bytes
+    items actually carried are a floor. No estimate at all stays none (the link never limited).
+    """
+    if m.bandwidth is None or observed is None or not 1 <= m.split < m.tasks:
+        return m
+    cut = m.cut_bytes[m.split]
+    if math.isnan(cut) or m.completed_fraction <= 0:
+        return m
+    carried = observed / m.completed_fraction * cut  # filtered items travel too
+    return replace(m, bandwidth=max(m.bandwidth, carried)) if carried > m.bandwidth else m
+
+
 def _unknown(values: tuple[float, ...], indices: range) -> list[int]:
     return [i for i in indices if math.isnan(values[i])]
 
@@ -96,7 +111,10 @@ class ModelPolicy:
     decisions agreeing, and a split measured to meet the target within half the margin is kept.
     Measured beats predicted: throughput observed at a split (smoothed over the periods spent
     there) caps the model's promise for that split for ``memory`` decisions, so the policy does
-    not return on the model's word to a split it has just seen fall short.
+    not return on the model's word to a split it has just seen fall short. How far off the model
+    is gets learned per bottleneck (observed / predicted at the split in use) and applied only to
+    splits limited by the same resource: an error in the link estimate says nothing about the
+    device. Items the link has carried prove a bandwidth: an estimate below it is raised.
     """
 
     def __init__(
@@ -104,7 +122,7 @@ class ModelPolicy:
         target: float,
         margin: float = 0.10,
         confirm: int = 2,
-        probe_items: int = 4,
+        probe_items: int = 6,
         memory: int = 10,
     ) -> None:
         if target <= 0:
@@ -113,7 +131,8 @@ class ModelPolicy:
         self.margin = margin
         self.confirm = confirm
         self.probe_items = probe_items
-        self.efficiency = 1.0  # observed / predicted at the split in use, smoothed
+        # Observed / predicted at the split in use, smoothed, per bottleneck resource.
+        self.efficiency: dict[str, float] = {}
         self._proposal: int | None = None
         self._proposals = 0
         self._probed: set[int] = set()
@@ -128,16 +147,18 @@ class ModelPolicy:
         probe = self._probe(m, first, last)
         if probe is not None:
             return probe
+        self._decisions += 1
+        observed = self._observe(m)
+        m = _with_carried_bandwidth(m, observed)
         predictions = tuple(predict(m, k) for k in range(first, last + 1))
         by_split = {p.split: p for p in predictions}
-        self._decisions += 1
         current = by_split.get(m.split)
-        observed = self._observe(m)
         if current is not None and observed is not None and current.throughput > 0:
             # The model misses fixed costs (encoding, Python overhead): learn how far off it is
-            # at the split we can observe, and apply that to the others.
+            # for the resource limiting the split we can observe.
             ratio = min(1.5, max(0.3, observed / current.throughput))
-            self.efficiency = 0.5 * self.efficiency + 0.5 * ratio
+            before = self.efficiency.get(current.bottleneck, 1.0)
+            self.efficiency[current.bottleneck] = 0.5 * before + 0.5 * ratio
 
         def measured(k: int) -> float | None:
             if k == m.split and observed is not None:
@@ -148,7 +169,7 @@ class ModelPolicy:
             return None
 
         def expected(k: int) -> float:
-            model = by_split[k].throughput * self.efficiency
+            model = by_split[k].throughput * self.efficiency.get(by_split[k].bottleneck, 1.0)
             seen = measured(k)
             if seen is None:
                 return model

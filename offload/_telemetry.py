@@ -31,11 +31,23 @@ class _Ewma:
     def __init__(self, n: int, reference: int) -> None:
         self.value = [UNKNOWN] * n
         self.ref_at = [UNKNOWN] * n
+        self.samples = [0] * n  # samples averaged in so far
+        self.cold = [True] * n
         self.reference = reference
 
     def add(self, task: int, seconds: float) -> None:
+        if self.cold[task]:
+            self.cold[task] = False
+            if task != self.reference:
+                # A task's first call here is cold (imports, first-use setup such as the JPEG
+                # encoder's tables): with few samples, as in a probe, it would dominate the
+                # average. The reference task is always running: its first sample is kept.
+                return
+        self.samples[task] += 1
+        # The plain mean until there are 1/ALPHA samples, then exponential smoothing.
+        weight = max(ALPHA, 1 / self.samples[task])
         old = self.value[task]
-        self.value[task] = seconds if math.isnan(old) else old + ALPHA * (seconds - old)
+        self.value[task] = seconds if math.isnan(old) else old + weight * (seconds - old)
         self.ref_at[task] = self.value[self.reference]
 
     def estimates(self) -> tuple[float, ...]:

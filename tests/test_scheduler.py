@@ -178,11 +178,11 @@ def test_probes_what_it_has_not_measured_first() -> None:
     first = ModelPolicy(17).decide(
         replace(world.measure(3), device_seconds=DEVICE[:3] + unknown[3:])
     )
-    assert first == Decision(6, first.reason, hold_items=4)
+    assert first == Decision(6, first.reason, hold_items=6)
     assert "device times of tasks [3, 4, 5]" in first.reason
     policy = ModelPolicy(17)
     probe = policy.decide(replace(world.measure(6), server_seconds=unknown[:6] + SERVER[6:]))
-    assert probe.split == 1 and probe.hold_items == 4
+    assert probe.split == 1 and probe.hold_items == 6
     # Leaving a probe is immediate: it was never a choice.
     assert policy.decide(world.measure(1, settled=False)).split == 5
 
@@ -190,3 +190,16 @@ def test_probes_what_it_has_not_measured_first() -> None:
 def test_rejects_a_non_positive_target() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         ModelPolicy(0)
+
+
+def test_a_bandwidth_estimate_below_what_the_link_carried_is_raised() -> None:
+    # K=1 is device-bound at 40/s (the link allows 44/s), but packet pairs under-read the link
+    # at 10 MB/s (17.8/s at K=1). The 40 items/s it carried prove more: 30/s is feasible.
+    world = World()
+    low = replace(world.measure(1), bandwidth=10 * MB)
+    assert low.throughput == pytest.approx(40, rel=0.01)
+    decision = ModelPolicy(30).decide(low)
+    assert decision.split == 1
+    assert not decision.infeasible, decision.reason
+    at_one = next(p for p in decision.predictions if p.split == 1)
+    assert at_one.bottleneck == "device"
