@@ -176,6 +176,10 @@ class ModelPolicy:
             return seen if k == m.split else min(model, seen)
 
         def meets_target(k: int) -> bool:
+            if k == m.split and observed is not None:
+                # Hysteresis: a split is entered with a margin but kept while its measured
+                # rate (smoothed over the stay) meets the target itself.
+                return observed >= self.target
             # The margin covers the model's error; a measured rate needs only half of it,
             # against noise.
             margin = self.margin / 2 if measured(k) is not None else self.margin
@@ -187,7 +191,30 @@ class ModelPolicy:
             choice = max(meets)
         else:  # nothing meets the target: run where throughput is best (ties: more local)
             choice = max(by_split, key=lambda k: (round(expected(k), 6), k))
+            if observed is not None and choice != m.split and m.split in by_split:
+                # Leave a measured split only for one predicted better by more than the
+                # model's error, or a wrong guess costs throughput the run cannot afford.
+                margin = self.margin / 2 if measured(choice) is not None else self.margin
+                if expected(choice) < observed * (1 + margin):
+                    choice = m.split
         reason = self._reason(m.split, choice, expected, by_split, infeasible)
+        up = m.split + 1
+        if (
+            choice == m.split
+            and not infeasible
+            and observed is not None
+            and up in by_split
+            and up not in self._observed
+            and expected(up) >= self.target
+        ):
+            # The model puts one more task on the device inside its own error margin: only a
+            # measurement can tell, so try it, once per run (confirmed like any move; a miss
+            # there is remembered and undone).
+            choice = up
+            reason = (
+                f"split {m.split} -> {up}: trying K={up}, predicted {expected(up):.1f}/s, within "
+                f"the model's margin of the {self.target:g} target"
+            )
 
         if self._after_probe:  # the probe split was never a choice: leave it without ado
             self._after_probe = False
