@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import numpy as np
-from google.protobuf.message import Message
 
 from ._config import Limits
 from .exceptions import CodecError
@@ -137,12 +136,10 @@ def _encode_array(out: pb.NDArray, value: np.ndarray | np.generic, limits: Limit
     out.scalar = isinstance(value, np.generic)
 
 
-def check_size(message: Message | bytes, limits: Limits, what: str) -> None:
-    """Refuse a message over ``Limits.max_message_bytes`` before gRPC does, naming the option.
-
-    Give the serialised bytes when there are any: ``ByteSize()`` serialises the message again.
-    """
-    size = len(message) if isinstance(message, bytes) else message.ByteSize()
+def check_size(data: bytes, limits: Limits, what: str) -> None:
+    """Refuse a serialised message over ``Limits.max_message_bytes`` before gRPC does, naming
+    the option (the bytes, not the message: ``ByteSize()`` would serialise it once more)."""
+    size = len(data)
     if size > limits.max_message_bytes:
         raise CodecError(
             f"{what} is {size} bytes, more than --max-message-bytes {limits.max_message_bytes}: "

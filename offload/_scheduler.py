@@ -96,7 +96,7 @@ def _with_carried_bandwidth(m: Measurements, observed: float | None) -> Measurem
     if math.isnan(cut) or m.completed_fraction <= 0:
         return m
     carried = observed / m.completed_fraction * cut  # filtered items travel too
-    return replace(m, bandwidth=max(m.bandwidth, carried)) if carried > m.bandwidth else m
+    return replace(m, bandwidth=carried) if carried > m.bandwidth else m
 
 
 def _unknown(values: tuple[float, ...], indices: range) -> list[int]:
