@@ -18,6 +18,7 @@ ALPHA = 0.2  # EWMA weight of a new sample: ~5 recent items dominate, noise is d
 MAX_DRIFT = 4.0
 WARMUP_ITEMS = 2  # the first items pay for imports, caches and opening the camera: not typical
 _LINK_SAMPLES = 32
+_TRANSIT_SAMPLES = 256  # items over which the least transit time is the link's baseline
 
 
 class _Ewma:
@@ -70,6 +71,8 @@ class Telemetry:
         self._cuts = [UNKNOWN] * (tasks + 1)
         self._bandwidth: deque[float] = deque(maxlen=_LINK_SAMPLES)
         self._rtt: deque[float] = deque(maxlen=_LINK_SAMPLES)
+        # Server arrival minus device send time: a constant clock offset plus the time in transit.
+        self._transit: deque[float] = deque(maxlen=_TRANSIT_SAMPLES)
         self._previous: tuple[int, float, float] | None = None  # item, sent, server arrival
         self._completed = 0
         self._finished = 0
@@ -107,13 +110,18 @@ class Telemetry:
                 for task, seconds in timings:
                     self._server.add(task, seconds)
             previous, self._previous = self._previous, (item, sent, server_arrival)
+            if server_arrival > 0:
+                self._transit.append(server_arrival - sent)
             if previous is not None and previous[0] == item - 1 and server_arrival > 0:
                 send_gap = sent - previous[1]
                 arrival_gap = server_arrival - previous[2]
-                # Packet-pair dispersion: if the link spread two items further apart than the
-                # device sent them, the second one queued behind the first, and the spread is
-                # its transmission time.
-                if arrival_gap > 1.2 * send_gap and arrival_gap > 0:
+                # Packet-pair dispersion: when an item was sent while the one before it was still
+                # queued in the link (in transit longer than the least transit seen, by more than
+                # the gap between the two sends), the link spaced their arrivals by this item's
+                # transmission time. Pairs the link never queued only measure how fast the device
+                # sent, plus scheduling jitter: they would read an idle link as a saturated one.
+                queued = previous[2] - previous[1] - min(self._transit) > send_gap
+                if queued and arrival_gap > send_gap and arrival_gap > 0:
                     self._bandwidth.append(size_up / arrival_gap)
             bandwidth = self._bandwidth_estimate()
             transmit = size_up / bandwidth if bandwidth else 0.0

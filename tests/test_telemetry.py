@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -35,3 +36,61 @@ def test_few_samples_are_averaged_plainly_then_smoothed() -> None:
     for n in range(3, 60):
         telemetry.device_times(WARMUP_ITEMS + n, [(0, 0.040)])
     assert device_seconds(telemetry)[0] == pytest.approx(0.040, rel=1e-3)
+
+
+def simulate_link(
+    telemetry: Telemetry,
+    *,
+    items: int,
+    size: int,
+    bandwidth: float,
+    device_interval: float,
+    window: int,
+    rtt: float = 0.030,
+    jitter: float = 0.0,
+) -> None:
+    """A device offering an item every ``device_interval`` s, at most ``window`` in flight, over
+    a FIFO link of ``bandwidth`` bytes/s; the server's arrival stamps run 100 s ahead of the
+    device's clock and are late by up to ``jitter`` s (a busy server thread)."""
+    late = random.Random(7)
+    link_free = 0.0
+    answered_at: list[float] = []
+    for item in range(items):
+        sent = item * device_interval
+        if item >= window:
+            sent = max(sent, answered_at[item - window])
+        start = max(sent + rtt / 2, link_free)
+        link_free = start + size / bandwidth
+        arrival = link_free + late.uniform(0, jitter)
+        received = arrival + 0.002 + rtt / 2
+        answered_at.append(received)
+        telemetry.answer(item, size, sent, received, 100.0 + arrival, 0.002, [])
+
+
+def bandwidth(telemetry: Telemetry) -> float | None:
+    return telemetry.snapshot(split=1, period_seconds=1.0, settled=True).bandwidth
+
+
+def test_an_idle_link_is_not_read_as_a_saturated_one() -> None:
+    # 560 kB items take 22 ms on a 25 MB/s link; the device sends one every 50 ms. Arrival
+    # stamps late by up to 15 ms make many arrival gaps exceed their send gaps by 20 %: the
+    # old estimator read the sending rate (~10 MB/s) as the link's.
+    telemetry = Telemetry(tasks=3, window=4)
+    simulate_link(
+        telemetry, items=200, size=560_000, bandwidth=25e6, device_interval=0.050, window=4,
+        jitter=0.015,
+    )  # fmt: skip
+    assert bandwidth(telemetry) is None
+
+
+def test_a_link_that_queues_items_is_measured() -> None:
+    # A 2.5 MB/s link carries a 560 kB item in 224 ms; the device could send every 50 ms, so
+    # items queue and the window's credits pace the sender at the link's rate.
+    telemetry = Telemetry(tasks=3, window=4)
+    simulate_link(
+        telemetry, items=60, size=560_000, bandwidth=2.5e6, device_interval=0.050, window=4,
+        jitter=0.005,
+    )  # fmt: skip
+    measured = bandwidth(telemetry)
+    assert measured is not None
+    assert measured == pytest.approx(2.5e6, rel=0.05)
