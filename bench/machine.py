@@ -69,4 +69,5 @@ def one_line(machine: dict[str, Any]) -> str:
         f"{machine['python']}, grpcio {v['grpcio']}, protobuf {v['protobuf']}, numpy "
         f"{v['numpy']}, OpenCV {v['opencv-python-headless']}; commit {machine['commit']}, "
         f"{machine['when']}"
+        + ("; device side pinned to CPU 0, servers to CPU 1" if machine.get("pinned") else "")
     )

@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# CPUs the servers are confined to (``python -m bench --pin-cores``); None: the whole machine.
+SERVER_CPUS: set[int] | None = None
 
 
 class ServerProcess:
@@ -16,14 +18,22 @@ class ServerProcess:
 
     def __init__(self, args: list[str], timeout: float = 60.0) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.process = subprocess.Popen(
-            [sys.executable, *args],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
+        # A child inherits the affinity of the thread that forks it, and its threads inherit it
+        # in turn: confine this thread around the fork (no preexec_fn: unsafe with threads).
+        mine = os.sched_getaffinity(0)
+        if SERVER_CPUS:
+            os.sched_setaffinity(0, SERVER_CPUS)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, *args],
+                stdout=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                env=env,
+                cwd=ROOT,
+            )
+        finally:
+            os.sched_setaffinity(0, mine)
         line: list[str] = []
         assert self.process.stdout is not None
         stdout = self.process.stdout

@@ -80,8 +80,9 @@ def _compare(data: dict[str, Any]) -> str:
             "stream's items run in order), link = loopback bandwidth / bytes at the cut), work "
             "per captured item measured with every task run alone; achieved = items finished "
             "end to end per second (completed + filtered). The in-run bound uses the task "
-            "times measured during the offload runs themselves (device and server share 2 "
-            f"cores). Task ms per item: {cal['task_ms_per_item']}; bytes at each cut: "
+            "times measured during the offload runs themselves (device and server side by "
+            "side, sharing the cores unless pinned). Task ms per item: "
+            f"{cal['task_ms_per_item']}; bytes at each cut: "
             f"{cal['cut_bytes'][1:]}; loopback {data['loopback_bytes_per_second'] / 1e6:.0f} "
             "MB/s.",
             _table(

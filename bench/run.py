@@ -21,7 +21,7 @@ from typing import Any
 from offload import load_pipeline
 from offload._allocator import keep_large_buffers
 
-from . import codec, compare, machine, report, scaling, transport, window
+from . import codec, compare, machine, procs, report, scaling, transport, window
 from . import pipeline as bench_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: few items, 1 rep")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
+        "--pin-cores",
+        action="store_true",
+        help="device side on CPU 0, servers on CPU 1, as on two machines (default: both share "
+        "every core); write to another --out",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="measure nothing: rewrite the summary and plots from the JSON files in --out",
@@ -68,10 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     if args.quick:
         args.reps, args.items = 1, 60
+    if args.pin_cores:
+        if len(os.sched_getaffinity(0)) < 2:
+            parser.error("--pin-cores needs 2 CPUs: one for the device side, one for the servers")
+        # Before any thread exists: the threads this process starts later inherit it.
+        os.sched_setaffinity(0, {0})
+        procs.SERVER_CPUS = {1}
     # The same allocator tuning the offload client CLI and server use (see offload/_allocator).
     keep_large_buffers()
     args.out.mkdir(parents=True, exist_ok=True)
     about = machine.describe()
+    about["pinned"] = args.pin_cores
     log(f"machine: {machine.one_line(about)}")
     pipeline = load_pipeline(bench_pipeline.NAME)
     frames = bench_pipeline.render(args.source, 120)
