@@ -266,6 +266,9 @@ def main() -> None:
     parser.add_argument("--sweep-seconds", type=float, default=8.0)
     parser.add_argument("--sweep-repeats", type=int, default=3)
     parser.add_argument("--period", type=float, default=2.0)
+    parser.add_argument(
+        "--name", default="scheduler", help="results go to bench/results/NAME.{json,md}"
+    )
     args = parser.parse_args()
     link = LinkSpec.parse(args.link)
     targets = [float(t) for t in args.targets.split(",")]
@@ -312,9 +315,9 @@ def main() -> None:
         "median_cpu_vs_oracle": round(statistics.median(cpu), 3) if cpu else None,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scheduler.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    (RESULTS / "scheduler.md").write_text(table)
+    (RESULTS / f"{args.name}.md").write_text(table)
     print(table)
     print(f"took {time.process_time():.0f} s of CPU in this process")
 
