@@ -150,7 +150,12 @@ class ModelPolicy:
         self._decisions += 1
         observed = self._observe(m)
         m = _with_carried_bandwidth(m, observed)
-        predictions = tuple(predict(m, k) for k in range(first, last + 1))
+        # Splits the policy has not measured enough to predict (see ``_probe``) are no choice.
+        predictions = tuple(
+            p for k in range(first, last + 1) if not math.isnan((p := predict(m, k)).throughput)
+        )
+        if not predictions:
+            return Decision(m.split, f"stay at {m.split}: no split can be predicted yet")
         by_split = {p.split: p for p in predictions}
         current = by_split.get(m.split)
         if current is not None and observed is not None and current.throughput > 0:
@@ -259,7 +264,8 @@ class ModelPolicy:
 
     def _probe(self, m: Measurements, first: int, last: int) -> Decision | None:
         """Measure what the model needs once: device times of the tasks the server runs and
-        server times of the tasks the device runs, by running a few items at the far splits."""
+        server times of the tasks the device runs, by running a few items at the far splits. The
+        server times are probed only once a split below the most local one may be needed."""
         missing_device = _unknown(m.device_seconds, range(0, last))
         missing_cuts = _unknown(m.cut_bytes, range(first, last + 1))
         if (missing_device or missing_cuts) and last not in self._probed:
@@ -268,7 +274,7 @@ class ModelPolicy:
             what = f"device times of tasks {missing_device}" if missing_device else "cut sizes"
             return Decision(last, f"probe: {what} unknown", hold_items=self.probe_items)
         missing_server = _unknown(m.server_seconds, range(first, last + 1))
-        if missing_server and first not in self._probed:
+        if missing_server and first not in self._probed and not self._last_suffices(m, last):
             self._probed.add(first)
             self._after_probe = True
             return Decision(
@@ -277,6 +283,19 @@ class ModelPolicy:
                 hold_items=self.probe_items,
             )
         return None
+
+    def _last_suffices(self, m: Measurements, last: int) -> bool:
+        """Whether the most local split is expected to meet the target with the margin.
+
+        Then which lower split would also meet it is moot, and the probe that measures their
+        server times (items sent as raw as they come: the heaviest load on link and cloud) waits
+        until it is not.
+        """
+        if m.split == last and m.settled and 0 < m.throughput < self.target:
+            return False
+        p = predict(m, last)
+        expected = p.throughput * self.efficiency.get(p.bottleneck, 1.0)
+        return expected >= self.target * (1 + self.margin)
 
     def _reason(
         self,

@@ -189,6 +189,29 @@ def test_probes_what_it_has_not_measured_first() -> None:
     assert policy.decide(world.measure(1, settled=False)).split == 5
 
 
+def test_probes_the_server_only_when_a_lower_split_may_be_needed() -> None:
+    # Started at K=3: the device has timed tasks 0-2, the server tasks 3-6.
+    unknown = (math.nan,) * 7
+    world = World()
+    policy = ModelPolicy(12)
+
+    def seen(split: int, settled: bool = True) -> Measurements:
+        m = world.measure(split, settled)
+        return replace(m, server_seconds=unknown[:3] + m.server_seconds[3:])
+
+    first = policy.decide(replace(seen(3), device_seconds=DEVICE[:3] + unknown[3:]))
+    assert first.split == 6 and first.hold_items == 6  # probe: device times of tasks 3-5
+    # K=6 (16.9/s) meets 12/s with the margin: no lower split can be the answer, so the server
+    # times of tasks 1-2 are not worth a probe that sends every item raw to the cloud.
+    assert [policy.decide(seen(6, settled)).split for settled in (False, True, True)] == [6] * 3
+    # The device slows down: K=6 misses, lower splits must be weighed, and now they are probed.
+    world.device = tuple(1.6 * t for t in DEVICE)
+    probe = policy.decide(seen(6))
+    assert probe.split == 1 and probe.hold_items == 6
+    assert "server times of tasks [1, 2]" in probe.reason
+    assert run(policy, world, 1, periods=8)[-1] == oracle(world, 12) < 6
+
+
 def test_rejects_a_non_positive_target() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         ModelPolicy(0)
