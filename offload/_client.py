@@ -200,15 +200,17 @@ class Client:
         n = len(self.pipeline.tasks)
         item = 0
         period_start = time.perf_counter()
-        next_decision_item: int | None = None
+        # A probe holds its split until its items have finished (their answers carry the server
+        # times and link samples it is for), or two control periods at most.
+        hold_until: tuple[int, float] | None = None  # (finished items, deadline)
         settled = True
         while not self._stop.is_set() and self.error is None:
             if self.config.frames is not None and item >= self.config.frames:
                 break
             if self.policy is not None:
                 now = time.perf_counter()
-                if next_decision_item is not None:
-                    due = item >= next_decision_item
+                if hold_until is not None:
+                    due = self.telemetry.finished_items >= hold_until[0] or now >= hold_until[1]
                 else:
                     due = now - period_start >= self.config.control_period
                 if due:
@@ -216,15 +218,17 @@ class Client:
                     settled = decision.split == self._split
                     self._apply(decision, now)
                     period_start = now
-                    next_decision_item = (
-                        item + decision.hold_items if decision.hold_items is not None else None
+                    hold_until = (
+                        (item + decision.hold_items, now + 2 * self.config.control_period)
+                        if decision.hold_items is not None
+                        else None
                     )
             split = self.split
             capture_time = time.time()
             began = time.perf_counter()
             context = ItemContext(self.config.device_id, self.run_id, item, capture_time, False)
             sample = self.policy is not None and (
-                item % SIZE_SAMPLE_EVERY == 0 or next_decision_item is not None
+                item % SIZE_SAMPLE_EVERY == 0 or hold_until is not None
             )
             outcome = run_tasks(
                 self.pipeline,

@@ -59,7 +59,7 @@ class Decision:
     reason: str
     predictions: tuple[Prediction, ...] = ()
     infeasible: bool = False  # no split is predicted to meet the target
-    hold_items: int | None = None  # decide again after this many items, not at the period end
+    hold_items: int | None = None  # decide once this many items at it finished, not per period
 
 
 class SplitPolicy(Protocol):

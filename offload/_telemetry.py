@@ -141,6 +141,11 @@ class Telemetry:
             if completed:
                 self._completed += 1
 
+    @property
+    def finished_items(self) -> int:
+        """Items finished so far: answered, completed or filtered on the device, or failed."""
+        return self._finished
+
     def snapshot(self, split: int, period_seconds: float, settled: bool) -> Measurements:
         """Measurements for the policy; starts a new period.
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import socket
 import threading
 import time
@@ -10,9 +12,11 @@ from collections.abc import Callable
 
 import pytest
 
-from offload import ConfigError, load_pipeline
+from offload import ClientConfig, ConfigError, GrpcTransport, load_pipeline
+from offload._client import Client
 from offload._emulation import LinkEmulator, LinkSpec
-from offload._server import RunningServer
+from offload._scheduler import Decision, Measurements, ModelPolicy
+from offload._server import RunningServer, channel_options
 
 from .conftest import run_split
 
@@ -141,3 +145,42 @@ def test_report_shows_the_split_history_and_the_cloud_cost(
     # 1000/s is out of reach: the probes ran, and every task has times on both sides.
     assert any("probe" in h["reason"] for h in scheduler["history"])
     assert all(t["server_runs"] for t in report["tasks"][1:])
+
+
+def test_a_probe_is_decided_on_once_its_answers_are_back(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # On a 20 Mbit/s link a raw frame takes ~0.2 s to cross. The probe at K=1 is for the server
+    # times and the link's bandwidth, which come back with its answers: deciding when its items
+    # were merely sent, the policy had neither and moved to K=5 (link-bound at 4.4/s) as if it
+    # were device-bound at 10/s.
+    pipeline = load_pipeline(BALL)
+    pipeline.set_source("synthetic")
+    server = start_server(pipeline)
+    link = LinkEmulator(f"127.0.0.1:{server.port}", LinkSpec.parse("20mbit,10ms"))
+    seen: list[tuple[Measurements, Decision]] = []
+
+    class Recording(ModelPolicy):
+        def decide(self, m: Measurements) -> Decision:
+            decision = super().decide(m)
+            seen.append((m, decision))
+            return decision
+
+    # 30/s: no split meets it (K=6 runs ~15/s at this slowdown), so every split is weighed.
+    config = ClientConfig(
+        pipeline=BALL, local_tasks=6, frames=90, fps=30.0, slowdown=10.0, control_period=1.5,
+        device_id="probe",
+    )  # fmt: skip
+    transport = GrpcTransport(link.target, channel_options(config.limits.max_message_bytes), 10)
+    try:
+        Client(pipeline, config, transport, io.StringIO(), policy=Recording(30.0)).run()
+    finally:
+        transport.close()
+        link.close()
+    probes = [i for i, (_, d) in enumerate(seen) if d.hold_items and d.split == 1]
+    assert probes, [d.reason for _, d in seen]
+    after = seen[probes[0] + 1][0]
+    assert not any(math.isnan(t) for t in after.server_seconds[1:]), after
+    assert after.bandwidth is not None, after
+    assert 0.6 * 2.5e6 < after.bandwidth < 1.2 * 2.5e6
+    assert seen[probes[0] + 1][1].split == 6  # the best split, not a link-bound one
