@@ -120,8 +120,8 @@ class Telemetry:
                 # the gap between the two sends), the link spaced their arrivals by this item's
                 # transmission time. Pairs the link never queued only measure how fast the device
                 # sent, plus scheduling jitter: they would read an idle link as a saturated one.
-                queued = previous[2] - previous[1] - min(self._transit) > send_gap
-                if queued and arrival_gap > send_gap and arrival_gap > 0:
+                spread = arrival_gap > send_gap and arrival_gap > 0  # cheap: checked first
+                if spread and previous[2] - previous[1] - min(self._transit) > send_gap:
                     self._bandwidth.append(size_up / arrival_gap)
             bandwidth = self._bandwidth_estimate()
             transmit = size_up / bandwidth if bandwidth else 0.0

@@ -38,8 +38,7 @@ def test_few_samples_are_averaged_plainly_then_smoothed() -> None:
     assert device_seconds(telemetry)[0] == pytest.approx(0.040, rel=1e-3)
 
 
-def simulate_link(
-    telemetry: Telemetry,
+def link_estimate(
     *,
     items: int,
     size: int,
@@ -48,10 +47,12 @@ def simulate_link(
     window: int,
     rtt: float = 0.030,
     jitter: float = 0.0,
-) -> None:
+) -> float | None:
     """A device offering an item every ``device_interval`` s, at most ``window`` in flight, over
     a FIFO link of ``bandwidth`` bytes/s; the server's arrival stamps run 100 s ahead of the
-    device's clock and are late by up to ``jitter`` s (a busy server thread)."""
+    device's clock and are late by up to ``jitter`` s (a busy server thread). Returns the
+    bandwidth the device's telemetry estimates."""
+    telemetry = Telemetry(tasks=3, window=window)
     late = random.Random(7)
     link_free = 0.0
     answered_at: list[float] = []
@@ -65,9 +66,6 @@ def simulate_link(
         received = arrival + 0.002 + rtt / 2
         answered_at.append(received)
         telemetry.answer(item, size, sent, received, 100.0 + arrival, 0.002, [])
-
-
-def bandwidth(telemetry: Telemetry) -> float | None:
     return telemetry.snapshot(split=1, period_seconds=1.0, settled=True).bandwidth
 
 
@@ -75,22 +73,17 @@ def test_an_idle_link_is_not_read_as_a_saturated_one() -> None:
     # 560 kB items take 22 ms on a 25 MB/s link; the device sends one every 50 ms. Arrival
     # stamps late by up to 15 ms make many arrival gaps exceed their send gaps by 20 %: the
     # old estimator read the sending rate (~10 MB/s) as the link's.
-    telemetry = Telemetry(tasks=3, window=4)
-    simulate_link(
-        telemetry, items=200, size=560_000, bandwidth=25e6, device_interval=0.050, window=4,
-        jitter=0.015,
-    )  # fmt: skip
-    assert bandwidth(telemetry) is None
+    estimate = link_estimate(
+        items=200, size=560_000, bandwidth=25e6, device_interval=0.050, window=4, jitter=0.015
+    )
+    assert estimate is None
 
 
 def test_a_link_that_queues_items_is_measured() -> None:
     # A 2.5 MB/s link carries a 560 kB item in 224 ms; the device could send every 50 ms, so
     # items queue and the window's credits pace the sender at the link's rate.
-    telemetry = Telemetry(tasks=3, window=4)
-    simulate_link(
-        telemetry, items=60, size=560_000, bandwidth=2.5e6, device_interval=0.050, window=4,
-        jitter=0.005,
-    )  # fmt: skip
-    measured = bandwidth(telemetry)
-    assert measured is not None
-    assert measured == pytest.approx(2.5e6, rel=0.05)
+    estimate = link_estimate(
+        items=60, size=560_000, bandwidth=2.5e6, device_interval=0.050, window=4, jitter=0.005
+    )
+    assert estimate is not None
+    assert estimate == pytest.approx(2.5e6, rel=0.05)
