@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,63 @@ def _read(path: str, option: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+        raise ConfigError(
+            f"{option} {path}: cannot read it ({exc.strerror}): give a readable PEM file"
+        ) from None
+
+
+_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_KEY = b"PRIVATE KEY-----"
+
+
+def _check_server_pem(cert: str, key: str, cert_pem: bytes, key_pem: bytes) -> None:
+    """Refuse what gRPC would refuse with only "Failed to bind" and log lines, naming the
+    option: a swapped pair, a file that is not PEM, an encrypted key, a key of another cert."""
+    swapped = "; are --tls-cert and --tls-key swapped?"
+    if _CERTIFICATE not in cert_pem:
+        held = "a private key" if _KEY in cert_pem else "no PEM certificate"
+        raise ConfigError(
+            f"--tls-cert {cert} holds {held}: give the server's certificate (chain) in PEM"
+            + (swapped if _KEY in cert_pem else "")
+        )
+    if _KEY not in key_pem:
+        held = "a certificate" if _CERTIFICATE in key_pem else "no PEM private key"
+        raise ConfigError(
+            f"--tls-key {key} holds {held}: give the certificate's private key in PEM"
+            + (swapped if _CERTIFICATE in key_pem else "")
+        )
+    if b"ENCRYPTED" in key_pem:
+        raise ConfigError(
+            f"--tls-key {key} is encrypted, which gRPC cannot use: decrypt it "
+            f"(openssl pkey -in {key} -out key.pem) and give that"
+        )
+    try:
+        # A password callback: OpenSSL must never prompt on the terminal.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ConfigError(
+                f"--tls-key {key} is not the private key of --tls-cert {cert}: give the key "
+                "the certificate was made with"
+            ) from None
+        raise ConfigError(
+            f"--tls-cert {cert} / --tls-key {key}: OpenSSL cannot load them ({exc.reason}): "
+            "give a PEM certificate and its unencrypted PEM key"
+        ) from None
+
+
+def _check_ca_pem(option: str, path: str, pem: bytes) -> None:
+    problem = "no PEM certificate" if _CERTIFICATE not in pem else None
+    if problem is None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cadata=pem.decode())
+        except (ssl.SSLError, UnicodeDecodeError) as exc:
+            problem = getattr(exc, "reason", None) or str(exc)
+    if problem is not None:
+        raise ConfigError(
+            f"{option} {path} holds no usable CA certificate ({problem}): give the PEM "
+            "certificate of the CA that signed the other side's certificates"
+        )
 
 
 def server_credentials(security: ServerSecurity) -> grpc.ServerCredentials | None:
@@ -38,11 +95,17 @@ def server_credentials(security: ServerSecurity) -> grpc.ServerCredentials | Non
         return None
     if security.tls_cert is None or security.tls_key is None:
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    pair = (_read(security.tls_key, "--tls-key"), _read(security.tls_cert, "--tls-cert"))
+    cert, key = security.tls_cert, security.tls_key
+    cert_pem, key_pem = _read(cert, "--tls-cert"), _read(key, "--tls-key")
+    _check_server_pem(cert, key, cert_pem, key_pem)
     client_ca = security.tls_client_ca
+    client_ca_pem = None
+    if client_ca is not None:
+        client_ca_pem = _read(client_ca, "--tls-client-ca")
+        _check_ca_pem("--tls-client-ca", client_ca, client_ca_pem)
     return grpc.ssl_server_credentials(
-        [pair],
-        root_certificates=_read(client_ca, "--tls-client-ca") if client_ca else None,
+        [(key_pem, cert_pem)],
+        root_certificates=client_ca_pem,
         require_client_auth=client_ca is not None,
     )
 

@@ -87,8 +87,10 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 def check(args: argparse.Namespace) -> tuple[bool, str]:
     """(serving, what the server said) for the parsed options."""
-    health_pb2 = server_extra("grpc_health.v1.health_pb2")
-    health_pb2_grpc = server_extra("grpc_health.v1.health_pb2_grpc")
+    health_pb2 = server_extra("grpc_health.v1.health_pb2", "python -m offload.healthcheck")
+    health_pb2_grpc = server_extra(
+        "grpc_health.v1.health_pb2_grpc", "python -m offload.healthcheck"
+    )
     with _channel(args) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=args.service)
