@@ -37,14 +37,16 @@ _CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 _KEY = b"PRIVATE KEY-----"
 
 
-def _check_server_pem(cert: str, key: str, cert_pem: bytes, key_pem: bytes) -> None:
-    """Refuse what gRPC would refuse with only "Failed to bind" and log lines, naming the
-    option: a swapped pair, a file that is not PEM, an encrypted key, a key of another cert."""
+def read_key_pair(cert: str, key: str) -> tuple[bytes, bytes]:
+    """The PEM certificate (chain) and private key of ``--tls-cert`` / ``--tls-key``, checked
+    for what gRPC refuses only with "Failed to bind" or log lines: a swapped pair, a file that
+    is not PEM, an encrypted key, the key of another certificate."""
+    cert_pem, key_pem = _read(cert, "--tls-cert"), _read(key, "--tls-key")
     swapped = "; are --tls-cert and --tls-key swapped?"
     if _CERTIFICATE not in cert_pem:
         held = "a private key" if _KEY in cert_pem else "no PEM certificate"
         raise ConfigError(
-            f"--tls-cert {cert} holds {held}: give the server's certificate (chain) in PEM"
+            f"--tls-cert {cert} holds {held}: give a certificate (chain) in PEM"
             + (swapped if _KEY in cert_pem else "")
         )
     if _KEY not in key_pem:
@@ -71,9 +73,12 @@ def _check_server_pem(cert: str, key: str, cert_pem: bytes, key_pem: bytes) -> N
             f"--tls-cert {cert} / --tls-key {key}: OpenSSL cannot load them ({exc.reason}): "
             "give a PEM certificate and its unencrypted PEM key"
         ) from None
+    return cert_pem, key_pem
 
 
-def _check_ca_pem(option: str, path: str, pem: bytes) -> None:
+def read_ca(option: str, path: str) -> bytes:
+    """The PEM CA certificates of ``option``, checked: gRPC only logs a bad bundle."""
+    pem = _read(path, option)
     problem = "no PEM certificate" if _CERTIFICATE not in pem else None
     if problem is None:
         try:
@@ -85,6 +90,7 @@ def _check_ca_pem(option: str, path: str, pem: bytes) -> None:
             f"{option} {path} holds no usable CA certificate ({problem}): give the PEM "
             "certificate of the CA that signed the other side's certificates"
         )
+    return pem
 
 
 def server_credentials(security: ServerSecurity) -> grpc.ServerCredentials | None:
@@ -95,17 +101,11 @@ def server_credentials(security: ServerSecurity) -> grpc.ServerCredentials | Non
         return None
     if security.tls_cert is None or security.tls_key is None:
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    cert, key = security.tls_cert, security.tls_key
-    cert_pem, key_pem = _read(cert, "--tls-cert"), _read(key, "--tls-key")
-    _check_server_pem(cert, key, cert_pem, key_pem)
+    cert_pem, key_pem = read_key_pair(security.tls_cert, security.tls_key)
     client_ca = security.tls_client_ca
-    client_ca_pem = None
-    if client_ca is not None:
-        client_ca_pem = _read(client_ca, "--tls-client-ca")
-        _check_ca_pem("--tls-client-ca", client_ca, client_ca_pem)
     return grpc.ssl_server_credentials(
         [(key_pem, cert_pem)],
-        root_certificates=client_ca_pem,
+        root_certificates=read_ca("--tls-client-ca", client_ca) if client_ca else None,
         require_client_auth=client_ca is not None,
     )
 
@@ -114,13 +114,17 @@ def channel_credentials(security: ClientSecurity) -> grpc.ChannelCredentials | N
     """TLS credentials for the client's channel, or None for plaintext."""
     if not security.uses_tls:
         return None
-    if (security.tls_cert is None) != (security.tls_key is None):
-        raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+    if security.tls_cert is None or security.tls_key is None:
+        if security.tls_cert is not None or security.tls_key is not None:
+            raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+        cert_pem = key_pem = None
+    else:
+        cert_pem, key_pem = read_key_pair(security.tls_cert, security.tls_key)
     return grpc.ssl_channel_credentials(
         # None: the system's root certificates (gRPC's bundled roots where there are none).
-        root_certificates=_read(security.tls_ca, "--tls-ca") if security.tls_ca else None,
-        private_key=_read(security.tls_key, "--tls-key") if security.tls_key else None,
-        certificate_chain=_read(security.tls_cert, "--tls-cert") if security.tls_cert else None,
+        root_certificates=read_ca("--tls-ca", security.tls_ca) if security.tls_ca else None,
+        private_key=key_pem,
+        certificate_chain=cert_pem,
     )
 
 
