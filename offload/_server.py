@@ -259,6 +259,8 @@ def serve(
     packages (the ``server`` extra) are installed; ``metrics_port`` requires its package.
     """
     pipeline = pipeline or load_pipeline(config.pipeline)
+    if config.workers < 1:
+        raise ConfigError(f"workers {config.workers}: at least 1 device stream must fit")
     if config.task_threads is not None and config.task_threads < 1:
         raise ConfigError(
             f"task_threads {config.task_threads}: give at least 1, or None for the libraries' "

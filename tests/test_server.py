@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offload import _service, decode, encode, load_pipeline
+from offload import ConfigError, ServerConfig, _service, decode, encode, load_pipeline, serve
 from offload._server import RunningServer
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
@@ -215,3 +215,8 @@ def test_a_device_refused_again_soon_is_counted_into_its_next_log_line() -> None
         time.sleep(0.01)
     assert quiet >= 1
     assert reported == quiet + 1  # the refusals left out, and this one
+
+
+def test_serve_refuses_a_server_that_could_take_no_stream() -> None:
+    with pytest.raises(ConfigError, match="workers 0: at least 1 device stream must fit"):
+        serve(ServerConfig(pipeline=COUNTER, host="127.0.0.1", port=0, workers=0))
