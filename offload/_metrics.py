@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from ._config import ServerConfig
 from ._pipeline import Pipeline
 from ._service import RemoteExecutor
-from .exceptions import OffloadError
+from .exceptions import ConfigError
 from .v1 import offload_pb2 as pb
 
 METHOD = "/offload.v1.Offload/ExecuteRemaining"
@@ -105,9 +105,9 @@ class ServerMetrics:
         try:
             self._http, self._http_thread = start_http_server(port, host, registry=self.registry)
         except OSError as exc:
-            raise OffloadError(
-                f"cannot serve metrics on {host}:{port} ({exc}): is the port in use? Choose "
-                "another --metrics-port"
+            raise ConfigError(
+                f"--metrics-port {port}: cannot serve metrics on {host} ({exc.strerror}): "
+                "is the port in use? Choose another --metrics-port"
             ) from None
         return int(self._http.server_port)
 

@@ -10,6 +10,7 @@ a reconnecting device may land on another process (its resent items are then not
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -17,21 +18,40 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
-from .exceptions import OffloadError
+from ._server import bind_problem
+from .exceptions import ConfigError, OffloadError
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (not listen) ``host:port`` with SO_REUSEPORT: fixes port 0 for every child and
-    keeps the port ours until they are up; connections never reach an unlistened socket."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    keeps the port ours until they are up; connections never reach an unlistened socket.
+
+    A port that anything holds already is refused first (a bind without SO_REUSEPORT fails
+    then), so that the children share it only with each other, never with another server.
+    """
+    problem = bind_problem(host, port)
+    if problem is not None:
+        raise ConfigError(problem)
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        sock.bind((host, port))
+        sock.bind((bare, port))
     except OSError as exc:
         sock.close()
-        raise OffloadError(f"cannot bind {host}:{port}: {exc.strerror}") from None
+        raise ConfigError(f"cannot bind --host {host} --port {port}: {exc.strerror}") from None
     return sock
+
+
+def _stop_with_parent(parent: int) -> None:
+    """SIGTERM this child when the parent dies: a SIGKILLed parent's children would otherwise
+    go on serving the port unsupervised (and the restarted server find it in use)."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before that took effect
+        os._exit(1)
 
 
 def run_processes(
@@ -42,10 +62,12 @@ def run_processes(
     forwards SIGTERM / SIGINT to them and returns the worst exit code."""
     pids: list[int] = []
     pipes: list[int] = []
+    parent = os.getpid()
     for index in range(count):
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child
+            _stop_with_parent(parent)
             os.close(read_end)
             for other in pipes:
                 os.close(other)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,69 @@ def _read(path: str, option: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+        raise ConfigError(
+            f"{option} {path}: cannot read it ({exc.strerror}): give a readable PEM file"
+        ) from None
+
+
+_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_KEY = b"PRIVATE KEY-----"
+
+
+def read_key_pair(cert: str, key: str) -> tuple[bytes, bytes]:
+    """The PEM certificate (chain) and private key of ``--tls-cert`` / ``--tls-key``, checked
+    for what gRPC refuses only with "Failed to bind" or log lines: a swapped pair, a file that
+    is not PEM, an encrypted key, the key of another certificate."""
+    cert_pem, key_pem = _read(cert, "--tls-cert"), _read(key, "--tls-key")
+    swapped = "; are --tls-cert and --tls-key swapped?"
+    if _CERTIFICATE not in cert_pem:
+        held = "a private key" if _KEY in cert_pem else "no PEM certificate"
+        raise ConfigError(
+            f"--tls-cert {cert} holds {held}: give a certificate (chain) in PEM"
+            + (swapped if _KEY in cert_pem else "")
+        )
+    if _KEY not in key_pem:
+        held = "a certificate" if _CERTIFICATE in key_pem else "no PEM private key"
+        raise ConfigError(
+            f"--tls-key {key} holds {held}: give the certificate's private key in PEM"
+            + (swapped if _CERTIFICATE in key_pem else "")
+        )
+    if b"ENCRYPTED" in key_pem:
+        raise ConfigError(
+            f"--tls-key {key} is encrypted, which gRPC cannot use: decrypt it "
+            f"(openssl pkey -in {key} -out key.pem) and give that"
+        )
+    try:
+        # A password callback: OpenSSL must never prompt on the terminal.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ConfigError(
+                f"--tls-key {key} is not the private key of --tls-cert {cert}: give the key "
+                "the certificate was made with"
+            ) from None
+        raise ConfigError(
+            f"--tls-cert {cert} / --tls-key {key}: OpenSSL cannot load them ({exc.reason}): "
+            "give a PEM certificate and its unencrypted PEM key"
+        ) from None
+    return cert_pem, key_pem
+
+
+def read_ca(option: str, path: str) -> bytes:
+    """The PEM CA certificates of ``option``, checked: gRPC only logs a bad bundle."""
+    pem = _read(path, option)
+    problem = "no PEM certificate" if _CERTIFICATE not in pem else None
+    if problem is None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cadata=pem.decode())
+        except (ssl.SSLError, UnicodeDecodeError) as exc:
+            problem = getattr(exc, "reason", None) or str(exc)
+    if problem is not None:
+        raise ConfigError(
+            f"{option} {path} holds no usable CA certificate ({problem}): give the PEM "
+            "certificate of the CA that signed the other side's certificates"
+        )
+    return pem
 
 
 def server_credentials(security: ServerSecurity) -> grpc.ServerCredentials | None:
@@ -38,11 +101,11 @@ def server_credentials(security: ServerSecurity) -> grpc.ServerCredentials | Non
         return None
     if security.tls_cert is None or security.tls_key is None:
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    pair = (_read(security.tls_key, "--tls-key"), _read(security.tls_cert, "--tls-cert"))
+    cert_pem, key_pem = read_key_pair(security.tls_cert, security.tls_key)
     client_ca = security.tls_client_ca
     return grpc.ssl_server_credentials(
-        [pair],
-        root_certificates=_read(client_ca, "--tls-client-ca") if client_ca else None,
+        [(key_pem, cert_pem)],
+        root_certificates=read_ca("--tls-client-ca", client_ca) if client_ca else None,
         require_client_auth=client_ca is not None,
     )
 
@@ -51,13 +114,17 @@ def channel_credentials(security: ClientSecurity) -> grpc.ChannelCredentials | N
     """TLS credentials for the client's channel, or None for plaintext."""
     if not security.uses_tls:
         return None
-    if (security.tls_cert is None) != (security.tls_key is None):
-        raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+    if security.tls_cert is None or security.tls_key is None:
+        if security.tls_cert is not None or security.tls_key is not None:
+            raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+        cert_pem = key_pem = None
+    else:
+        cert_pem, key_pem = read_key_pair(security.tls_cert, security.tls_key)
     return grpc.ssl_channel_credentials(
         # None: the system's root certificates (gRPC's bundled roots where there are none).
-        root_certificates=_read(security.tls_ca, "--tls-ca") if security.tls_ca else None,
-        private_key=_read(security.tls_key, "--tls-key") if security.tls_key else None,
-        certificate_chain=_read(security.tls_cert, "--tls-cert") if security.tls_cert else None,
+        root_certificates=read_ca("--tls-ca", security.tls_ca) if security.tls_ca else None,
+        private_key=key_pem,
+        certificate_chain=cert_pem,
     )
 
 

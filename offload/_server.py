@@ -2,27 +2,36 @@
 
 Besides ``offload.v1.Offload`` the server speaks the standard ``grpc.health.v1`` health service
 and, unless turned off, server reflection; with ``metrics_port`` it serves Prometheus metrics.
-Those come from the ``server`` extra and are imported only here, when a server starts, so a
-device's lean install (no extra) imports everything else.
+Those come from the ``server`` extra and are imported only here, when a server starts; without
+the extra a server still runs (health and reflection off: the embedded server of a device's lean
+install needs neither), and only ``metrics_port`` is refused, saying what to install.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import importlib.metadata
+import json
 import logging
+import socket
 import sys
+import urllib.parse
+import urllib.request
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from ._config import ServerConfig
+from ._logging import quote
 from ._pipeline import Pipeline, load_pipeline
 from ._security import TokenAuth, server_credentials
-from ._service import SERVICE_NAME, OffloadServicer, RemoteExecutor
-from .exceptions import OffloadError
+from ._service import SERVICE_NAME, SPARE_THREADS, OffloadServicer, RemoteExecutor
+from .exceptions import ConfigError
 
 if TYPE_CHECKING:
     from ._metrics import ServerMetrics
@@ -30,7 +39,9 @@ if TYPE_CHECKING:
 __all__ = [
     "SERVICE_NAME",
     "RunningServer",
+    "bind_problem",
     "channel_options",
+    "grpc_address",
     "serve",
     "server_extra",
     "server_options",
@@ -38,16 +49,129 @@ __all__ = [
 
 log = logging.getLogger("offload.server")
 
+# The server extra's modules and the distributions that provide them.
+EXTRA_PACKAGES = {
+    "grpc_health": "grpcio-health-checking",
+    "grpc_reflection": "grpcio-reflection",
+    "prometheus_client": "prometheus-client",
+}
 
-def server_extra(module: str) -> ModuleType:
-    """Import a package of the ``server`` extra, or say how to install it."""
+
+def pip_install_server_extra(
+    package_dir: Path | None = None,
+    distribution: importlib.metadata.Distribution | None = None,
+    cwd: Path | None = None,
+) -> str:
+    """The pip command that adds the ``server`` extra to this installation of offload.
+
+    ``pip install 'offload[server]'`` is right only for an install from an index: from a
+    checkout it is ``'.[server]'`` (or the checkout's path), from a wheel file the wheel's.
+    The arguments default to the running installation; tests pass their own.
+    """
+    package_dir = (package_dir or Path(__file__).parent).resolve()
+    cwd = (cwd or Path.cwd()).resolve()
+    if distribution is None:
+        try:
+            distribution = importlib.metadata.distribution("offload")
+        except importlib.metadata.PackageNotFoundError:
+            distribution = None
+
+    def at(path: Path, editable: bool = False) -> str:
+        where = "." if path == cwd else str(path)
+        return f"pip install {'-e ' if editable else ''}'{where}[server]'"
+
+    origin: dict[str, Any] = {}
+    if distribution is not None:
+        origin = json.loads(distribution.read_text("direct_url.json") or "{}")
+    url = urllib.parse.urlparse(origin.get("url", ""))
+    source = Path(urllib.request.url2pathname(url.path)).resolve() if url.scheme == "file" else None
+    if (package_dir.parent / "pyproject.toml").is_file():  # run from a checkout
+        editable = bool(origin.get("dir_info", {}).get("editable")) and source == package_dir.parent
+        return at(package_dir.parent, editable)
+    installed = distribution is not None and (
+        Path(str(distribution.locate_file("offload/__init__.py"))).resolve()
+        == package_dir / "__init__.py"
+    )
+    if distribution is None or not installed or not origin:
+        return "pip install 'offload[server]'"  # from an index, or a copy we cannot trace
+    if source is not None and source.exists():
+        return at(source)  # `pip install .` from a checkout, or from a wheel file
+    # From a URL or a repository: the extra's own requirements.
+    extra = [r.split(";")[0].strip() for r in distribution.requires or [] if '"server"' in r]
+    return "pip install " + " ".join(f"'{r}'" for r in extra)
+
+
+def server_extra(module: str, needed_by: str = "the server") -> ModuleType:
+    """Import a module of the ``server`` extra, or say in one line what to install."""
     try:
         return importlib.import_module(module)
-    except ImportError as exc:
-        raise OffloadError(
-            f"the server needs {exc.name or module}, which a device install leaves out: "
-            "pip install 'offload[server]'"
+    except ModuleNotFoundError as exc:
+        top = module.partition(".")[0]
+        if (exc.name or top).partition(".")[0] != top:
+            raise  # the package is there but broken: its own error says more
+        raise ConfigError(
+            f"{needed_by} needs {EXTRA_PACKAGES.get(top, top)}, which a device install leaves "
+            f"out: {pip_install_server_extra()}"
         ) from None
+
+
+def _optional(module: str) -> ModuleType | None:
+    """A module of the ``server`` extra, or None when the extra is not installed."""
+    try:
+        return server_extra(module)
+    except ConfigError:
+        return None
+
+
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC parses it: an IPv6 literal in brackets."""
+    bare = host.strip("[]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound, found by binding a socket as gRPC does (with
+    SO_REUSEADDR, without SO_REUSEPORT, so that any other holder of the port shows); None if
+    it can be. The message names the option and what to do."""
+    bare = host.strip("[]")
+    try:
+        addresses = socket.getaddrinfo(
+            bare, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+        )
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        return (
+            f"--host {host!r} is not an address or a name this machine can resolve ({reason}): "
+            "give one of its addresses, 0.0.0.0 (every IPv4 interface) or 127.0.0.1"
+        )
+    failures: list[OSError] = []
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                failures.append(exc)
+    if any(exc.errno == errno.EADDRINUSE for exc in failures):
+        return (
+            f"--port {port}: address already in use on {host} (another server or program "
+            "listens there): stop it or choose another --port; servers share a port only as "
+            "the processes of one --processes N"
+        )
+    if not failures or len(failures) < len(addresses):
+        return None  # like gRPC, serve on the addresses that bind (localhost without IPv6)
+    first = failures[0]
+    if first.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"--host {host} is not an address of this machine: give one of its addresses, "
+            "0.0.0.0 (every IPv4 interface) or 127.0.0.1"
+        )
+    if first.errno == errno.EACCES:
+        return (
+            f"--port {port}: permission denied (ports below 1024 need privileges): choose a "
+            "port of 1024 or more"
+        )
+    return f"cannot bind --host {host} --port {port}: {first.strerror}"
 
 
 def channel_options(config_limit: int) -> list[tuple[str, int]]:
@@ -58,12 +182,18 @@ def channel_options(config_limit: int) -> list[tuple[str, int]]:
     ]
 
 
-def server_options(config: ServerConfig) -> list[tuple[str, int]]:
-    """Size limits and keepalive: the server pings idle clients, and tolerates their pings."""
+def server_options(config: ServerConfig, share_port: bool = False) -> list[tuple[str, int]]:
+    """Size limits and keepalive: the server pings idle clients, and tolerates their pings.
+
+    The port is the server's alone unless ``share_port`` (``--processes N``): gRPC sets
+    SO_REUSEPORT by default, with which a second server on the same port starts silently and
+    the kernel spreads the devices between the two.
+    """
     keepalive = config.keepalive
     min_ping_ms = int(keepalive.min_ping_interval * 1000)
     limit = config.limits.max_message_bytes
     return [
+        ("grpc.so_reuseport", int(share_port)),
         # Twice the limit reaches the service, which refuses anything over the limit itself
         # with a message naming --max-message-bytes; beyond that gRPC refuses on its own.
         ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
@@ -87,16 +217,17 @@ class RunningServer:
 
     server: grpc.Server
     port: int
-    health: Any  # grpc_health.v1.health.HealthServicer
+    health: Any  # grpc_health.v1.health.HealthServicer; None without the server extra
     servicer: OffloadServicer
     metrics: ServerMetrics | None = None
     metrics_port: int | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, refuse new streams, let in-flight ones finish within ``grace``."""
-        not_serving = server_extra("grpc_health.v1.health_pb2").HealthCheckResponse.NOT_SERVING
-        self.health.set("", not_serving)
-        self.health.set(SERVICE_NAME, not_serving)
+        if self.health is not None:
+            health_pb2 = server_extra("grpc_health.v1.health_pb2")
+            self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         stopped = self.server.stop(grace)  # refuses new streams from now on
         self.servicer.drain()  # streams end UNAVAILABLE after their current item
         stopped.wait()
@@ -116,11 +247,22 @@ def limit_task_threads(threads: int | None) -> None:
         cv2.setNumThreads(threads)
 
 
-def serve(config: ServerConfig = ServerConfig(), pipeline: Pipeline | None = None) -> RunningServer:
-    """Start a server (port 0 picks a free port; read it from ``.port``)."""
+def serve(
+    config: ServerConfig = ServerConfig(),
+    pipeline: Pipeline | None = None,
+    share_port: bool = False,
+) -> RunningServer:
+    """Start a server (port 0 picks a free port; read it from ``.port``).
+
+    A port already in use is a ``ConfigError``; ``share_port`` lets servers share one (the
+    processes of ``--processes N``). Health checking and reflection are served when their
+    packages (the ``server`` extra) are installed; ``metrics_port`` requires its package.
+    """
     pipeline = pipeline or load_pipeline(config.pipeline)
+    if config.workers < 1:
+        raise ConfigError(f"workers {config.workers}: at least 1 device stream must fit")
     if config.task_threads is not None and config.task_threads < 1:
-        raise OffloadError(
+        raise ConfigError(
             f"task_threads {config.task_threads}: give at least 1, or None for the libraries' "
             "own default"
         )
@@ -128,66 +270,96 @@ def serve(config: ServerConfig = ServerConfig(), pipeline: Pipeline | None = Non
     config.keepalive.check()
     credentials = server_credentials(config.security)
     token = config.security.token
-    health = server_extra("grpc_health.v1.health")
-    health_pb2 = server_extra("grpc_health.v1.health_pb2")
-    health_pb2_grpc = server_extra("grpc_health.v1.health_pb2_grpc")
+    if config.metrics_port is not None:
+        server_extra("prometheus_client", "--metrics-port")
+    health = _optional("grpc_health.v1.health")
+    reflection = _optional("grpc_reflection.v1alpha.reflection") if config.reflection else None
+    if config.reflection and reflection is None:
+        log.warning(
+            "event=reflection-off reason=%s",
+            quote(
+                "grpcio-reflection is not installed, so grpcurl needs the .proto: "
+                f"{pip_install_server_extra()}, or give --no-reflection"
+            ),
+        )
     metrics = None
     executor = RemoteExecutor(pipeline, config)
     # The token is checked first: an unauthenticated call reaches nothing else.
     interceptors: list[grpc.ServerInterceptor] = [TokenAuth(token)] if token is not None else []
     if config.metrics_port is not None:
-        server_extra("prometheus_client")
         from ._metrics import MeteredExecutor, ServerMetrics, StreamMetrics  # noqa: PLC0415
 
         metrics = ServerMetrics(pipeline, config.metrics_max_devices)
         executor = MeteredExecutor(pipeline, config, metrics)
         interceptors.append(StreamMetrics(metrics))
+    # The servicer refuses device streams beyond `workers` itself (saying so, and logging it);
+    # the spare threads answer health checks and those refusals when every worker is busy.
+    threads = config.workers + SPARE_THREADS
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="offload"),
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offload"),
         interceptors=interceptors,
-        options=server_options(config),
-        # Beyond this many streams a new one is refused with RESOURCE_EXHAUSTED, not queued.
-        maximum_concurrent_rpcs=config.workers,
+        options=server_options(config, share_port),
+        # Beyond this gRPC refuses with RESOURCE_EXHAUSTED on its own: nothing ever queues.
+        maximum_concurrent_rpcs=threads,
     )
     servicer = OffloadServicer(executor)
     server.add_generic_rpc_handlers([servicer.handler()])
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = [SERVICE_NAME, health.SERVICE_NAME]
-    if config.reflection:
-        reflection = server_extra("grpc_reflection.v1alpha.reflection")
+    services = [SERVICE_NAME]
+    health_servicer = None
+    if health is not None:
+        health_servicer = health.HealthServicer()
+        server_extra("grpc_health.v1.health_pb2_grpc").add_HealthServicer_to_server(
+            health_servicer, server
+        )
+        services.append(health.SERVICE_NAME)
+    if reflection is not None:
         services.append(reflection.SERVICE_NAME)
         reflection.enable_server_reflection(services, server)
-    address = f"{config.host}:{config.port}"
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    address = grpc_address(config.host, config.port)
+    # Found before gRPC tries, so that its own log line does not precede ours (a child of
+    # --processes N binds a port its parent holds: the parent checked it).
+    problem = None if share_port else bind_problem(config.host, config.port)
+    if problem is not None:
+        servicer.close()
+        raise ConfigError(problem)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC's "Failed to bind": find out why
+        port = 0
     if port == 0:
         servicer.close()
-        raise OffloadError(f"cannot bind {config.host}:{config.port}: is the port in use?")
+        raise ConfigError(
+            bind_problem(config.host, config.port)
+            or f"cannot serve on {address}: gRPC refused it (GRPC_VERBOSITY=debug shows why)"
+        )
     metrics_port = None
     if metrics is not None and config.metrics_port is not None:
         try:
             metrics_port = metrics.start_http(config.host, config.metrics_port)
-        except OffloadError:
+        except ConfigError:
             server.stop(None)
             servicer.close()
             raise
     server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    if health_servicer is not None:
+        serving = server_extra("grpc_health.v1.health_pb2").HealthCheckResponse.SERVING
+        health_servicer.set("", serving)
+        health_servicer.set(SERVICE_NAME, serving)
     log.info(
-        "event=start address=%s:%d pipeline=%s fingerprint=%s tasks=%d workers=%d "
-        "reflection=%s metrics=%s tls=%s client_certs=%s token=%s max_message_bytes=%d",
-        config.host,
-        port,
+        "event=start address=%s pipeline=%s fingerprint=%s tasks=%d workers=%d "
+        "health=%s reflection=%s metrics=%s tls=%s client_certs=%s token=%s "
+        "max_message_bytes=%d",
+        grpc_address(config.host, port),
         pipeline.name,
         pipeline.fingerprint,
         len(pipeline),
         config.workers,
-        "on" if config.reflection else "off",
-        f"{config.host}:{metrics_port}" if metrics_port is not None else "off",
+        "on" if health_servicer is not None else "off",
+        "on" if reflection is not None else "off",
+        grpc_address(config.host, metrics_port) if metrics_port is not None else "off",
         "on" if credentials is not None else "off",
         "required" if config.security.tls_client_ca is not None else "off",
         "required" if token is not None else "off",

@@ -212,15 +212,25 @@ class _Watch:
 
 _READ_AHEAD = 16  # items read and stamped ahead of the one running; then TCP pushes back
 _END = object()
+# Threads beyond `workers`: health checks, and refusing streams beyond `workers`, still get one.
+SPARE_THREADS = 4
+# How long a refused stream may take to send its first item, which names the device for the log.
+_NAME_WAIT = 1.0
+_REFUSAL_LOG_INTERVAL = 10.0  # a device refused again within this is counted, not logged
+SHUTTING_DOWN = (
+    "the server is shutting down: reconnect (to another server, or to this one once it is "
+    "back) and resend the items it has not answered"
+)
 
 
 def _read_ahead(
-    requests: Iterator[bytes], context: grpc.ServicerContext
+    requests: Iterator[bytes], context: grpc.ServicerContext, draining: threading.Event
 ) -> Iterator[tuple[bytes, float]]:
     """Yield items with the time each finished arriving, read by a thread of its own.
 
     Reading while the previous item runs stamps arrival times that reflect the link rather
     than the server's pace, which is what lets the device measure its link's bandwidth.
+    Waiting for an item while the server drains ends the stream UNAVAILABLE.
     """
     inbox: queue.Queue[object] = queue.Queue(maxsize=_READ_AHEAD)
 
@@ -251,12 +261,66 @@ def _read_ahead(
             # A cancelled stream may end with nothing handed over: never outlive it.
             if not context.is_active():
                 return
+            if draining.is_set():
+                context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
             continue
         if entry is _END:
             return
         if isinstance(entry, Exception):
             raise entry
         yield entry  # type: ignore[misc]
+
+
+def _first_message(requests: Iterator[bytes], wait: float) -> bytes | None:
+    """The stream's first message if it arrives within ``wait`` seconds, else None."""
+    box: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
+
+    def read() -> None:
+        try:
+            box.put(next(requests, None))
+        except Exception:  # the stream ended or broke: nothing to name it by
+            box.put(None)
+
+    threading.Thread(target=read, name="offload-refused", daemon=True).start()
+    try:
+        return box.get(timeout=wait)
+    except queue.Empty:
+        return None
+
+
+def _device_of(data: bytes | None) -> str | None:
+    """The device id a stream's first message claims, if it is a TaskState that names one."""
+    if data is None:
+        return None
+    try:
+        return pb.TaskState.FromString(data).device_id or None
+    except DecodeError:
+        return None
+
+
+class _RefusalLog:
+    """Which refusals to log: a device's first, then at most one per ``interval`` with the
+    number refused meanwhile, so that a device retrying in a loop cannot flood the log."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, int]] = {}  # device: (last logged, refused since)
+
+    def count(self, device: str) -> int:
+        """Count a refusal; the refusals to report now (this one included), or 0 for none."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._seen) > 10_000:  # forget devices quiet for an interval
+                self._seen = {
+                    d: seen for d, seen in self._seen.items() if now - seen[0] < self.interval
+                }
+            logged, since = self._seen.get(device, (-self.interval, 0))
+            if now - logged < self.interval:
+                self._seen[device] = (logged, since + 1)
+                return 0
+            self._seen[device] = (now, 0)
+            return since + 1
 
 
 class OffloadServicer:
@@ -269,10 +333,12 @@ class OffloadServicer:
     def __init__(self, executor: RemoteExecutor) -> None:
         self.executor = executor
         self._idle_limit = executor.config.stream_idle_seconds
+        self._stream_limit = executor.config.workers
         self._watches: dict[int, _Watch] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._draining = False
+        self._draining = threading.Event()
+        self._refusals = _RefusalLog(_REFUSAL_LOG_INTERVAL)
         self._reaper = threading.Thread(target=self._reap, name="offload-reaper", daemon=True)
         self._reaper.start()
 
@@ -290,14 +356,11 @@ class OffloadServicer:
     def drain(self) -> None:
         """Shutting down: idle streams end now, busy ones after the item they are running.
 
-        Either way a stream ends UNAVAILABLE, which tells a client to resend what is unanswered
-        elsewhere (or later) rather than wait for the grace period to run out.
+        Either way a stream ends UNAVAILABLE (not CANCELLED, which a client takes for its own
+        doing), which tells a client to resend what is unanswered elsewhere (or later) rather
+        than wait for the grace period to run out.
         """
-        self._draining = True
-        with self._lock:
-            idle = [w for w in self._watches.values() if not w.busy]
-        for watch in idle:
-            watch.context.cancel()
+        self._draining.set()
 
     def _reap(self) -> None:
         interval = min(1.0, self._idle_limit / 4)
@@ -329,9 +392,14 @@ class OffloadServicer:
         count = 0
         watch = _Watch(context)
         with self._lock:
-            self._watches[id(watch)] = watch
+            open_streams = len(self._watches)
+            full = open_streams >= self._stream_limit
+            if not full:
+                self._watches[id(watch)] = watch
+        if full:
+            self._refuse_full(request_iterator, context, proven, open_streams)
         try:
-            for data, arrived in _read_ahead(request_iterator, context):
+            for data, arrived in _read_ahead(request_iterator, context, self._draining):
                 watch.busy = True
                 state = self._parse(data, count, context, peer)
                 if proven is not None and state.device_id != proven:
@@ -363,10 +431,8 @@ class OffloadServicer:
                 yield result
                 watch.last_activity = time.monotonic()
                 count += 1
-                if self._draining:
-                    context.abort(
-                        grpc.StatusCode.UNAVAILABLE, "the server is shutting down: reconnect"
-                    )
+                if self._draining.is_set():
+                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
             with self._lock:
                 del self._watches[id(watch)]
@@ -374,6 +440,34 @@ class OffloadServicer:
                 log.info(
                     "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
                 )
+
+    def _refuse_full(
+        self,
+        requests: Iterator[bytes],
+        context: grpc.ServicerContext,
+        proven: str | None,
+        open_streams: int,
+    ) -> None:
+        """End a stream beyond ``workers`` with RESOURCE_EXHAUSTED, and log it (rate-limited)."""
+        limit = self._stream_limit
+        message = (
+            f"the server is full: it serves {limit} device stream{'s' * (limit != 1)} at a time "
+            f"(--workers {limit}) and has {open_streams} open; retry later, or raise the "
+            "server's --workers or add servers"
+        )
+        device = proven or _device_of(_first_message(requests, _NAME_WAIT))
+        refused = self._refusals.count(device or context.peer())
+        if refused:
+            log.warning(
+                "event=reject device=%s peer=%s code=RESOURCE_EXHAUSTED workers=%d refused=%d "
+                "reason=%s",
+                quote(device or "?"),
+                quote(context.peer()),
+                limit,
+                refused,
+                quote(message),
+            )
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     def _parse(
         self, data: bytes, index: int, context: grpc.ServicerContext, peer: str

@@ -13,14 +13,16 @@ and ``--tls-key`` here too. Options read ``OFFLOAD_HEALTHCHECK_<OPTION>`` from t
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import grpc
 
+from ._config import ClientSecurity
 from ._env import apply_env_defaults
+from ._security import channel_credentials
 from ._server import SERVICE_NAME, server_extra
 from .exceptions import OffloadError
 
@@ -69,16 +71,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 def _channel(args: argparse.Namespace) -> grpc.Channel:
     if args.tls_ca is None:
         return grpc.insecure_channel(args.address)
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise OffloadError("a client certificate needs both --tls-cert and --tls-key")
-    try:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(args.tls_ca).read_bytes(),
-            private_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
-            certificate_chain=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
-        )
-    except OSError as exc:
-        raise OffloadError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    security = ClientSecurity(tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    credentials = channel_credentials(security)
+    assert credentials is not None  # tls_ca is given
     options = []
     if args.tls_server_name:
         options.append(("grpc.ssl_target_name_override", args.tls_server_name))
@@ -87,8 +82,10 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 def check(args: argparse.Namespace) -> tuple[bool, str]:
     """(serving, what the server said) for the parsed options."""
-    health_pb2 = server_extra("grpc_health.v1.health_pb2")
-    health_pb2_grpc = server_extra("grpc_health.v1.health_pb2_grpc")
+    health_pb2 = server_extra("grpc_health.v1.health_pb2", "python -m offload.healthcheck")
+    health_pb2_grpc = server_extra(
+        "grpc_health.v1.health_pb2_grpc", "python -m offload.healthcheck"
+    )
     with _channel(args) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=args.service)
@@ -102,7 +99,10 @@ def check(args: argparse.Namespace) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
-    args = build_parser(environ).parse_args(argv)
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    if not 0 < args.timeout < math.inf:
+        parser.error(f"--timeout {args.timeout}: give a positive number of seconds")
     try:
         serving, said = check(args)
     except OffloadError as exc:

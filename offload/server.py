@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -18,10 +19,11 @@ from ._logging import add_log_level_option
 from ._logging import setup as setup_logging
 from ._pipeline import DEFAULT_PIPELINE, load_pipeline
 from ._prefork import reserve_port, run_processes
-from ._server import serve
+from ._server import grpc_address, serve
 from .exceptions import OffloadError
 
 log = logging.getLogger("offload.server")
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's options are C ints
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -141,9 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     ]:
         if value < least:
             parser.error(f"{option} must be at least {least}")
+    if not math.isfinite(args.grace):
+        parser.error(f"--grace {args.grace}: give a number of seconds")
+    if args.max_message_bytes > MAX_MESSAGE_BYTES:
+        parser.error(f"--max-message-bytes must be at most {MAX_MESSAGE_BYTES} (gRPC's limit)")
     for option, value in [("--port", args.port), ("--metrics-port", args.metrics_port)]:
         if value is not None and not 0 <= value <= 65535:
             parser.error(f"{option} {value} is not a port: use 0..65535 (0 picks a free one)")
+    if not args.host.strip("[]"):
+        parser.error("--host is empty: give an address, 0.0.0.0 (every IPv4 interface) or ::")
     if args.processes > 1 and args.metrics_port is not None:
         parser.error("--metrics-port serves one process's metrics: use it with --processes 1")
     if args.print_fingerprint:
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             print(load_pipeline(args.pipeline).fingerprint)
         except OffloadError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return 2
         return 0
     config = ServerConfig(
         pipeline=args.pipeline,
@@ -178,35 +186,39 @@ def main(argv: list[str] | None = None) -> int:
         reserved = reserve_port(args.host, args.port)
     except OffloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     port = reserved.getsockname()[1]
     shared = replace(config, port=port)
 
     def child(_index: int, ready: Callable[[], None]) -> int:
         reserved.close()
-        return _serve_until_signalled(shared, False, ready)
+        return _serve_until_signalled(shared, False, ready, share_port=True)
 
     try:
         _pids, wait = run_processes(args.processes, child)
     except OffloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         reserved.close()
-    log.info("event=start processes=%d address=%s:%d", args.processes, args.host, port)
+    address = grpc_address(args.host, port)
+    log.info("event=start processes=%d address=%s", args.processes, address)
     if args.announce:
-        print(f"listening on {args.host}:{port}", flush=True)
+        print(f"listening on {address}", flush=True)
     return wait()
 
 
 def _serve_until_signalled(
-    config: ServerConfig, announce: bool, ready: Callable[[], None] | None = None
+    config: ServerConfig,
+    announce: bool,
+    ready: Callable[[], None] | None = None,
+    share_port: bool = False,
 ) -> int:
     try:
-        running = serve(config)
-    except OffloadError as exc:
+        running = serve(config, share_port=share_port)
+    except OffloadError as exc:  # the configuration: a port in use, a bad certificate, ...
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -227,9 +239,9 @@ def _serve_until_signalled(
     if ready is not None:
         ready()
     if announce:
-        print(f"listening on {config.host}:{running.port}", flush=True)
+        print(f"listening on {grpc_address(config.host, running.port)}", flush=True)
         if running.metrics_port is not None:
-            print(f"metrics on {config.host}:{running.metrics_port}", flush=True)
+            print(f"metrics on {grpc_address(config.host, running.metrics_port)}", flush=True)
     running.wait()
     log.info("event=stopped")
     return 0

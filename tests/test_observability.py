@@ -266,6 +266,35 @@ def test_healthcheck_over_tls_trusts_the_servers_certificate(
         server.stop(None)
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--timeout", "-1"], "--timeout -1.0: give a positive number of seconds"),
+        (["--timeout", "nan"], "--timeout nan: give a positive number of seconds"),
+        (["--tls-ca", "/no/such.pem"], "--tls-ca /no/such.pem: cannot read it"),
+        (["--tls-ca", "{key}"], "--tls-ca {key} holds no usable CA certificate"),
+        (["--tls-ca", "{cert}", "--tls-cert", "{key}", "--tls-key", "{cert}"], "swapped?"),
+    ],
+)
+def test_healthcheck_option_errors_are_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    cert, key = self_signed_certificate(tmp_path, "offload.test")
+    paths = {"cert": str(cert), "key": str(key)}
+    result = subprocess.run(
+        [sys.executable, "-m", "offload.healthcheck", *(a.format(**paths) for a in args)],
+        env={**ENV, "OFFLOAD_PORT": "1"},  # nothing listens there: the options fail first
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert not any(re.match(r"[EW]\d{4} ", line) for line in result.stderr.splitlines())  # gRPC
+    assert expected.format(**paths) in result.stderr.splitlines()[-1]
+
+
 def option_sample(action: argparse.Action) -> tuple[str, object]:
     """A value for the option's variable that differs from its default, and what it parses to."""
     if action.nargs == 0:  # a flag: the variable holds the opposite of the default setting

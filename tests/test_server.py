@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -10,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offload import decode, encode, load_pipeline
+from offload import ConfigError, ServerConfig, _service, decode, encode, load_pipeline, serve
 from offload._server import RunningServer
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
@@ -138,3 +139,84 @@ def test_health_is_serving_and_turns_not_serving_on_stop(
     # The server no longer answers on the network: ask the servicer itself.
     after = server.health.Check(request, None)
     assert after.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def open_stream(stub: pb_grpc.OffloadStub, device: str) -> tuple[Any, threading.Event]:
+    """A device stream that sends one item, takes its answer and stays open until released."""
+    release = threading.Event()
+
+    def requests() -> Iterator[pb.TaskState]:
+        yield state(0, 1, device=device, run_id="open")
+        release.wait(60)
+
+    call = stub.ExecuteRemaining(requests(), timeout=60)
+    assert next(call).status == pb.ItemResult.COMPLETED  # the server holds the stream now
+    return call, release
+
+
+def refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if "event=reject" in r.getMessage() and "RESOURCE_EXHAUSTED" in r.getMessage()
+    ]
+
+
+def test_a_full_server_refuses_a_device_saying_which_limit_and_logs_it_once(
+    start_server: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="offload.server")
+    server = start_server(COUNTER, workers=1)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.OffloadStub(channel)
+        held, release = open_stream(stub, "first")
+        try:
+            for _ in range(5):  # a device retrying in a loop
+                with pytest.raises(grpc.RpcError) as err:
+                    exchange(stub, [state(0, 1, device="second")])
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "the server is full" in err.value.details()
+                assert "--workers 1" in err.value.details()
+            with pytest.raises(grpc.RpcError):
+                exchange(stub, [state(0, 1, device="third")])
+        finally:
+            release.set()
+            held.cancel()
+    lines = refusal_lines(caplog)
+    # Each refused device is named once, with the limit and the flag that raises it.
+    assert len(lines) == 2, lines
+    assert "device=second" in lines[0] and "device=third" in lines[1]
+    assert all("workers=1" in line and "raise the server's --workers" in line for line in lines)
+
+
+def test_a_full_server_still_answers_health_checks(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(COUNTER, workers=1)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        held, release = open_stream(pb_grpc.OffloadStub(channel), "first")
+        try:
+            health = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="offload.v1.Offload")
+            answer = health.Check(request, timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            release.set()
+            held.cancel()
+
+
+def test_a_device_refused_again_soon_is_counted_into_its_next_log_line() -> None:
+    refusals = _service._RefusalLog(interval=0.5)
+    assert refusals.count("pi") == 1  # the first is logged at once
+    assert refusals.count("other") == 1
+    quiet = 0
+    while (reported := refusals.count("pi")) == 0:
+        quiet += 1
+        time.sleep(0.01)
+    assert quiet >= 1
+    assert reported == quiet + 1  # the refusals left out, and this one
+
+
+def test_serve_refuses_a_server_that_could_take_no_stream() -> None:
+    with pytest.raises(ConfigError, match="workers 0: at least 1 device stream must fit"):
+        serve(ServerConfig(pipeline=COUNTER, host="127.0.0.1", port=0, workers=0))

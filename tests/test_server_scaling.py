@@ -102,8 +102,37 @@ def test_a_busy_port_is_a_clear_error_with_processes() -> None:
         result = offload(
             "offload.server", "--host", "127.0.0.1", "--port", str(port), "--processes", "2"
         )
-    assert result.returncode == 1
-    assert f"cannot bind 127.0.0.1:{port}" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: --port {port}: address already in use")
+    assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_the_processes_stop_when_their_parent_is_killed() -> None:
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "offload.server", "--host", "127.0.0.1", "--port", "0"),
+            *("--processes", "2", "--announce"),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("listening on 127.0.0.1:")
+        children = psutil.Process(process.pid).children()
+        assert len(children) == 2
+        process.kill()  # no chance to forward anything
+        # Each stops as on SIGTERM: within its grace period.
+        _gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, "the children went on serving without their parent"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
 
 
 def test_allocator_tuning_applies_where_glibc_is() -> None:
