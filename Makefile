@@ -19,10 +19,13 @@ help:
 	@echo "make bench-scheduler   automatic mode against the oracle (minutes; bench/results/)"
 	@echo "make soak              devices stream for SOAK_MINUTES (10): memory, threads, drift"
 
-$(VENV)/.installed: pyproject.toml setup.py
+# Exact versions from constraints.txt, for the package's build too (pyproject.toml has ranges).
+PIP_INSTALL := $(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt
+
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[server,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt --upgrade pip
+	$(PIP_INSTALL) -e '.[server,demo,dev]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -51,7 +54,7 @@ test: proto node-deps
 
 # Not part of test/check: it takes minutes and measures speed, not behaviour.
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[server,dev,bench]'
+	$(PIP_INSTALL) -e '.[server,demo,dev,bench]'
 	touch $@
 
 bench: proto $(VENV)/.bench-installed

@@ -19,6 +19,7 @@ import enum
 import functools
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import sys
 import threading
@@ -117,6 +118,11 @@ def load_pipeline(path: str = DEFAULT_PIPELINE) -> Pipeline:
     cwd = str(Path.cwd())
     if cwd not in sys.path:
         sys.path.append(cwd)
+    if path == DEFAULT_PIPELINE and importlib.util.find_spec("examples") is None:
+        raise PipelineError(
+            f"the default pipeline {DEFAULT_PIPELINE} is the demo, not installed with offload: "
+            "run from the root of a checkout, or give --pipeline package.module"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -18,6 +18,7 @@ from email.parser import Parser
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from offload._server import RunningServer
 
@@ -124,9 +125,8 @@ def test_the_image_is_multi_stage_slim_and_runs_unprivileged(stages: list[Stage]
 
 def test_every_copy_source_exists_and_is_in_the_build_context(stages: list[Stage]) -> None:
     patterns = dockerignore_patterns()
-    copies = copy_sources(stages[0])
-    assert copies, "the build stage copies the sources"
-    for sources, _ in copies:
+    assert copy_sources(stages[0]), "the build stage copies the sources"
+    for sources, _ in [c for stage in stages for c in copy_sources(stage)]:
         for source in sources:
             path = ROOT / source
             assert path.exists(), f"COPY {source}: no such file"
@@ -163,7 +163,7 @@ def wheel(stages: list[Stage], tmp_path_factory: pytest.TempPathFactory) -> Path
     """The wheel built from exactly what the image's build stage copies (the build hook runs
     grpcio-tools, as it does inside `pip install .`; no network: the venv has the tools)."""
     (install,) = [a for a in stages[0].all("RUN") if "pip install" in a]
-    assert '".[server]"' in install, "the image installs the package with the server extra"
+    assert '".[server,demo]"' in install, "the image installs the server and demo extras"
     context = build_context_copy(stages[0], tmp_path_factory.mktemp("context"))
     assert not (context / "offload/v1/offload_pb2.py").exists()
     out = tmp_path_factory.mktemp("wheel")
@@ -180,26 +180,33 @@ def wheel(stages: list[Stage], tmp_path_factory: pytest.TempPathFactory) -> Path
     return built
 
 
-def test_the_wheel_carries_generated_stubs_scripts_and_a_lean_base(wheel: Path) -> None:
+def test_the_wheel_carries_offload_alone_with_stubs_scripts_and_a_lean_base(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         (info,) = {n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA")}
         metadata = Parser().parsestr(z.read(f"{info}/METADATA").decode())
         entry_points = z.read(f"{info}/entry_points.txt").decode()
+    # One top-level package: no `examples` (or `tests`) in a user's site-packages.
+    assert {n.split("/")[0] for n in names} == {"offload", info}
     assert {"offload/v1/offload_pb2.py", "offload/v1/offload_pb2_grpc.py"} <= names
-    assert "offload/healthcheck.py" in names and "examples/ball_tracking/tasks.py" in names
-    assert not any(n.startswith("tests/") for n in names)
+    assert "offload/healthcheck.py" in names
     assert "offload-client = offload.client:main" in entry_points
     assert "offload-server = offload.server:main" in entry_points
-    requires = metadata.get_all("Requires-Dist") or []
-    base = {r.split("==")[0] for r in requires if "extra ==" not in r}
-    server = {r.split("==")[0] for r in requires if 'extra == "server"' in r}
-    assert base == {"grpcio", "protobuf", "numpy", "opencv-python-headless", "psutil"}
-    assert server == SERVER_PACKAGES
-    assert all("==" in r for r in requires), "every dependency is pinned"
+    requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
+
+    def extra(name: str) -> set[str]:
+        return {r.name for r in requires if r.marker and r.marker.evaluate({"extra": name})}
+
+    base = {r.name for r in requires if r.marker is None}
+    assert base == {"grpcio", "protobuf", "numpy", "psutil"}  # no OpenCV: that is the demo's
+    assert extra("server") == SERVER_PACKAGES
+    assert extra("demo") == {"opencv-python-headless"}
+    assert not any(s.operator == "==" for r in requires for s in r.specifier), "ranges, not pins"
 
 
-def test_console_scripts_of_the_installed_wheel_run(wheel: Path, tmp_path: Path) -> None:
+def test_console_scripts_of_the_installed_wheel_run(
+    wheel: Path, stages: list[Stage], tmp_path: Path
+) -> None:
     target = tmp_path / "site"
     subprocess.run(
         [
@@ -210,11 +217,14 @@ def test_console_scripts_of_the_installed_wheel_run(wheel: Path, tmp_path: Path)
         capture_output=True,
         timeout=300,
     )
-    # Run from an empty directory, so that nothing comes from the checkout.
+    # Run from directories outside the checkout, so that nothing comes from it.
     env = {**os.environ, "PYTHONPATH": str(target)}
-    cwd = tmp_path
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # The image's working directory, as its final stage's COPY lays it out: the demo is there.
+    app = build_context_copy(stages[-1], tmp_path / "app")
 
-    def run(*command: str) -> subprocess.CompletedProcess[str]:
+    def run(cwd: Path, *command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             list(command),
             cwd=cwd,
@@ -225,11 +235,22 @@ def test_console_scripts_of_the_installed_wheel_run(wheel: Path, tmp_path: Path)
             check=False,
         )
 
-    where = run(sys.executable, "-c", "import offload.v1.offload_pb2 as m; print(m.__file__)")
+    client_script, server_script = (
+        str(target / "bin/offload-client"),
+        str(target / "bin/offload-server"),
+    )
+    where = run(
+        empty, sys.executable, "-c", "import offload.v1.offload_pb2 as m; print(m.__file__)"
+    )
     assert where.stdout.startswith(str(target)), where
-    fingerprint = run(str(target / "bin/offload-server"), "--print-fingerprint")
+    # The default pipeline is the demo, which the wheel does not hold: one line says so.
+    refused = run(empty, client_script, "--frames", "5", "--device-id", "wheel")
+    assert refused.returncode == 2, refused
+    assert refused.stderr.count("\n") == 1 and "run from the root of a checkout" in refused.stderr
+    assert "--pipeline package.module" in refused.stderr
+    fingerprint = run(app, server_script, "--print-fingerprint")
     assert re.fullmatch(r"[0-9a-f]{16}\n", fingerprint.stdout), fingerprint
-    client = run(str(target / "bin/offload-client"), "--frames", "5", "--device-id", "wheel")
+    client = run(app, client_script, "--frames", "5", "--device-id", "wheel")
     assert client.returncode == 0, client.stderr
     assert "offload summary" in client.stdout
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +94,41 @@ def test_node_client_usage_errors(node: str) -> None:
     result = run_node(node, 1, "--frames", "2")
     assert result.returncode == 2
     assert "--fingerprint is required" in result.stderr
+
+
+def test_the_documented_node_steps_run_as_written_from_the_repository_root(
+    node: str, start_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    """docs/clients.md's Node.js commands, run as one script from the root. Two stand-ins: an
+    `npm` that records where it ran (nothing is downloaded), and this test's server on port 0
+    for the `python -m offload.server &` line. `python` is this venv's, as once activated."""
+    section = (ROOT / "docs" / "clients.md").read_text().split("## Node.js", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    assert block is not None, "docs/clients.md: no sh block in the Node.js section"
+    script, started = re.subn(r"^python -m offload\.server &.*\n", "", block.group(1), flags=re.M)
+    assert started == 1
+    server = start_server()
+    script = script.replace("127.0.0.1:50051", f"127.0.0.1:{server.port}")
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "npm").write_text('#!/bin/sh\necho "$PWD $*" > "$NPM_RAN"\n')
+    (stubs / "npm").chmod(0o755)
+    venv_bin = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(stubs), str(venv_bin), os.environ["PATH"]]),
+        "NPM_RAN": str(tmp_path / "npm-ran"),
+    }
+    result = subprocess.run(
+        ["bash", "-e", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "npm-ran").read_text().split() == [str(NODE_CLIENT), "ci"]
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["status"] for a in answers] == ["completed"] * 10
