@@ -57,6 +57,20 @@ def encode_into(out: pb.Value, value: Any, limits: Limits = Limits()) -> None:
         raise _error(exc) from None
 
 
+def encode_result(out: pb.Value, value: Any, limits: Limits = Limits()) -> str | None:
+    """Encode an item's result into ``out``, or say why it cannot travel.
+
+    The server calls it, and so does the device for a result it made itself (client-only, all
+    tasks here, an item run here while the server was away): whatever the split, a result that
+    could not be sent back fails its item with the same error.
+    """
+    try:
+        encode_into(out, value, limits)
+    except CodecError as exc:
+        return f"the result cannot be sent back: {exc}"
+    return None
+
+
 def _encode_into(out: pb.Value, value: Any, limits: Limits, depth: int) -> None:
     if depth > limits.max_depth:
         raise _Invalid(f": nested deeper than {limits.max_depth} levels (Limits.max_depth)")
