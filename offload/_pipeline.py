@@ -81,7 +81,7 @@ class Pipeline:
         return len(self.tasks)
 
     def task_name(self, index: int) -> str:
-        return getattr(self.tasks[index], "__name__", f"task{index}")
+        return _name(self.tasks[index])
 
     def describe(self) -> str:
         """``0: capture, 1: blur_hsv, ...``: for error messages and summaries."""
@@ -241,7 +241,7 @@ def check_tasks(path: str, attribute: str, tasks: Any) -> tuple[Task, ...]:
                 f"{path}: task {index} is {type(task).__name__} {_short(task)}, not a function; "
                 f"{attribute} lists the functions themselves (capture, not capture())"
             )
-        name = getattr(task, "__name__", type(task).__name__)
+        name = _name(task)
         if inspect.iscoroutinefunction(task) or inspect.isasyncgenfunction(task):
             raise PipelineError(
                 f"{path}: task {index} ({name}) is an async function; a task is a plain function "
@@ -280,6 +280,11 @@ def check_tasks(path: str, attribute: str, tasks: Any) -> tuple[Task, ...]:
     return tuple(tasks)
 
 
+def _name(task: Task) -> str:
+    """A function's name, or a callable object's class name."""
+    return str(getattr(task, "__name__", None) or type(task).__name__)
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -310,8 +315,15 @@ def arg_count(args: Any) -> int:
     return len(args) if isinstance(args, tuple) else 1
 
 
-@functools.lru_cache(maxsize=4096)
 def _fits(task: Task, count: int) -> bool:
+    try:
+        return _fits_cached(task, count)
+    except TypeError:  # an unhashable callable object (a dataclass instance): not cached
+        return _fits_cached.__wrapped__(task, count)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fits_cached(task: Task, count: int) -> bool:
     try:
         signature = inspect.signature(task)
     except (TypeError, ValueError):  # some builtins have none: let the call decide

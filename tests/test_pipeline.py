@@ -11,6 +11,7 @@ import sys
 import textwrap
 import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from offload import (
 )
 from offload._client import Client
 from offload._pipeline import Status
-from offload._server import channel_options
+from offload._server import RunningServer, channel_options
 from offload.exceptions import PipelineMismatch
 
 from .conftest import ROOT, run_split
@@ -374,6 +375,27 @@ def test_a_pipeline_without_source_is_fingerprinted_by_its_bytecode_alike_in_eve
         fingerprints.append([print_fingerprint(folder, seed) for seed in ("1", "2")])
     assert fingerprints[0] == fingerprints[1] == [fingerprints[0][0]] * 2
     assert fingerprints[2][0] != fingerprints[0][0]
+
+
+@dataclass
+class Above:
+    """A configurable task: a callable object (a dataclass instance is unhashable)."""
+
+    level: float
+
+    def __call__(self, x: float) -> Any:
+        return x > self.level, x
+
+
+def test_a_callable_object_is_a_task_named_by_its_class_here_and_on_a_server(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    pipeline = load_pipeline(install("callable_app", tasks=[lambda: (True, 1.0), Above(0.5)]))
+    assert pipeline.describe() == "0: <lambda>, 1: Above"
+    assert run_tasks(pipeline, 0, 2, None, CTX).value == 1.0
+    lines, report = run_split(pipeline, 1, start_server(pipeline).port, frames=2)
+    assert report["error"] is None
+    assert lines == [f'{{"item":{i},"status":"completed","result":1.0}}' for i in range(2)]
 
 
 def test_set_source_without_a_hook_is_a_clear_error() -> None:
