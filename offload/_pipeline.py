@@ -286,7 +286,7 @@ def _name(task: Task) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = " ".join(repr(value).split())  # one line, whatever its repr
     return text if len(text) <= 40 else text[:37] + "..."
 
 

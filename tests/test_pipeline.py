@@ -181,6 +181,7 @@ def keep(x):
         ),
         ("tasks = 'capture'\n", "tasks must be a list of functions .*, got str 'capture'"),
         ("tasks = None\n", "tasks must be a list of functions .*, got NoneType None"),
+        ("import numpy\ntasks = numpy.zeros((2, 2))\n", r"got ndarray array\(\[\[0\., 0\.\], \[0"),
         ("tasks = []\n", "at least 2 tasks .*, it has 0"),
         (
             "def capture(frame):\n    return True, frame\ntasks = [capture, capture]\n",
