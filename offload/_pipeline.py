@@ -42,11 +42,11 @@ DEFAULT_PIPELINE = "examples.ball_tracking"
 class ItemContext:
     """What a task may want to know about the item it is processing (see ``current_item``)."""
 
-    device_id: str
-    run_id: str
-    item: int
-    capture_time: float
-    on_server: bool
+    device_id: str  # --device-id; on a server with mutual TLS, the certificate's name
+    run_id: str  # new for each run of a client: key state kept across items by (device, run)
+    item: int  # the item's number in its run, from 0
+    capture_time: float  # time.time() on the device when task 0 began the item
+    on_server: bool  # whether this task runs on the server
 
 
 _current: contextvars.ContextVar[ItemContext | None] = contextvars.ContextVar(
