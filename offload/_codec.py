@@ -22,6 +22,7 @@ ALLOWED_DTYPES = frozenset(
     p + k for k in _KINDS for p in (("|",) if k in ("b1", "i1", "u1") else ("<", ">"))
 )
 _INT64 = (-(2**63), 2**63 - 1)
+_INTP_MAX = int(np.iinfo(np.intp).max)
 _SUPPORTED = "None, bool, int, float, str, bytes, numpy arrays and scalars, list, tuple, dict[str]"
 
 
@@ -221,6 +222,9 @@ def _decode_array(array: pb.NDArray, limits: Limits) -> Any:
                 f".shape[{axis}]: {size} is larger than any message "
                 f"(Limits.max_message_bytes {limits.max_message_bytes})"
             )
+    # Empty, its other dimensions must still multiply to a size NumPy can index.
+    if math.prod(size for size in shape if size) * dtype.itemsize > _INTP_MAX:
+        raise _Invalid(f".shape: {list(shape)} is larger than NumPy can index, even empty")
     # Every read of ``array.data`` copies the payload out of the message: read it once.
     data = array.data
     # Python ints cannot overflow: compare the declared size with the data before allocating.

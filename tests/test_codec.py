@@ -147,6 +147,8 @@ def make_array(dtype: str, shape: list[int], data: bytes) -> pb.Value:
         ("<f8", [2**40, 2**40], b"", "shape\\[0\\]: 1099511627776 is larger than any message"),
         ("<f8", [2**20, 2**20], b"", "needs 8796093022208"),  # 8 TiB: refused before allocating
         ("|u1", [0, 2**64 - 1], b"", "shape\\[1\\]"),  # empty, but NumPy cannot index it
+        ("<c16", [0, 2, 2, 827, 830, 833, 4506, 55936], b"", "larger than NumPy can index"),
+        ("<c16", [0, 2**24, 2**24, 2**11], b"", "larger than NumPy can index"),  # 2**63 bytes
         ("|u1", [1] * 40, b"1", "dimensions"),
     ],
 )
@@ -155,6 +157,12 @@ def test_malformed_wire_arrays_are_refused_before_allocating(
 ) -> None:
     with pytest.raises(CodecError, match=message):
         decode(make_array(dtype, shape, data))
+
+
+def test_an_empty_array_may_declare_any_shape_numpy_can_index() -> None:
+    shape = [0, 2**24, 2**24, 2**11 - 1]  # x 16 bytes: just under 2**63
+    back = decode(make_array("<c16", shape, b""))
+    assert back.shape == tuple(shape) and back.size == 0
 
 
 def test_unset_value_decodes_as_none() -> None:
