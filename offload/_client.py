@@ -16,10 +16,10 @@ import time
 import uuid
 from typing import IO, Any
 
-from ._codec import check_size, decode, encode, encode_into
+from ._codec import check_size, decode, encode, encode_into, encode_result
 from ._config import ClientConfig
 from ._link import Link, Pending
-from ._pipeline import ItemContext, Pipeline, Status, run_tasks
+from ._pipeline import ItemContext, Outcome, Pipeline, Status, run_tasks
 from ._report import Recorder
 from ._scheduler import Decision, ModelPolicy, SplitPolicy
 from ._telemetry import Telemetry
@@ -251,6 +251,7 @@ class Client:
                 assert split < n
                 self._send(item, split, outcome.value, capture_time, began)
             else:
+                outcome = self._as_if_sent(outcome)
                 now = time.perf_counter()
                 self.telemetry.finished(outcome.status is Status.COMPLETED)
                 self.recorder.finished(
@@ -404,6 +405,7 @@ class Client:
             context,
             slowdown=self.config.slowdown,
         )
+        outcome = self._as_if_sent(outcome)
         self.recorder.device_times(outcome.task_seconds)
         self.telemetry.device_times(state.item, outcome.task_seconds)
         self.telemetry.finished(outcome.status is Status.COMPLETED)
@@ -417,6 +419,16 @@ class Client:
             latency=now - pending.began,
             at=now,
         )
+
+    def _as_if_sent(self, outcome: Outcome) -> Outcome:
+        """A result made here is refused as the server would refuse it: the same values fail
+        the same items, with the same error, whatever the split."""
+        if outcome.status is Status.COMPLETED:
+            error = encode_result(pb.Value(), outcome.value, self.config.limits)
+            if error is not None:
+                last = len(self.pipeline.tasks) - 1
+                return Outcome(Status.FAILED, None, last, error, outcome.task_seconds)
+        return outcome
 
     def lost(self, pending: Pending, status: str, reason: str) -> None:
         now = time.perf_counter()

@@ -22,6 +22,7 @@ ALLOWED_DTYPES = frozenset(
     p + k for k in _KINDS for p in (("|",) if k in ("b1", "i1", "u1") else ("<", ">"))
 )
 _INT64 = (-(2**63), 2**63 - 1)
+_INTP_MAX = int(np.iinfo(np.intp).max)
 _SUPPORTED = "None, bool, int, float, str, bytes, numpy arrays and scalars, list, tuple, dict[str]"
 
 
@@ -55,6 +56,20 @@ def encode_into(out: pb.Value, value: Any, limits: Limits = Limits()) -> None:
         _encode_into(out, value, limits, 0)
     except _Invalid as exc:
         raise _error(exc) from None
+
+
+def encode_result(out: pb.Value, value: Any, limits: Limits = Limits()) -> str | None:
+    """Encode an item's result into ``out``, or say why it cannot travel.
+
+    The server calls it, and so does the device for a result it made itself (client-only, all
+    tasks here, an item run here while the server was away): whatever the split, a result that
+    could not be sent back fails its item with the same error.
+    """
+    try:
+        encode_into(out, value, limits)
+    except CodecError as exc:
+        return f"the result cannot be sent back: {exc}"
+    return None
 
 
 def _encode_into(out: pb.Value, value: Any, limits: Limits, depth: int) -> None:
@@ -207,6 +222,9 @@ def _decode_array(array: pb.NDArray, limits: Limits) -> Any:
                 f".shape[{axis}]: {size} is larger than any message "
                 f"(Limits.max_message_bytes {limits.max_message_bytes})"
             )
+    # Empty, its other dimensions must still multiply to a size NumPy can index.
+    if math.prod(size for size in shape if size) * dtype.itemsize > _INTP_MAX:
+        raise _Invalid(f".shape: {list(shape)} is larger than NumPy can index, even empty")
     # Every read of ``array.data`` copies the payload out of the message: read it once.
     data = array.data
     # Python ints cannot overflow: compare the declared size with the data before allocating.

@@ -21,9 +21,12 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 import threading
 import time
+import traceback
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +43,11 @@ DEFAULT_PIPELINE = "examples.ball_tracking"
 class ItemContext:
     """What a task may want to know about the item it is processing (see ``current_item``)."""
 
-    device_id: str
-    run_id: str
-    item: int
-    capture_time: float
-    on_server: bool
+    device_id: str  # --device-id; on a server with mutual TLS, the certificate's name
+    run_id: str  # new for each run of a client: key state kept across items by (device, run)
+    item: int  # the item's number in its run, from 0
+    capture_time: float  # time.time() on the device when task 0 began the item
+    on_server: bool  # whether this task runs on the server
 
 
 _current: contextvars.ContextVar[ItemContext | None] = contextvars.ContextVar(
@@ -79,7 +82,7 @@ class Pipeline:
         return len(self.tasks)
 
     def task_name(self, index: int) -> str:
-        return getattr(self.tasks[index], "__name__", f"task{index}")
+        return _name(self.tasks[index])
 
     def describe(self) -> str:
         """``0: capture, 1: blur_hsv, ...``: for error messages and summaries."""
@@ -96,21 +99,87 @@ class Pipeline:
         hook(spec)
 
 
-def fingerprint(name: str, tasks: Sequence[Task], version: str = "") -> str:
-    """A short hash of the pipeline's name, version and task names.
+def fingerprint(name: str, tasks: Sequence[Task], version: str = "", module: Any = None) -> str:
+    """A short hash of the pipeline's name, version and code.
 
-    Bytecode is left out on purpose: it differs between Python versions, and a device and a
-    server on different Pythons running the same pipeline must accept each other.
+    The code is the source of ``module`` (the one ``--pipeline`` names) and of every module that
+    defines a task (their helpers and constants), and each task's own source: text, so that the
+    same files give the same fingerprint in any process and on any Python. Only a task without
+    source (a .pyc-only install) falls back to its bytecode, which differs between Pythons.
     """
     parts = [name, version, str(len(tasks))]
-    parts += [
-        f"{getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', repr(t))}" for t in tasks
-    ]
+    modules = [module] if module is not None else []
+    for task in tasks:
+        function = _function(task)
+        parts.append(f"{getattr(function, '__module__', '?')}.{_qualname(function)}")
+        parts.append(_source(function))
+        owner = sys.modules.get(getattr(function, "__module__", None) or "")
+        if owner is not None and all(owner is not m for m in modules):
+            modules.append(owner)
+    parts += [_source(m, fallback=False) for m in modules]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def _function(task: Task) -> Any:
+    """What a task runs: a partial's function, a callable object's class."""
+    while isinstance(task, functools.partial):
+        task = task.func
+    if inspect.isroutine(task) or inspect.isclass(task):
+        return task
+    return type(task)
+
+
+def _qualname(function: Any) -> str:
+    return str(getattr(function, "__qualname__", None) or type(function).__qualname__)
+
+
+def _source(thing: Any, fallback: bool = True) -> str:
+    try:
+        return inspect.getsource(thing)
+    except (OSError, TypeError):  # no file (built in, or a module made in memory)
+        pass
+    code = getattr(thing, "__code__", None)
+    if not fallback or code is None:
+        return ""
+    return _code_text(code)
+
+
+def _code_text(code: types.CodeType) -> str:
+    """Bytecode, names and constants, without addresses or hash-randomised set orders."""
+
+    def const(value: Any) -> str:
+        if isinstance(value, types.CodeType):
+            return f"<code {_code_text(value)}>"
+        if isinstance(value, tuple):
+            return "(" + ",".join(const(v) for v in value) + ")"
+        if isinstance(value, frozenset):
+            return "frozenset(" + ",".join(sorted(const(v) for v in value)) + ")"
+        return repr(value)
+
+    return " ".join([code.co_code.hex(), ",".join(code.co_names), const(code.co_consts)])
+
+
+# ``package.module`` or ``package.module:attribute``: names Python can import.
+_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*)?")
+_MISSING = object()
+
+
 def load_pipeline(path: str = DEFAULT_PIPELINE) -> Pipeline:
-    """Import ``package.module`` (its ``tasks``) or ``package.module:attribute`` (a task list)."""
+    """Import ``package.module`` (its ``tasks``) or ``package.module:attribute`` (a task list).
+
+    Everything the Task Interface can tell before running is checked here, each with a one-line
+    message: the import, the list, and each task's signature.
+    """
+    if not _PATH.fullmatch(path):
+        hint = ""
+        if (path.endswith(".py") or "/" in path) and not path.startswith("/"):
+            module = path.removesuffix(".py").strip("/").replace("/", ".")
+            top = module.partition(".")[0]
+            hint = f" (for the file {path}: --pipeline {module}, run from the folder holding {top})"
+        raise PipelineError(
+            f"--pipeline {path!r} is not a module name: give it as package.module or "
+            f"package.module:attribute{hint}"
+        )
     module_name, _, attribute = path.partition(":")
     attribute = attribute or "tasks"
     # `python -m offload.client` puts the working directory on sys.path; an installed console
@@ -123,28 +192,113 @@ def load_pipeline(path: str = DEFAULT_PIPELINE) -> Pipeline:
             f"the default pipeline {DEFAULT_PIPELINE} is the demo, not installed with offload: "
             "run from the root of a checkout, or give --pipeline package.module"
         )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise PipelineError(
-            f"cannot import pipeline module {module_name!r} ({exc}); give --pipeline as "
-            "package.module or package.module:attribute, importable from the working directory"
-        ) from exc
-    tasks = getattr(module, attribute, None)
-    if tasks is None:
+    module = _import(module_name, cwd)
+    tasks = getattr(module, attribute, _MISSING)
+    if tasks is _MISSING:
         raise PipelineError(
             f"pipeline module {module_name!r} has no attribute {attribute!r}; a seed-format "
             "module exports `tasks = [capture, ..., aggregate]`"
         )
-    if not isinstance(tasks, (list, tuple)) or not all(callable(t) for t in tasks):
-        raise PipelineError(f"{path}: expected a list of functions, got {type(tasks).__name__}")
+    checked = check_tasks(path, attribute, tasks)
+    version = str(getattr(module, "__version__", ""))
+    return Pipeline(path, checked, fingerprint(path, checked, version, module), module=module)
+
+
+def _import(module_name: str, cwd: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise PipelineError(
+                f"cannot import pipeline module {module_name!r}: no module {missing!r} in the "
+                f"working directory ({cwd}) or on the Python path; give --pipeline as "
+                "package.module or package.module:attribute"
+            ) from None
+        if missing == "cv2" and module_name.startswith("examples."):
+            raise PipelineError(
+                f"the demo pipeline {module_name!r} needs OpenCV, which the core install leaves "
+                "out: pip install '.[demo]' in the checkout"
+            ) from None
+        if missing:
+            raise PipelineError(
+                f"pipeline module {module_name!r} imports {missing!r}, which is not installed "
+                "here: install the package that provides it (on the device and the server)"
+            ) from None
+        raise PipelineError(_import_failure(module_name, exc)) from None
+    except Exception as exc:  # the module's own code failed: say what, and where
+        raise PipelineError(_import_failure(module_name, exc)) from None
+
+
+def _import_failure(module_name: str, exc: Exception) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    if isinstance(exc, SyntaxError):  # its own message already says the file and line
+        where = ""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+    return f"pipeline module {module_name!r} failed to import: {text}{where}"
+
+
+def check_tasks(path: str, attribute: str, tasks: Any) -> tuple[Task, ...]:
+    """Refuse a task list that breaks the Task Interface, naming the task and what to change."""
+    if not isinstance(tasks, (list, tuple)):
+        raise PipelineError(
+            f"{path}: {attribute} must be a list of functions [capture, ..., aggregate], got "
+            f"{type(tasks).__name__} {_short(tasks)}"
+        )
+    for index, task in enumerate(tasks):
+        if not callable(task):
+            raise PipelineError(
+                f"{path}: task {index} is {type(task).__name__} {_short(task)}, not a function; "
+                f"{attribute} lists the functions themselves (capture, not capture())"
+            )
+        name = _name(task)
+        if inspect.iscoroutinefunction(task) or inspect.isasyncgenfunction(task):
+            raise PipelineError(
+                f"{path}: task {index} ({name}) is an async function; a task is a plain function "
+                "that returns (ok, args)"
+            )
+        if inspect.isgeneratorfunction(task):
+            raise PipelineError(
+                f"{path}: task {index} ({name}) is a generator function (it yields); a task "
+                "returns (ok, args) once per call and keeps any iterator in module state"
+            )
+        try:
+            signature = inspect.signature(task)
+        except (TypeError, ValueError):  # some builtins have none: the call decides
+            continue
+        if index == 0 and not _fits(task, 0):
+            raise PipelineError(
+                f"{path}: task 0 ({name}{signature}) must take no argument: it captures each "
+                "item and is called with none"
+            )
+        keyword_only = [
+            p.name
+            for p in signature.parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+        ]
+        if index > 0 and keyword_only:
+            raise PipelineError(
+                f"{path}: task {index} ({name}{signature}) needs keyword-only "
+                f"argument{'s' if len(keyword_only) > 1 else ''} {', '.join(keyword_only)}; a "
+                f"task gets task {index - 1}'s output as positional arguments (give a default)"
+            )
     if len(tasks) < 2:
         raise PipelineError(
             f"{path}: a pipeline needs at least 2 tasks (capture on the device, aggregate on "
             f"the server), it has {len(tasks)}"
         )
-    version = str(getattr(module, "__version__", ""))
-    return Pipeline(path, tuple(tasks), fingerprint(path, tasks, version), module=module)
+    return tuple(tasks)
+
+
+def _name(task: Task) -> str:
+    """A function's name, or a callable object's class name."""
+    return str(getattr(task, "__name__", None) or type(task).__name__)
+
+
+def _short(value: Any) -> str:
+    text = " ".join(repr(value).split())  # one line, whatever its repr
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class Status(enum.Enum):
@@ -172,8 +326,15 @@ def arg_count(args: Any) -> int:
     return len(args) if isinstance(args, tuple) else 1
 
 
-@functools.lru_cache(maxsize=4096)
 def _fits(task: Task, count: int) -> bool:
+    try:
+        return _fits_cached(task, count)
+    except TypeError:  # an unhashable callable object (a dataclass instance): not cached
+        return _fits_cached.__wrapped__(task, count)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fits_cached(task: Task, count: int) -> bool:
     try:
         signature = inspect.signature(task)
     except (TypeError, ValueError):  # some builtins have none: let the call decide

@@ -14,10 +14,13 @@ from ._pipeline import Pipeline
 
 
 def to_json(value: Any) -> Any:
-    """A task result as JSON-friendly data: arrays become nested lists, bytes base64."""
+    """A task result as JSON-friendly data: arrays become nested lists, bytes base64, complex
+    numbers [real, imag] (README, "Writing your own pipeline", lists each form)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (np.ndarray, np.generic)):
+        if value.dtype.kind == "c":  # JSON has no complex numbers (json.dumps raised)
+            return np.stack([value.real, value.imag], axis=-1).tolist()
         return value.tolist()
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(value)).decode("ascii")

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from ._codec import decode, encode_into
+from ._codec import decode, encode_result
 from ._config import ServerConfig
 from ._logging import quote
 from ._pipeline import ItemContext, Pipeline, Status, arity_error, run_tasks
@@ -166,12 +166,11 @@ class RemoteExecutor:
         outcome = run_tasks(self.pipeline, state.next_task, len(self.pipeline.tasks), args, context)
         result = pb.ItemResult(item=state.item, status=_STATUS[outcome.status])
         if outcome.status is Status.COMPLETED:
-            try:
-                encode_into(result.output, outcome.value, self.config.limits)
-            except CodecError as exc:
+            error = encode_result(result.output, outcome.value, self.config.limits)
+            if error is not None:
                 result.status = pb.ItemResult.FAILED
                 result.task = len(self.pipeline.tasks) - 1
-                result.error = f"the result cannot be sent back: {exc}"
+                result.error = error
         else:
             result.task = outcome.task
             result.error = outcome.error

@@ -5,7 +5,7 @@
     ├── PipelineError            a pipeline cannot be imported or does not follow the Task Interface
     ├── CodecError               a value cannot be encoded, or a wire value is malformed or too big
     └── ServerError              the server refused the stream or became unreachable
-        └── PipelineMismatch     client and server run different pipelines (or versions of one)
+        └── PipelineMismatch     client and server run different pipelines, or other code of one
 
 A task that raises does not raise out of offload: the item is reported FAILED with the task's
 index and the error, and the run carries on.
@@ -39,4 +39,4 @@ class ServerError(OffloadError):
 
 
 class PipelineMismatch(ServerError):
-    """The server runs a different pipeline (or version of it) than the client."""
+    """The server runs a different pipeline (or other code of it) than the client."""

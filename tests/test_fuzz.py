@@ -6,6 +6,7 @@ still be SERVING (and serving correctly) afterwards.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from offload import CodecError, Limits, ServerConfig, decode, encode, load_pipeline, serve
 from offload._codec import ALLOWED_DTYPES
+from offload._report import to_json
 from offload._server import RunningServer
 from offload.v1 import offload_pb2 as pb
 
@@ -76,6 +78,40 @@ values = st.recursive(
 def test_any_supported_value_round_trips_exactly(value: Any) -> None:
     wire = encode(value).SerializeToString()
     assert_same(value, decode(pb.Value.FromString(wire)))
+
+
+every_array = st.builds(
+    lambda dtype, shape, seed: (
+        np.random.default_rng(seed)
+        .integers(0, 255, size=int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype=np.uint8)
+        .view(dtype)
+        .reshape(shape)
+    ),
+    st.sampled_from(sorted(ALLOWED_DTYPES)),  # complex included, NaN bit patterns too
+    st.lists(st.integers(0, 3), max_size=3),
+    st.integers(0, 2**32 - 1),
+)
+every_value = st.recursive(
+    scalars
+    | st.floats()
+    | every_array
+    | every_array.filter(lambda a: a.size > 0).map(lambda a: a.reshape(-1)[0]),  # NumPy scalars
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@FUZZ
+@given(every_value)
+def test_a_result_is_written_to_output_alike_whether_or_not_it_travelled(value: Any) -> None:
+    def line(result: Any) -> str:
+        return json.dumps(to_json(result), separators=(",", ":"))
+
+    assert line(value) == line(decode(pb.Value.FromString(encode(value).SerializeToString())))
 
 
 @settings(FUZZ, max_examples=400)
