@@ -377,10 +377,8 @@ def test_an_embedded_server_that_cannot_start_says_why_at_once(tmp_path: Path) -
         timeout=120,
     )
     assert result.returncode != 0
-    assert (
-        "the embedded server failed to start: RuntimeError: this pipeline cannot load on a "
-        "server" in result.stderr
-    )
+    assert "the embedded server failed to start: " in result.stderr
+    assert "RuntimeError: this pipeline cannot load on a server" in result.stderr
     assert "did not start within" not in result.stderr
 
 
