@@ -379,8 +379,8 @@ class Link:
                 return p  # the server never answers it: finish it here
             if self._stream is None and p.not_before <= now:
                 return p
-            if self._stream is None:
-                return None  # keep item order: the head waits for its resend grace
+            # An item back from a broken stream waits out its resend grace, but nothing behind
+            # it does: new items run here at once (lines are written in item order anyway).
         return None
 
     def _read(self, stream: Stream, generation: int) -> None:

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2
 from offload import ClientConfig, GrpcTransport, Keepalive, LinkConfig, load_pipeline, serve
 from offload._client import Client
 from offload._config import ServerConfig
+from offload._link import Pending
 from offload._server import RunningServer
 from offload._transport import client_options
 
@@ -82,7 +83,13 @@ class ClientThread:
     """A real client (gRPC transport, --output in memory) running in a thread of the test."""
 
     def __init__(
-        self, pipeline: str, port: int, frames: int, local_tasks: int = 3, **config: Any
+        self,
+        pipeline: str,
+        port: int,
+        frames: int,
+        local_tasks: int = 3,
+        client_class: type[Client] = Client,
+        **config: Any,
     ) -> None:
         self.pipeline = load_pipeline(pipeline)
         if hasattr(self.pipeline.module, "set_source"):
@@ -94,7 +101,7 @@ class ClientThread:
             f"127.0.0.1:{port}", client_options(self.config), self.config.connect_timeout
         )
         self.out = io.StringIO()
-        self.client = Client(self.pipeline, self.config, self.transport, self.out)
+        self.client = client_class(self.pipeline, self.config, self.transport, self.out)
         self.report: dict[str, Any] = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -173,6 +180,67 @@ def test_a_server_dying_mid_stream_loses_and_duplicates_nothing(
     assert link["disconnects"] >= 1 and link["resent"] + link["ran_locally"] >= 1
     assert report["error"] is None
     assert report["items"]["failed"] == 0 and report["items"]["dropped"] == 0
+
+
+class RunHereTimes(Client):
+    """A client that notes when each item it ran here was captured and when it ended."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ran_here: list[tuple[float, float]] = []  # (captured, ended), perf_counter
+
+    def run_locally(self, pending: Pending) -> None:
+        super().run_locally(pending)
+        self.ran_here.append((pending.began, time.perf_counter()))
+
+
+def test_new_items_run_here_at_once_while_unanswered_ones_wait_for_their_resend(
+    server_processes: Callable[..., subprocess.Popen[str]],
+) -> None:
+    # A server SIGSTOPped until the window is full of unanswered items, then SIGKILLed: those
+    # items wait --resend-grace for a reconnect, but items captured after the kill must not
+    # wait behind them (they did: the local worker kept item order, so every new item waited
+    # out the grace). A new item waits at most for the few queued ahead of it in the buffer.
+    frames = 40
+    _, alone = run_split(load_pipeline(STATELESS), None, source="synthetic", frames=frames)
+    item_seconds = alone["elapsed_seconds"] / frames  # every task, on this machine now
+    window, buffer = 2, 4
+    prompt = 5 * (buffer + 2) * item_seconds  # the queue ahead, with room for a loaded machine
+    grace = 4 * prompt
+    port = free_port()
+    server = server_processes(port)
+    run = ClientThread(
+        STATELESS,
+        port,
+        100_000,
+        client_class=RunHereTimes,
+        window=window,
+        link=LinkConfig(buffer=buffer, resend_grace=grace, item_timeout=10 * grace),
+    )
+    client = run.client
+    assert isinstance(client, RunHereTimes) and client.link is not None
+    link = client.link
+    assert wait_until(lambda: run.finished >= 10, 60)
+    server.send_signal(signal.SIGSTOP)
+
+    def unanswered() -> int:
+        with link._lock:
+            return sum(p.state == "sent" for p in link._pending.values())
+
+    assert wait_until(lambda: unanswered() == window, 30)
+    killed = time.perf_counter()
+    server.send_signal(signal.SIGKILL)
+    assert wait_until(lambda: sum(c > killed for c, _ in client.ran_here) >= 3 * buffer, 60)
+    client.stop()
+    lines, report = run.join()
+    assert_each_item_once(lines, len(lines))
+    assert {json.loads(line)["status"] for line in lines} == {"completed"}
+    waits = [ended - captured for captured, ended in client.ran_here if captured > killed]
+    assert max(waits) < prompt, (
+        f"new items waited up to {max(waits):.2f} s during the outage (resend grace "
+        f"{grace:.2f} s, one item takes {1000 * item_seconds:.1f} ms here)"
+    )
+    assert report["link"]["ran_locally"] >= window + 3 * buffer
 
 
 class Proxy:
