@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._config import LinkConfig
+from ._logging import quote
 from ._transport import Stream, Transport
 from .exceptions import OffloadError, ServerError
 from .v1 import offload_pb2 as pb
@@ -46,6 +47,11 @@ def is_fatal(error: ServerError) -> bool:
     if error.code == "RESOURCE_EXHAUSTED":  # too many streams is transient; too large is not
         return "larger than max" in str(error)
     return error.code in FATAL_CODES
+
+
+def is_full(error: ServerError | None) -> bool:
+    """The server refused the stream because it serves as many as it can (transient)."""
+    return error is not None and error.code == "RESOURCE_EXHAUSTED" and not is_fatal(error)
 
 
 @dataclass
@@ -84,6 +90,7 @@ class LinkStats:
     ran_locally: int = 0  # items whose remaining tasks ran here because the server was away
     dropped: int = 0
     item_timeouts: int = 0
+    refused: int = 0  # streams the server refused because it was full (RESOURCE_EXHAUSTED)
     late_answers: int = 0  # answers for items that had already ended (ignored)
     events: list[str] = field(default_factory=list)  # the first few connects / faults
 
@@ -112,10 +119,15 @@ class Link:
         self._error: ServerError | None = None
         self._closing = False
         self._threads: list[threading.Thread] = []
-        # After a stream stalls (an item timed out), stay away from the server a while before
-        # trying it again, doubling on each stall in a row: a server that accepts streams but
-        # never answers must not cost every item a full item_timeout.
+        # After a stream stalls (an item timed out) or the server refuses it as full, stay away
+        # from the server a while before trying it again, doubling on each setback in a row: a
+        # server that accepts streams but never answers must not cost every item a full
+        # item_timeout, nor may a full one be asked again at once (a refused stream costs its
+        # items' bytes, and each refusal a reconnect).
         self._stalls = 0
+        # After a refusal, a new stream carries one item until it is answered: a full server
+        # refuses it having received one item, not a window of them.
+        self._probing = False
         self._last_answer = 0.0  # perf_counter of the current stream's latest answer
         self._offline_until = 0.0
         self._stalled_generation = -1
@@ -132,8 +144,9 @@ class Link:
         return self._stream is not None
 
     def start(self, wait: float = 0.0) -> bool:
-        """Start the link's threads; True if a stream is up (waiting up to ``wait`` for it)."""
-        if self.transport.ready(wait):
+        """Start the link's threads; True if the server was reached (waiting up to ``wait``)."""
+        reached = self.transport.ready(wait)
+        if reached:
             self._open()
         for target, name in (
             (self._supervise, "offload-link"),
@@ -143,7 +156,7 @@ class Link:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        return self.online
+        return reached
 
     def submit(self, pending: Pending) -> bool:
         """Hand over an item; blocks for a credit, or per ``when_full`` while offline.
@@ -157,7 +170,7 @@ class Link:
                 if self._error is not None:
                     return False
                 if self._stream is not None:
-                    if len(self._pending) < self.window:
+                    if len(self._pending) < self._credit():
                         if not self._has_queued():
                             # Nothing ahead of it: send from this thread, no hand-over.
                             self._pending[pending.item] = pending
@@ -230,6 +243,7 @@ class Link:
                 "ran_locally": s.ran_locally,
                 "dropped": s.dropped,
                 "item_timeouts": s.item_timeouts,
+                "refused": s.refused,
                 "late_answers": s.late_answers,
                 "buffer": self.config.buffer,
                 "when_full": self.config.when_full,
@@ -242,6 +256,12 @@ class Link:
         self._space.notify_all()
         self._sendable.notify_all()
         self._changed.notify_all()
+
+    def _credit(self) -> int:  # holds the lock
+        return 1 if self._probing else self.window
+
+    def _pause(self) -> float:  # holds the lock; seconds to stay away after a setback
+        return min(self.config.reconnect_backoff_max, 2.0 ** (self._stalls - 1))
 
     def _has_queued(self) -> bool:  # holds the lock
         return any(p.state == "queued" for p in self._pending.values())
@@ -270,7 +290,7 @@ class Link:
             self._stream = stream
             self._last_answer = time.perf_counter()
             self.stats.connects += 1
-            if self.stats.connects > 1:
+            if self.stats.connects > 1 and not self._probing:  # (a probe is said if refused)
                 self._event(f"reconnected to {getattr(self.transport, 'target', 'the server')}")
                 log.warning("event=reconnected target=%s", getattr(self.transport, "target", "?"))
             self._wake_all()
@@ -315,8 +335,7 @@ class Link:
             self.stats.item_timeouts += 1
             self._stalls += 1
             self._stalled_generation = self._generation
-            pause = min(self.config.reconnect_backoff_max, 2.0 ** (self._stalls - 1))
-            self._offline_until = now + pause
+            self._offline_until = now + self._pause()
             message = (
                 f"item {oldest.item} unanswered, and no answer at all, for "
                 f"{self.config.item_timeout:g} s (--item-timeout): resetting the stream"
@@ -348,7 +367,7 @@ class Link:
                 in_flight += 1
             elif p.state == "queued" and first is None and p.sends < self.config.max_sends:
                 first = p
-        return first if in_flight < self.window else None
+        return first if in_flight < self._credit() else None
 
     def _work_locally(self) -> None:
         while True:
@@ -394,6 +413,9 @@ class Link:
                         continue
                     del self._pending[answer.item]
                     self._stalls = 0
+                    if self._probing:
+                        self._probing = False
+                        log.info("event=accepted refused=%d", self.stats.refused)
                     self._last_answer = time.perf_counter()
                     self._space.notify_all()
                     if self._has_queued():
@@ -415,10 +437,19 @@ class Link:
                 self._event(f"refused: {error}")
                 self._wake_all()
                 return
-            self.stats.disconnects += 1
-            # Items of a stalled stream have waited item_timeout already: no more grace.
-            stalled = generation == self._stalled_generation
-            grace_end = time.perf_counter() + (0.0 if stalled else self.config.resend_grace)
+            now = time.perf_counter()
+            full = is_full(error)
+            if full:
+                self.stats.refused += 1
+                self._stalls += 1
+                self._offline_until = now + self._pause()
+                said, self._probing = self._probing, True
+            else:
+                self.stats.disconnects += 1
+            # Items of a stalled stream have waited item_timeout already, and a full server
+            # refused its stream before running any: no grace, they run here at once.
+            stalled = full or generation == self._stalled_generation
+            grace_end = now + (0.0 if stalled else self.config.resend_grace)
             unanswered = 0
             for p in self._pending.values():
                 if p.state == "sent":
@@ -426,13 +457,31 @@ class Link:
                     p.not_before = grace_end
                     unanswered += 1
             reason = str(error) if error is not None else "the server ended the stream"
-            self._event(f"disconnected ({unanswered} unanswered): {reason}")
-            log.warning(
-                "event=disconnected unanswered=%d reason=%r: resending after a reconnect, or "
-                "running here after %.1f s",
-                unanswered,
-                reason,
-                self.config.resend_grace,
-            )
+            target = quote(getattr(self.transport, "target", "the server"))
+            if not full:
+                self._event(f"disconnected ({unanswered} unanswered): {reason}")
+                log.warning(
+                    "event=disconnected target=%s unanswered=%d reason=%s msg=%s",
+                    target,
+                    unanswered,
+                    quote(reason),
+                    quote(
+                        "resending after a reconnect, or running here after "
+                        f"{self.config.resend_grace:g} s"
+                    ),
+                )
+            elif not said:  # said once per run of refusals (an answer ends it), not per attempt
+                self._event(f"refused as full: {reason}")
+                log.warning(
+                    "event=server-full target=%s reason=%s msg=%s",
+                    target,
+                    quote(reason),
+                    quote(
+                        f"running items here meanwhile; asking again in {self._pause():g} s, "
+                        f"backing off to {self.config.reconnect_backoff_max:g} s"
+                    ),
+                )
+            else:
+                log.info("event=refused target=%s retry_in=%g", target, self._pause())
             self._wake_all()
         stream.cancel()
