@@ -130,16 +130,22 @@ class Client:
                 "here until it does",
                 getattr(self.transport, "target", "?"),
             )
-        finished = False
         try:
             self._capture_loop()
-            finished = True
-        finally:
             if self.link is not None:
-                if finished:
-                    self.link.finish()
-                else:
-                    self.link.abort()
+                self.link.finish()
+        except BaseException as exc:  # a second Ctrl-C, or a bug: still account for every item
+            why = (
+                "the run was interrupted before this item finished"
+                if isinstance(exc, KeyboardInterrupt)
+                else f"the run stopped before this item finished: {type(exc).__name__}: {exc}"
+            )
+            if self.link is not None:
+                self.link.abort(why)
+            self.recorder.end_unfinished(why)
+            raise
+        # Nothing is left unless a LinkOwner call failed; an item never goes missing.
+        self.recorder.end_unfinished("the run ended before this item finished")
         return self.report()
 
     @property
@@ -421,14 +427,16 @@ class Client:
     def lost(self, pending: Pending, status: str, reason: str) -> None:
         now = time.perf_counter()
         self.telemetry.finished(False)
+        # A not_run item never reached an end: no latency, nor does it lengthen the run.
+        ended = status != "not_run"
         self.recorder.finished(
             pending.item,
             status,
             None,
             task=pending.next_task,
             error=reason,
-            latency=now - pending.began,
-            at=now,
+            latency=now - pending.began if ended else None,
+            at=now if ended else None,
         )
 
 

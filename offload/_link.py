@@ -6,7 +6,8 @@ Every item handed to the link is *pending* until exactly one of these ends it:
   once; a late answer for an item already ended elsewhere is ignored);
 * the device running the item's remaining tasks itself, because the server is away;
 * a full offline buffer dropping it (``when_full`` drop-oldest / reject-new: counted, reported);
-* a fatal refusal (wrong token, other pipeline): the item is reported failed, the run stops.
+* a fatal refusal (wrong token, other pipeline): the run stops, and the item is reported
+  ``not_run`` with the reason (so is one handed over after it, and each one left by ``abort``).
 
 Threads: the capturing thread sends an item itself when the stream is up and nothing waits
 ahead of it (the common case: no hand-over to another thread); a supervisor connects (gRPC's
@@ -78,7 +79,7 @@ class LinkOwner(Protocol):
     def run_locally(self, pending: Pending) -> None: ...
 
     def lost(self, pending: Pending, status: str, reason: str) -> None:
-        """``status`` is "dropped" (full buffer) or "failed" (a fatal refusal)."""
+        """``status`` is "dropped" (full buffer) or "not_run" (a fatal refusal, an abort)."""
         ...
 
 
@@ -166,9 +167,7 @@ class Link:
         """
         victim: Pending | None = None
         with self._lock:
-            while True:
-                if self._error is not None:
-                    return False
+            while self._error is None:
                 if self._stream is not None:
                     if len(self._pending) < self._credit():
                         if not self._has_queued():
@@ -189,14 +188,19 @@ class Link:
                         victim = pending
                         break
                 self._space.wait(0.1)
-            if victim is not None:
-                self.stats.dropped += 1
-            if victim is not pending:
-                self._pending[pending.item] = pending
-            if self._stream is not None:
-                self._sendable.notify()
-            else:
-                self._changed.notify_all()  # the local worker may run it
+            error = self._error
+            if error is None:
+                if victim is not None:
+                    self.stats.dropped += 1
+                if victim is not pending:
+                    self._pending[pending.item] = pending
+                if self._stream is not None:
+                    self._sendable.notify()
+                else:
+                    self._changed.notify_all()  # the local worker may run it
+        if error is not None:
+            self.owner.lost(pending, "not_run", f"not sent: {error}")
+            return False
         if victim is not None:
             self.owner.lost(
                 victim,
@@ -217,20 +221,27 @@ class Link:
             self._closing = True
             self._wake_all()
         for pending in orphans:
-            self.owner.lost(pending, "failed", f"unanswered: {self._error}")
+            self.owner.lost(pending, "not_run", f"unanswered: {self._error}")
         if stream is not None:
             stream.close()  # the server ends the stream; the reader sees its end
         for thread in [*self._threads, *self._readers]:
             thread.join(5.0)
 
-    def abort(self) -> None:
-        """Stop at once (a second Ctrl-C): pending items are left unreported."""
+    def abort(self, reason: str) -> None:
+        """Stop at once (a second Ctrl-C): each item not ended is reported not_run, ``reason``.
+
+        (One running here may still end; the owner keeps whichever end comes first.)
+        """
         with self._lock:
+            orphans = list(self._pending.values())
+            self._pending.clear()
             stream, self._stream = self._stream, None
             self._closing = True
             self._wake_all()
         if stream is not None:
             stream.cancel()
+        for pending in orphans:
+            self.owner.lost(pending, "not_run", reason)
 
     def report(self) -> dict[str, Any]:
         with self._lock:

@@ -61,6 +61,7 @@ class Recorder:
     filtered: int = 0
     failed: int = 0
     dropped: int = 0  # never processed: the offline buffer was full (LinkConfig.when_full)
+    not_run: int = 0  # never finished: a fatal refusal or an abort ended the run first
     bytes_sent: int = 0
     bytes_received: int = 0
     server_cpu_seconds: float = 0.0
@@ -73,6 +74,9 @@ class Recorder:
     last_finish: float | None = None
     _pending_lines: dict[int, str] = field(default_factory=dict)
     _next_line: int = 0
+    # Each item ends once: every item below ``_ended_below`` has ended, and these above it.
+    _ended_below: int = 0
+    _ended: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def captured_item(self, at: float) -> None:
@@ -101,33 +105,49 @@ class Recorder:
         *,
         task: int = -1,
         error: str = "",
-        latency: float,
-        at: float,
-    ) -> None:
-        """Record an item's end (``status`` completed / filtered / failed) and write its line."""
+        latency: float | None,
+        at: float | None,
+    ) -> bool:
+        """Record an item's end and write its line; False if the item had ended already.
+
+        ``status`` is completed, filtered, failed, dropped or not_run; ``task`` (if >= 0) is
+        where it stopped or would have gone on, ``error`` why; ``latency`` and ``at`` (when it
+        ended) are None for an item that was never run to an end.
+        """
         line = None
         if self.output is not None:  # converting a result to JSON is costly: only when written
             record: dict[str, Any] = {"item": item, "status": status}
             if status == "completed":
                 record["result"] = to_json(result)
             else:
-                record["task"] = task
+                if task >= 0:
+                    record["task"] = task
                 if error:
                     record["error"] = error
             line = json.dumps(record, separators=(",", ":"))
         with self._lock:
+            if item < self._ended_below or item in self._ended:
+                return False  # (after an abort, an item that was running here can still end)
+            self._ended.add(item)
+            while self._ended_below in self._ended:
+                self._ended.remove(self._ended_below)
+                self._ended_below += 1
             if status == "completed":
                 self.completed += 1
             elif status == "filtered":
                 self.filtered += 1
             elif status == "dropped":
                 self.dropped += 1
+            elif status == "not_run":
+                self.not_run += 1
             else:
                 self.failed += 1
                 if len(self.errors) < 20:
                     self.errors.append(f"item {item}: task {task}: {error}")
-            self.latencies.append(latency)
-            self.last_finish = at
+            if latency is not None:
+                self.latencies.append(latency)
+            if at is not None:
+                self.last_finish = at
             if self.output is not None and line is not None:
                 # Items can end out of order (filtered on the device while earlier ones are on
                 # the server): hold lines until every earlier item has been written.
@@ -135,10 +155,21 @@ class Recorder:
                 while self._next_line in self._pending_lines:
                     self.output.write(self._pending_lines.pop(self._next_line) + "\n")
                     self._next_line += 1
+        return True
+
+    def end_unfinished(self, reason: str) -> int:
+        """End every captured item that has not ended as not_run, saying ``reason``."""
+        with self._lock:
+            unfinished = [
+                i for i in range(self._ended_below, self.captured) if i not in self._ended
+            ]
+        for item in unfinished:
+            self.finished(item, "not_run", None, error=reason, latency=None, at=None)
+        return len(unfinished)
 
     @property
     def finished_count(self) -> int:
-        return self.completed + self.filtered + self.failed + self.dropped
+        return self.completed + self.filtered + self.failed + self.dropped + self.not_run
 
     def summary(self, **run: Any) -> dict[str, Any]:
         """The run as JSON-friendly data (the ``--report`` file)."""
@@ -174,6 +205,7 @@ class Recorder:
                     "filtered": self.filtered,
                     "failed": self.failed,
                     "dropped": self.dropped,
+                    "not_run": self.not_run,
                 },
                 "elapsed_seconds": round(elapsed, 3),
                 "throughput_per_second": round(self.completed / elapsed, 3) if elapsed else 0.0,
@@ -195,7 +227,8 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = [
         f"offload summary: {report['pipeline']} on device {report['device_id']} ({report['mode']})",
         f"  items      captured {items['captured']}, completed {items['completed']}, "
-        f"filtered {items['filtered']}, failed {items['failed']}, dropped {items['dropped']}",
+        f"filtered {items['filtered']}, failed {items['failed']}, dropped {items['dropped']}"
+        + (f", not run {items['not_run']}" if items.get("not_run") else ""),
         f"  throughput {report['throughput_per_second']:.1f} completed items/s "
         f"({report['finished_per_second']:.1f} finished/s) over {report['elapsed_seconds']:.1f} s",
         f"  latency    p50 {report['latency_ms']['p50']:.1f} ms, "

@@ -61,6 +61,7 @@ def test_real_webcam_clip_gives_identical_results_at_every_split(
         "filtered": 125,
         "failed": 0,
         "dropped": 0,
+        "not_run": 0,
     }
     for k in range(1, len(pipeline) + 1):
         lines, _ = run_split(pipeline, k, server.port, source=str(WEBCAM_CLIP), window=16)

@@ -24,10 +24,23 @@ from typing import Any
 import pytest
 from grpc_health.v1 import health_pb2
 
-from offload import ClientConfig, GrpcTransport, Keepalive, LinkConfig, load_pipeline, serve
+from offload import (
+    ClientConfig,
+    ClientSecurity,
+    GrpcTransport,
+    Keepalive,
+    LinkConfig,
+    Pipeline,
+    ServerSecurity,
+    current_item,
+    load_pipeline,
+    serve,
+)
 from offload._client import Client
 from offload._config import ServerConfig
+from offload._emulation import LinkEmulator, LinkSpec
 from offload._link import Pending
+from offload._pipeline import fingerprint
 from offload._server import RunningServer
 from offload._transport import client_options
 
@@ -99,7 +112,10 @@ class ClientThread:
             pipeline=pipeline, local_tasks=local_tasks, frames=frames, device_id="faulty", **config
         )
         self.transport = GrpcTransport(
-            f"127.0.0.1:{port}", client_options(self.config), self.config.connect_timeout
+            f"127.0.0.1:{port}",
+            client_options(self.config),
+            self.config.connect_timeout,
+            self.config.security,
         )
         self.out = io.StringIO()
         self.client = client_class(self.pipeline, self.config, self.transport, self.out)
@@ -306,6 +322,90 @@ def test_a_device_refused_by_a_full_server_backs_off_and_runs_its_items_here(
     state = getattr(run.transport.channel, "_connectivity_state", None)
     assert wait_until(lambda: not getattr(state, "polling", False), 5)
     assert crashes == []
+
+
+def test_a_fatal_refusal_still_ends_every_captured_item_in_the_output(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # A wrong token is refused when the stream opens, a round trip later: over a 300 ms link,
+    # a window of items is sent meanwhile, and the next waits for a credit. Both used to go
+    # missing from --output (the waiting one was never reported; the others said "failed").
+    server = start_server("tests.apps.tally", security=ServerSecurity(token="right"))
+    emulator = LinkEmulator(f"127.0.0.1:{server.port}", LinkSpec.parse("1gbit,300ms"))
+    try:
+        run = ClientThread(
+            "tests.apps.tally",
+            emulator.port,
+            1_000_000,
+            local_tasks=1,
+            security=ClientSecurity(token="wrong"),
+        )
+        lines, report = run.join()
+    finally:
+        emulator.close()
+    assert "UNAUTHENTICATED" in report["error"]
+    records = [json.loads(line) for line in lines]
+    assert [r["item"] for r in records] == list(range(report["items"]["captured"]))
+    assert len(records) == run.config.window + 1  # the window, and the one waiting for credit
+    assert {r["status"] for r in records} == {"not_run"}
+    assert report["items"]["not_run"] == len(records)
+    assert all("UNAUTHENTICATED" in r["error"] for r in records)
+
+
+def test_stopping_mid_run_finishes_every_captured_item(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server("tests.apps.tally")
+    run = ClientThread("tests.apps.tally", server.port, 1_000_000, local_tasks=1)
+    assert wait_until(lambda: run.finished >= 30, 60)
+    run.client.stop()
+    lines, report = run.join()
+    assert_each_item_once(lines, report["items"]["captured"])
+    assert {json.loads(line)["status"] for line in lines} == {"completed"}
+
+
+def test_an_interrupted_run_says_which_items_it_did_not_run(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # A second Ctrl-C while items wait on the server: they end as not_run, saying why, so that
+    # the output still has one line per captured item, in order.
+    hold = threading.Event()
+    clients: list[Client] = []
+
+    def emit() -> tuple[bool, int]:
+        n = current_item().item
+        if n == 12:  # items 0-4 answered, 5-11 held on the server: the user presses Ctrl-C
+            assert wait_until(lambda: clients[0].recorder.completed >= 5, 30)
+            raise KeyboardInterrupt
+        return True, n
+
+    def work(n: int) -> tuple[bool, int]:
+        if current_item().on_server and n >= 5:
+            hold.wait(30)
+        return True, n
+
+    def result(n: int) -> tuple[bool, dict[str, int]]:
+        return True, {"n": n}
+
+    tasks = (emit, work, result)
+    pipeline = Pipeline("tests.interrupted", tasks, fingerprint("tests.interrupted", tasks))
+    server = start_server(pipeline)
+    config = ClientConfig(pipeline=pipeline.name, local_tasks=1, device_id="interrupted")
+    transport = GrpcTransport(f"127.0.0.1:{server.port}", client_options(config), 10.0)
+    out = io.StringIO()
+    client = Client(pipeline, config, transport, out)
+    clients.append(client)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.run()
+    finally:
+        hold.set()
+        transport.close()
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["item"] for r in records] == list(range(12))
+    assert [r["status"] for r in records] == ["completed"] * 5 + ["not_run"] * 7
+    assert all("interrupted" in r["error"] and r["task"] == 1 for r in records[5:])
+    assert client.recorder.not_run == 7
 
 
 class Proxy:
