@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ from typing import IO, Any
 from ._codec import check_size, decode, encode, encode_into
 from ._config import ClientConfig
 from ._link import Link, Pending
+from ._logging import quote
 from ._pipeline import ItemContext, Pipeline, Status, run_tasks
 from ._report import Recorder
 from ._scheduler import Decision, ModelPolicy, SplitPolicy
@@ -126,9 +126,9 @@ class Client:
         """Capture and process until the source ends, ``frames`` is reached or ``stop()``."""
         if self.link is not None and not self.link.start():
             log.warning(
-                "event=offline target=%s: the server does not answer yet; running every task "
-                "here until it does",
-                getattr(self.transport, "target", "?"),
+                "event=offline target=%s msg=%s",
+                quote(getattr(self.transport, "target", "?")),
+                quote("the server does not answer yet; running every task here until it does"),
             )
         try:
             self._capture_loop()
@@ -281,14 +281,14 @@ class Client:
         measurements = self.telemetry.snapshot(self._split, period, settled)
         decision = self.policy.decide(measurements)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("event=measurements %s", measurements)
+            log.debug("event=measurements measurements=%s", quote(measurements))
             for p in decision.predictions:
                 log.debug(
                     "event=prediction split=%d rate=%.2f bottleneck=%s rates=%s",
                     p.split,
                     p.throughput,
                     p.bottleneck,
-                    p.rates,
+                    quote(p.rates),
                 )
         self.periods.append(
             {
@@ -304,11 +304,16 @@ class Client:
 
     def _apply(self, decision: Decision, now: float) -> None:
         # Said once, and only when two decisions in a row agree: one noisy period is no verdict.
+        # Withdrawn, once, when a decision expects the target met again.
         self._infeasible_streak = self._infeasible_streak + 1 if decision.infeasible else 0
-        if self._infeasible_streak >= 2 and not self._said_infeasible:
+        said = self._said_infeasible
+        if self._infeasible_streak >= 2 and not said:
             self._said_infeasible = True
-            log.warning("event=target-unreachable %s", decision.reason)
-            print(f"offload: {decision.reason}", file=sys.stderr)
+            self._say_target("target-unreachable", "no split meets the target", decision)
+        elif said and not decision.infeasible and not math.isnan(decision.rate):  # (no probe)
+            self._said_infeasible = False
+            met = "met again" if decision.measured else "expected to be met again"
+            self._say_target("target-met", f"target {met} at K={decision.split}", decision)
         if decision.split != self._split:
             n = len(self.pipeline.tasks)
             if not 1 <= decision.split <= n - 1:
@@ -317,7 +322,10 @@ class Client:
                     f"1..{n - 1} (task 0 on the device, the last on the server)"
                 )
             log.info(
-                "event=split old=%d new=%d reason=%r", self._split, decision.split, decision.reason
+                "event=split old=%d new=%d reason=%s",
+                self._split,
+                decision.split,
+                quote(decision.reason),
             )
             self.history.append(
                 {
@@ -328,6 +336,18 @@ class Client:
                 }
             )
             self._split = decision.split
+
+    def _say_target(self, event: str, message: str, decision: Decision) -> None:
+        log.warning(
+            "event=%s target=%g split=%d rate=%s basis=%s msg=%s reason=%s",
+            event,
+            self.config.fps,
+            decision.split,
+            f"{decision.rate:.1f}",
+            "measured" if decision.measured else "predicted",
+            quote(message),
+            quote(decision.reason),
+        )
 
     def _send(self, item: int, split: int, args: Any, capture_time: float, began: float) -> None:
         assert self.link is not None

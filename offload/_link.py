@@ -303,7 +303,9 @@ class Link:
             self.stats.connects += 1
             if self.stats.connects > 1 and not self._probing:  # (a probe is said if refused)
                 self._event(f"reconnected to {getattr(self.transport, 'target', 'the server')}")
-                log.warning("event=reconnected target=%s", getattr(self.transport, "target", "?"))
+                log.warning(
+                    "event=reconnected target=%s", quote(getattr(self.transport, "target", "?"))
+                )
             self._wake_all()
         reader = threading.Thread(
             target=self._read, args=(stream, generation), name="offload-answers", daemon=True
@@ -331,7 +333,11 @@ class Link:
             elif not said_unreachable:
                 said_unreachable = True
                 target = getattr(self.transport, "target", "the server")
-                log.warning("event=unreachable target=%s: running every task here", target)
+                log.warning(
+                    "event=unreachable target=%s msg=%s",
+                    quote(target),
+                    quote("running every task here meanwhile"),
+                )
 
     def _check_item_timeout(self) -> None:  # holds the lock
         now = time.perf_counter()
@@ -352,7 +358,7 @@ class Link:
                 f"{self.config.item_timeout:g} s (--item-timeout): resetting the stream"
             )
             self._event(message)
-            log.warning("event=item-timeout %s", message)
+            log.warning("event=item-timeout item=%d msg=%s", oldest.item, quote(message))
             self._stream.cancel()  # the reader sees CANCELLED and requeues what is unanswered
 
     def _pump(self) -> None:
