@@ -132,6 +132,9 @@ class Link:
         self._last_answer = 0.0  # perf_counter of the current stream's latest answer
         self._offline_until = 0.0
         self._stalled_generation = -1
+        self._up_since: float | None = None  # perf_counter when the current stream opened
+        self._up_seconds = 0.0  # streams' time up, all streams so far
+        self._up_at_end: bool | None = None  # whether a stream was up when the run ended
 
     # --- the client's side --------------------------------------------------------------------
 
@@ -139,10 +142,6 @@ class Link:
     def error(self) -> ServerError | None:
         """A fatal refusal, if one ended the link."""
         return self._error
-
-    @property
-    def online(self) -> bool:
-        return self._stream is not None
 
     def start(self, wait: float = 0.0) -> bool:
         """Start the link's threads; True if the server was reached (waiting up to ``wait``)."""
@@ -217,9 +216,7 @@ class Link:
                 self._space.wait(0.2)
             orphans = list(self._pending.values()) if self._error is not None else []
             self._pending.clear()
-            stream, self._stream = self._stream, None
-            self._closing = True
-            self._wake_all()
+            stream = self._close()
         for pending in orphans:
             self.owner.lost(pending, "not_run", f"unanswered: {self._error}")
         if stream is not None:
@@ -235,9 +232,7 @@ class Link:
         with self._lock:
             orphans = list(self._pending.values())
             self._pending.clear()
-            stream, self._stream = self._stream, None
-            self._closing = True
-            self._wake_all()
+            stream = self._close()
         if stream is not None:
             stream.cancel()
         for pending in orphans:
@@ -246,8 +241,16 @@ class Link:
     def report(self) -> dict[str, Any]:
         with self._lock:
             s = self.stats
+            up = self._up_seconds
+            if self._up_since is not None:
+                up += time.perf_counter() - self._up_since
             return {
-                "online": self._stream is not None,
+                # Whether the stream was up when the run ended (before the link closed it), or
+                # is up now if the run goes on; how long streams were up in all.
+                "up_at_end": self._stream is not None
+                if self._up_at_end is None
+                else self._up_at_end,
+                "up_seconds": round(up, 3),
                 "connects": s.connects,
                 "disconnects": s.disconnects,
                 "resent": s.resent,
@@ -262,6 +265,20 @@ class Link:
             }
 
     # --- the link's threads -------------------------------------------------------------------
+
+    def _close(self) -> Stream | None:  # holds the lock: the run ends, the link stops
+        if self._up_at_end is None:
+            self._up_at_end = self._stream is not None
+        stream, self._stream = self._stream, None
+        self._went_down()
+        self._closing = True
+        self._wake_all()
+        return stream
+
+    def _went_down(self) -> None:  # holds the lock
+        if self._up_since is not None:
+            self._up_seconds += time.perf_counter() - self._up_since
+            self._up_since = None
 
     def _wake_all(self) -> None:  # holds the lock; for rare events (stream up/down, closing)
         self._space.notify_all()
@@ -299,7 +316,7 @@ class Link:
             self._generation += 1
             generation = self._generation
             self._stream = stream
-            self._last_answer = time.perf_counter()
+            self._last_answer = self._up_since = time.perf_counter()
             self.stats.connects += 1
             if self.stats.connects > 1 and not self._probing:  # (a probe is said if refused)
                 self._event(f"reconnected to {getattr(self.transport, 'target', 'the server')}")
@@ -449,6 +466,7 @@ class Link:
             if generation != self._generation or self._stream is None:
                 return  # an older stream, or finish() closed this one
             self._stream = None
+            self._went_down()
             if error is not None and is_fatal(error):
                 self._error = error
                 self._event(f"refused: {error}")

@@ -180,6 +180,7 @@ class Recorder:
                 else 0.0
             )
             latencies = sorted(self.latencies)
+            processed = self.completed + self.filtered
             tasks = []
             for index in range(len(self.pipeline.tasks)):
                 dev = self.device_tasks.get(index, TaskStats())
@@ -209,7 +210,9 @@ class Recorder:
                 },
                 "elapsed_seconds": round(elapsed, 3),
                 "throughput_per_second": round(self.completed / elapsed, 3) if elapsed else 0.0,
-                "finished_per_second": round(self.finished_count / elapsed, 3) if elapsed else 0.0,
+                # Items the pipeline took to an end, completed or filtered (not failed, dropped
+                # or not run).
+                "finished_per_second": round(processed / elapsed, 3) if elapsed else 0.0,
                 "latency_ms": {
                     "p50": round(1000 * percentile(latencies, 50), 3),
                     "p95": round(1000 * percentile(latencies, 95), 3),
@@ -230,7 +233,8 @@ def format_summary(report: dict[str, Any]) -> str:
         f"filtered {items['filtered']}, failed {items['failed']}, dropped {items['dropped']}"
         + (f", not run {items['not_run']}" if items.get("not_run") else ""),
         f"  throughput {report['throughput_per_second']:.1f} completed items/s "
-        f"({report['finished_per_second']:.1f} finished/s) over {report['elapsed_seconds']:.1f} s",
+        f"({report['finished_per_second']:.1f}/s completed or filtered) "
+        f"over {report['elapsed_seconds']:.1f} s",
         f"  latency    p50 {report['latency_ms']['p50']:.1f} ms, "
         f"p95 {report['latency_ms']['p95']:.1f} ms (capture to result)",
         f"  bytes      sent {_size(report['bytes']['sent'])}, "
@@ -247,19 +251,23 @@ def format_summary(report: dict[str, Any]) -> str:
             )
         lines.append(line)
     emulation = report.get("emulation") or {}
-    if emulation.get("slowdown", 1) != 1 or emulation.get("link"):
-        lines.append(
-            f"  emulation  device {emulation.get('slowdown', 1):g}x slower, "
-            f"link {emulation.get('link') or 'not shaped'}"
+    emulated = [
+        f"device {emulation['slowdown']:g}x slower" if emulation.get("slowdown", 1) != 1 else "",
+        f"link {emulation['link']}" if emulation.get("link") else "",
+    ]
+    if any(emulated):
+        lines.append(f"  emulation  {', '.join(e for e in emulated if e)}")
+    scheduler = report.get("scheduler") or {}
+    periods = scheduler.get("periods") or []
+    if periods:
+        shown = ", ".join(
+            f"K={p['split']} {p['throughput_per_second']:.1f}/s" for p in periods[-8:]
         )
-    scheduler = report.get("scheduler")
-    if scheduler:
-        periods = ", ".join(
-            f"K={p['split']} {p['throughput_per_second']:.1f}/s" for p in scheduler["periods"][-8:]
-        )
-        lines.append(f"  periods    {periods} (last {min(8, len(scheduler['periods']))})")
-        for change in scheduler["history"][-10:]:
-            lines.append(f"  at {change['seconds']:6.1f} s {change['reason']}")
+        if len(periods) > 8:
+            shown += f" (the last 8 of {len(periods)})"
+        lines.append(f"  periods    {shown}")
+    for change in scheduler.get("history", [])[-10:]:
+        lines.append(f"  at {change['seconds']:6.1f} s {change['reason']}")
     lines.append("  tasks      where              device ms   server ms")
     for t in report["tasks"]:
         dev = f"{t['device_mean_ms']:9.2f}" if t["device_runs"] else "        -"
@@ -271,6 +279,9 @@ def format_summary(report: dict[str, Any]) -> str:
             f"  link       {link['connects']} connects, {link['disconnects']} disconnects, "
             f"{link['resent']} resent, {link['ran_locally']} run here while the server was away, "
             f"{link['dropped']} dropped ({link['when_full']}, buffer {link['buffer']})"
+            + (f", {link['refused']} refused (server full)" if link.get("refused") else "")
+            + f"; up {link['up_seconds']:.1f} s"
+            + ("" if link["up_at_end"] else ", down at the end")
         )
     for error in report["errors"][:5]:
         lines.append(f"  error      {error}")
