@@ -18,7 +18,10 @@ of queued items while no stream is up. Each waits on its own condition (one shar
 woke all of them for every item: ~35 context switches per item on the device, now ~20, most of
 them gRPC's own). When a stream breaks, its unanswered items go back to the queue: they are
 resent after a reconnect (the server de-duplicates by device, run and item) or, if no reconnect
-comes within ``resend_grace``, run on the device.
+comes within ``resend_grace``, run on the device; items captured meanwhile run on the device
+at once. A server that refuses the stream as full (``RESOURCE_EXHAUSTED``) is a setback like a
+stall: the device stays away with the same backoff, and the next stream carries one item until
+it is answered.
 """
 
 from __future__ import annotations
@@ -244,12 +247,11 @@ class Link:
             up = self._up_seconds
             if self._up_since is not None:
                 up += time.perf_counter() - self._up_since
+            # Whether a stream was up when the run ended (before the link closed it), or is up
+            # now while the run goes on; and how long streams were up in all.
+            up_at_end = self._stream is not None if self._up_at_end is None else self._up_at_end
             return {
-                # Whether the stream was up when the run ended (before the link closed it), or
-                # is up now if the run goes on; how long streams were up in all.
-                "up_at_end": self._stream is not None
-                if self._up_at_end is None
-                else self._up_at_end,
+                "up_at_end": up_at_end,
                 "up_seconds": round(up, 3),
                 "connects": s.connects,
                 "disconnects": s.disconnects,
