@@ -138,6 +138,8 @@ class Link:
         self._up_since: float | None = None  # perf_counter when the current stream opened
         self._up_seconds = 0.0  # streams' time up, all streams so far
         self._up_at_end: bool | None = None  # whether a stream was up when the run ended
+        self._answering = 0  # answers taken off pending whose owner.answered has not returned
+        self._finishing = False
 
     # --- the client's side --------------------------------------------------------------------
 
@@ -215,7 +217,9 @@ class Link:
     def finish(self) -> None:
         """Wait until every pending item has ended, then close the stream and stop."""
         with self._lock:
-            while self._pending and self._error is None:
+            self._finishing = True
+            # Until each item has ended, and the owner has been told of each answer.
+            while (self._pending and self._error is None) or self._answering:
                 self._space.wait(0.2)
             orphans = list(self._pending.values()) if self._error is not None else []
             self._pending.clear()
@@ -448,6 +452,7 @@ class Link:
                         self.stats.late_answers += 1
                         continue
                     del self._pending[answer.item]
+                    self._answering += 1
                     self._stalls = 0
                     if self._probing:
                         self._probing = False
@@ -456,7 +461,13 @@ class Link:
                     self._space.notify_all()
                     if self._has_queued():
                         self._sendable.notify()
-                self.owner.answered(pending, answer, size)
+                try:
+                    self.owner.answered(pending, answer, size)
+                finally:
+                    with self._lock:
+                        self._answering -= 1
+                        if self._finishing:
+                            self._space.notify_all()
         except ServerError as exc:
             error = exc
         except OffloadError as exc:  # an answer that cannot be decoded
