@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import threading
 import time
 import uuid
@@ -19,6 +18,7 @@ from typing import IO, Any
 from ._codec import check_size, decode, encode, encode_into, encode_result
 from ._config import ClientConfig
 from ._link import Link, Pending
+from ._logging import quote
 from ._pipeline import ItemContext, Outcome, Pipeline, Status, run_tasks
 from ._report import Recorder
 from ._scheduler import Decision, ModelPolicy, SplitPolicy
@@ -126,20 +126,26 @@ class Client:
         """Capture and process until the source ends, ``frames`` is reached or ``stop()``."""
         if self.link is not None and not self.link.start():
             log.warning(
-                "event=offline target=%s: the server does not answer yet; running every task "
-                "here until it does",
-                getattr(self.transport, "target", "?"),
+                "event=offline target=%s msg=%s",
+                quote(getattr(self.transport, "target", "?")),
+                quote("the server does not answer yet; running every task here until it does"),
             )
-        finished = False
         try:
             self._capture_loop()
-            finished = True
-        finally:
             if self.link is not None:
-                if finished:
-                    self.link.finish()
-                else:
-                    self.link.abort()
+                self.link.finish()
+        except BaseException as exc:  # a second Ctrl-C, or a bug: still account for every item
+            why = (
+                "the run was interrupted before this item finished"
+                if isinstance(exc, KeyboardInterrupt)
+                else f"the run stopped before this item finished: {type(exc).__name__}: {exc}"
+            )
+            if self.link is not None:
+                self.link.abort(why)
+            self.recorder.end_unfinished(why)
+            raise
+        # Nothing is left unless a LinkOwner call failed; an item never goes missing.
+        self.recorder.end_unfinished("the run ended before this item finished")
         return self.report()
 
     @property
@@ -276,14 +282,14 @@ class Client:
         measurements = self.telemetry.snapshot(self._split, period, settled)
         decision = self.policy.decide(measurements)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("event=measurements %s", measurements)
+            log.debug("event=measurements measurements=%s", quote(measurements))
             for p in decision.predictions:
                 log.debug(
                     "event=prediction split=%d rate=%.2f bottleneck=%s rates=%s",
                     p.split,
                     p.throughput,
                     p.bottleneck,
-                    p.rates,
+                    quote(p.rates),
                 )
         self.periods.append(
             {
@@ -299,11 +305,16 @@ class Client:
 
     def _apply(self, decision: Decision, now: float) -> None:
         # Said once, and only when two decisions in a row agree: one noisy period is no verdict.
+        # Withdrawn, once, when a decision expects the target met again.
         self._infeasible_streak = self._infeasible_streak + 1 if decision.infeasible else 0
-        if self._infeasible_streak >= 2 and not self._said_infeasible:
+        said = self._said_infeasible
+        if self._infeasible_streak >= 2 and not said:
             self._said_infeasible = True
-            log.warning("event=target-unreachable %s", decision.reason)
-            print(f"offload: {decision.reason}", file=sys.stderr)
+            self._say_target("target-unreachable", "no split meets the target", decision)
+        elif said and not decision.infeasible and not math.isnan(decision.rate):  # (no probe)
+            self._said_infeasible = False
+            met = "met again" if decision.measured else "expected to be met again"
+            self._say_target("target-met", f"target {met} at K={decision.split}", decision)
         if decision.split != self._split:
             n = len(self.pipeline.tasks)
             if not 1 <= decision.split <= n - 1:
@@ -312,7 +323,10 @@ class Client:
                     f"1..{n - 1} (task 0 on the device, the last on the server)"
                 )
             log.info(
-                "event=split old=%d new=%d reason=%r", self._split, decision.split, decision.reason
+                "event=split old=%d new=%d reason=%s",
+                self._split,
+                decision.split,
+                quote(decision.reason),
             )
             self.history.append(
                 {
@@ -323,6 +337,18 @@ class Client:
                 }
             )
             self._split = decision.split
+
+    def _say_target(self, event: str, message: str, decision: Decision) -> None:
+        log.warning(
+            "event=%s target=%g split=%d rate=%s basis=%s msg=%s reason=%s",
+            event,
+            self.config.fps,
+            decision.split,
+            f"{decision.rate:.1f}",
+            "measured" if decision.measured else "predicted",
+            quote(message),
+            quote(decision.reason),
+        )
 
     def _send(self, item: int, split: int, args: Any, capture_time: float, began: float) -> None:
         assert self.link is not None
@@ -433,14 +459,16 @@ class Client:
     def lost(self, pending: Pending, status: str, reason: str) -> None:
         now = time.perf_counter()
         self.telemetry.finished(False)
+        # A not_run item never reached an end: no latency, nor does it lengthen the run.
+        ended = status != "not_run"
         self.recorder.finished(
             pending.item,
             status,
             None,
             task=pending.next_task,
             error=reason,
-            latency=now - pending.began,
-            at=now,
+            latency=now - pending.began if ended else None,
+            at=now if ended else None,
         )
 
 

@@ -6,7 +6,8 @@ Every item handed to the link is *pending* until exactly one of these ends it:
   once; a late answer for an item already ended elsewhere is ignored);
 * the device running the item's remaining tasks itself, because the server is away;
 * a full offline buffer dropping it (``when_full`` drop-oldest / reject-new: counted, reported);
-* a fatal refusal (wrong token, other pipeline): the item is reported failed, the run stops.
+* a fatal refusal (wrong token, other pipeline): the run stops, and the item is reported
+  ``not_run`` with the reason (so is one handed over after it, and each one left by ``abort``).
 
 Threads: the capturing thread sends an item itself when the stream is up and nothing waits
 ahead of it (the common case: no hand-over to another thread); a supervisor connects (gRPC's
@@ -17,7 +18,10 @@ of queued items while no stream is up. Each waits on its own condition (one shar
 woke all of them for every item: ~35 context switches per item on the device, now ~20, most of
 them gRPC's own). When a stream breaks, its unanswered items go back to the queue: they are
 resent after a reconnect (the server de-duplicates by device, run and item) or, if no reconnect
-comes within ``resend_grace``, run on the device.
+comes within ``resend_grace``, run on the device; items captured meanwhile run on the device
+at once. A server that refuses the stream as full (``RESOURCE_EXHAUSTED``) is a setback like a
+stall: the device stays away with the same backoff, and the next stream carries one item until
+it is answered.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._config import LinkConfig
+from ._logging import quote
 from ._transport import Stream, Transport
 from .exceptions import OffloadError, ServerError
 from .v1 import offload_pb2 as pb
@@ -46,6 +51,11 @@ def is_fatal(error: ServerError) -> bool:
     if error.code == "RESOURCE_EXHAUSTED":  # too many streams is transient; too large is not
         return "larger than max" in str(error)
     return error.code in FATAL_CODES
+
+
+def is_full(error: ServerError | None) -> bool:
+    """The server refused the stream because it serves as many as it can (transient)."""
+    return error is not None and error.code == "RESOURCE_EXHAUSTED" and not is_fatal(error)
 
 
 @dataclass
@@ -72,7 +82,7 @@ class LinkOwner(Protocol):
     def run_locally(self, pending: Pending) -> None: ...
 
     def lost(self, pending: Pending, status: str, reason: str) -> None:
-        """``status`` is "dropped" (full buffer) or "failed" (a fatal refusal)."""
+        """``status`` is "dropped" (full buffer) or "not_run" (a fatal refusal, an abort)."""
         ...
 
 
@@ -84,6 +94,7 @@ class LinkStats:
     ran_locally: int = 0  # items whose remaining tasks ran here because the server was away
     dropped: int = 0
     item_timeouts: int = 0
+    refused: int = 0  # streams the server refused because it was full (RESOURCE_EXHAUSTED)
     late_answers: int = 0  # answers for items that had already ended (ignored)
     events: list[str] = field(default_factory=list)  # the first few connects / faults
 
@@ -112,13 +123,23 @@ class Link:
         self._error: ServerError | None = None
         self._closing = False
         self._threads: list[threading.Thread] = []
-        # After a stream stalls (an item timed out), stay away from the server a while before
-        # trying it again, doubling on each stall in a row: a server that accepts streams but
-        # never answers must not cost every item a full item_timeout.
+        # After a stream stalls (an item timed out) or the server refuses it as full, stay away
+        # from the server a while before trying it again, doubling on each setback in a row: a
+        # server that accepts streams but never answers must not cost every item a full
+        # item_timeout, nor may a full one be asked again at once (a refused stream costs its
+        # items' bytes, and each refusal a reconnect).
         self._stalls = 0
+        # After a refusal, a new stream carries one item until it is answered: a full server
+        # refuses it having received one item, not a window of them.
+        self._probing = False
         self._last_answer = 0.0  # perf_counter of the current stream's latest answer
         self._offline_until = 0.0
         self._stalled_generation = -1
+        self._up_since: float | None = None  # perf_counter when the current stream opened
+        self._up_seconds = 0.0  # streams' time up, all streams so far
+        self._up_at_end: bool | None = None  # whether a stream was up when the run ended
+        self._answering = 0  # answers taken off pending whose owner.answered has not returned
+        self._finishing = False
 
     # --- the client's side --------------------------------------------------------------------
 
@@ -127,13 +148,10 @@ class Link:
         """A fatal refusal, if one ended the link."""
         return self._error
 
-    @property
-    def online(self) -> bool:
-        return self._stream is not None
-
     def start(self, wait: float = 0.0) -> bool:
-        """Start the link's threads; True if a stream is up (waiting up to ``wait`` for it)."""
-        if self.transport.ready(wait):
+        """Start the link's threads; True if the server was reached (waiting up to ``wait``)."""
+        reached = self.transport.ready(wait)
+        if reached:
             self._open()
         for target, name in (
             (self._supervise, "offload-link"),
@@ -143,7 +161,7 @@ class Link:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-        return self.online
+        return reached
 
     def submit(self, pending: Pending) -> bool:
         """Hand over an item; blocks for a credit, or per ``when_full`` while offline.
@@ -153,11 +171,9 @@ class Link:
         """
         victim: Pending | None = None
         with self._lock:
-            while True:
-                if self._error is not None:
-                    return False
+            while self._error is None:
                 if self._stream is not None:
-                    if len(self._pending) < self.window:
+                    if len(self._pending) < self._credit():
                         if not self._has_queued():
                             # Nothing ahead of it: send from this thread, no hand-over.
                             self._pending[pending.item] = pending
@@ -176,14 +192,19 @@ class Link:
                         victim = pending
                         break
                 self._space.wait(0.1)
-            if victim is not None:
-                self.stats.dropped += 1
-            if victim is not pending:
-                self._pending[pending.item] = pending
-            if self._stream is not None:
-                self._sendable.notify()
-            else:
-                self._changed.notify_all()  # the local worker may run it
+            error = self._error
+            if error is None:
+                if victim is not None:
+                    self.stats.dropped += 1
+                if victim is not pending:
+                    self._pending[pending.item] = pending
+                if self._stream is not None:
+                    self._sendable.notify()
+                else:
+                    self._changed.notify_all()  # the local worker may run it
+        if error is not None:
+            self.owner.lost(pending, "not_run", f"not sent: {error}")
+            return False
         if victim is not None:
             self.owner.lost(
                 victim,
@@ -196,40 +217,53 @@ class Link:
     def finish(self) -> None:
         """Wait until every pending item has ended, then close the stream and stop."""
         with self._lock:
-            while self._pending and self._error is None:
+            self._finishing = True
+            # Until each item has ended, and the owner has been told of each answer.
+            while (self._pending and self._error is None) or self._answering:
                 self._space.wait(0.2)
             orphans = list(self._pending.values()) if self._error is not None else []
             self._pending.clear()
-            stream, self._stream = self._stream, None
-            self._closing = True
-            self._wake_all()
+            stream = self._close()
         for pending in orphans:
-            self.owner.lost(pending, "failed", f"unanswered: {self._error}")
+            self.owner.lost(pending, "not_run", f"unanswered: {self._error}")
         if stream is not None:
             stream.close()  # the server ends the stream; the reader sees its end
         for thread in [*self._threads, *self._readers]:
             thread.join(5.0)
 
-    def abort(self) -> None:
-        """Stop at once (a second Ctrl-C): pending items are left unreported."""
+    def abort(self, reason: str) -> None:
+        """Stop at once (a second Ctrl-C): each item not ended is reported not_run, ``reason``.
+
+        (One running here may still end; the owner keeps whichever end comes first.)
+        """
         with self._lock:
-            stream, self._stream = self._stream, None
-            self._closing = True
-            self._wake_all()
+            orphans = list(self._pending.values())
+            self._pending.clear()
+            stream = self._close()
         if stream is not None:
             stream.cancel()
+        for pending in orphans:
+            self.owner.lost(pending, "not_run", reason)
 
     def report(self) -> dict[str, Any]:
         with self._lock:
             s = self.stats
+            up = self._up_seconds
+            if self._up_since is not None:
+                up += time.perf_counter() - self._up_since
+            # Whether a stream was up when the run ended (before the link closed it), or is up
+            # now while the run goes on; and how long streams were up in all.
+            up_at_end = self._stream is not None if self._up_at_end is None else self._up_at_end
             return {
-                "online": self._stream is not None,
+                "up_at_end": up_at_end,
+                "up_seconds": round(up, 3),
                 "connects": s.connects,
                 "disconnects": s.disconnects,
                 "resent": s.resent,
                 "ran_locally": s.ran_locally,
                 "dropped": s.dropped,
                 "item_timeouts": s.item_timeouts,
+                "refused": s.refused,
                 "late_answers": s.late_answers,
                 "buffer": self.config.buffer,
                 "when_full": self.config.when_full,
@@ -238,10 +272,30 @@ class Link:
 
     # --- the link's threads -------------------------------------------------------------------
 
+    def _close(self) -> Stream | None:  # holds the lock: the run ends, the link stops
+        if self._up_at_end is None:
+            self._up_at_end = self._stream is not None
+        stream, self._stream = self._stream, None
+        self._went_down()
+        self._closing = True
+        self._wake_all()
+        return stream
+
+    def _went_down(self) -> None:  # holds the lock
+        if self._up_since is not None:
+            self._up_seconds += time.perf_counter() - self._up_since
+            self._up_since = None
+
     def _wake_all(self) -> None:  # holds the lock; for rare events (stream up/down, closing)
         self._space.notify_all()
         self._sendable.notify_all()
         self._changed.notify_all()
+
+    def _credit(self) -> int:  # holds the lock
+        return 1 if self._probing else self.window
+
+    def _pause(self) -> float:  # holds the lock; seconds to stay away after a setback
+        return min(self.config.reconnect_backoff_max, 2.0 ** (self._stalls - 1))
 
     def _has_queued(self) -> bool:  # holds the lock
         return any(p.state == "queued" for p in self._pending.values())
@@ -268,11 +322,13 @@ class Link:
             self._generation += 1
             generation = self._generation
             self._stream = stream
-            self._last_answer = time.perf_counter()
+            self._last_answer = self._up_since = time.perf_counter()
             self.stats.connects += 1
-            if self.stats.connects > 1:
+            if self.stats.connects > 1 and not self._probing:  # (a probe is said if refused)
                 self._event(f"reconnected to {getattr(self.transport, 'target', 'the server')}")
-                log.warning("event=reconnected target=%s", getattr(self.transport, "target", "?"))
+                log.warning(
+                    "event=reconnected target=%s", quote(getattr(self.transport, "target", "?"))
+                )
             self._wake_all()
         reader = threading.Thread(
             target=self._read, args=(stream, generation), name="offload-answers", daemon=True
@@ -300,7 +356,11 @@ class Link:
             elif not said_unreachable:
                 said_unreachable = True
                 target = getattr(self.transport, "target", "the server")
-                log.warning("event=unreachable target=%s: running every task here", target)
+                log.warning(
+                    "event=unreachable target=%s msg=%s",
+                    quote(target),
+                    quote("running every task here meanwhile"),
+                )
 
     def _check_item_timeout(self) -> None:  # holds the lock
         now = time.perf_counter()
@@ -315,14 +375,13 @@ class Link:
             self.stats.item_timeouts += 1
             self._stalls += 1
             self._stalled_generation = self._generation
-            pause = min(self.config.reconnect_backoff_max, 2.0 ** (self._stalls - 1))
-            self._offline_until = now + pause
+            self._offline_until = now + self._pause()
             message = (
                 f"item {oldest.item} unanswered, and no answer at all, for "
                 f"{self.config.item_timeout:g} s (--item-timeout): resetting the stream"
             )
             self._event(message)
-            log.warning("event=item-timeout %s", message)
+            log.warning("event=item-timeout item=%d msg=%s", oldest.item, quote(message))
             self._stream.cancel()  # the reader sees CANCELLED and requeues what is unanswered
 
     def _pump(self) -> None:
@@ -348,7 +407,7 @@ class Link:
                 in_flight += 1
             elif p.state == "queued" and first is None and p.sends < self.config.max_sends:
                 first = p
-        return first if in_flight < self.window else None
+        return first if in_flight < self._credit() else None
 
     def _work_locally(self) -> None:
         while True:
@@ -379,8 +438,8 @@ class Link:
                 return p  # the server never answers it: finish it here
             if self._stream is None and p.not_before <= now:
                 return p
-            if self._stream is None:
-                return None  # keep item order: the head waits for its resend grace
+            # An item back from a broken stream waits out its resend grace, but nothing behind
+            # it does: new items run here at once (lines are written in item order anyway).
         return None
 
     def _read(self, stream: Stream, generation: int) -> None:
@@ -393,12 +452,22 @@ class Link:
                         self.stats.late_answers += 1
                         continue
                     del self._pending[answer.item]
+                    self._answering += 1
                     self._stalls = 0
+                    if self._probing:
+                        self._probing = False
+                        log.info("event=accepted refused=%d", self.stats.refused)
                     self._last_answer = time.perf_counter()
                     self._space.notify_all()
                     if self._has_queued():
                         self._sendable.notify()
-                self.owner.answered(pending, answer, size)
+                try:
+                    self.owner.answered(pending, answer, size)
+                finally:
+                    with self._lock:
+                        self._answering -= 1
+                        if self._finishing:
+                            self._space.notify_all()
         except ServerError as exc:
             error = exc
         except OffloadError as exc:  # an answer that cannot be decoded
@@ -410,15 +479,25 @@ class Link:
             if generation != self._generation or self._stream is None:
                 return  # an older stream, or finish() closed this one
             self._stream = None
+            self._went_down()
             if error is not None and is_fatal(error):
                 self._error = error
                 self._event(f"refused: {error}")
                 self._wake_all()
                 return
-            self.stats.disconnects += 1
-            # Items of a stalled stream have waited item_timeout already: no more grace.
-            stalled = generation == self._stalled_generation
-            grace_end = time.perf_counter() + (0.0 if stalled else self.config.resend_grace)
+            now = time.perf_counter()
+            full = is_full(error)
+            if full:
+                self.stats.refused += 1
+                self._stalls += 1
+                self._offline_until = now + self._pause()
+                said, self._probing = self._probing, True
+            else:
+                self.stats.disconnects += 1
+            # Items of a stalled stream have waited item_timeout already, and a full server
+            # refused its stream before running any: no grace, they run here at once.
+            stalled = full or generation == self._stalled_generation
+            grace_end = now + (0.0 if stalled else self.config.resend_grace)
             unanswered = 0
             for p in self._pending.values():
                 if p.state == "sent":
@@ -426,13 +505,31 @@ class Link:
                     p.not_before = grace_end
                     unanswered += 1
             reason = str(error) if error is not None else "the server ended the stream"
-            self._event(f"disconnected ({unanswered} unanswered): {reason}")
-            log.warning(
-                "event=disconnected unanswered=%d reason=%r: resending after a reconnect, or "
-                "running here after %.1f s",
-                unanswered,
-                reason,
-                self.config.resend_grace,
-            )
+            target = quote(getattr(self.transport, "target", "the server"))
+            if not full:
+                self._event(f"disconnected ({unanswered} unanswered): {reason}")
+                log.warning(
+                    "event=disconnected target=%s unanswered=%d reason=%s msg=%s",
+                    target,
+                    unanswered,
+                    quote(reason),
+                    quote(
+                        "resending after a reconnect, or running here after "
+                        f"{self.config.resend_grace:g} s"
+                    ),
+                )
+            elif not said:  # said once per run of refusals (an answer ends it), not per attempt
+                self._event(f"refused as full: {reason}")
+                log.warning(
+                    "event=server-full target=%s reason=%s msg=%s",
+                    target,
+                    quote(reason),
+                    quote(
+                        f"running items here meanwhile; asking again in {self._pause():g} s, "
+                        f"backing off to {self.config.reconnect_backoff_max:g} s"
+                    ),
+                )
+            else:
+                log.info("event=refused target=%s retry_in=%g", target, self._pause())
             self._wake_all()
         stream.cancel()

@@ -64,6 +64,7 @@ class Recorder:
     filtered: int = 0
     failed: int = 0
     dropped: int = 0  # never processed: the offline buffer was full (LinkConfig.when_full)
+    not_run: int = 0  # never finished: a fatal refusal or an abort ended the run first
     bytes_sent: int = 0
     bytes_received: int = 0
     server_cpu_seconds: float = 0.0
@@ -76,6 +77,9 @@ class Recorder:
     last_finish: float | None = None
     _pending_lines: dict[int, str] = field(default_factory=dict)
     _next_line: int = 0
+    # Each item ends once: every item below ``_ended_below`` has ended, and these above it.
+    _ended_below: int = 0
+    _ended: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def captured_item(self, at: float) -> None:
@@ -104,33 +108,49 @@ class Recorder:
         *,
         task: int = -1,
         error: str = "",
-        latency: float,
-        at: float,
-    ) -> None:
-        """Record an item's end (``status`` completed / filtered / failed) and write its line."""
+        latency: float | None,
+        at: float | None,
+    ) -> bool:
+        """Record an item's end and write its line; False if the item had ended already.
+
+        ``status`` is completed, filtered, failed, dropped or not_run; ``task`` (if >= 0) is
+        where it stopped or would have gone on, ``error`` why; ``latency`` and ``at`` (when it
+        ended) are None for an item that was never run to an end.
+        """
         line = None
         if self.output is not None:  # converting a result to JSON is costly: only when written
             record: dict[str, Any] = {"item": item, "status": status}
             if status == "completed":
                 record["result"] = to_json(result)
             else:
-                record["task"] = task
+                if task >= 0:
+                    record["task"] = task
                 if error:
                     record["error"] = error
             line = json.dumps(record, separators=(",", ":"))
         with self._lock:
+            if item < self._ended_below or item in self._ended:
+                return False  # (after an abort, an item that was running here can still end)
+            self._ended.add(item)
+            while self._ended_below in self._ended:
+                self._ended.remove(self._ended_below)
+                self._ended_below += 1
             if status == "completed":
                 self.completed += 1
             elif status == "filtered":
                 self.filtered += 1
             elif status == "dropped":
                 self.dropped += 1
+            elif status == "not_run":
+                self.not_run += 1
             else:
                 self.failed += 1
                 if len(self.errors) < 20:
                     self.errors.append(f"item {item}: task {task}: {error}")
-            self.latencies.append(latency)
-            self.last_finish = at
+            if latency is not None:
+                self.latencies.append(latency)
+            if at is not None:
+                self.last_finish = at
             if self.output is not None and line is not None:
                 # Items can end out of order (filtered on the device while earlier ones are on
                 # the server): hold lines until every earlier item has been written.
@@ -138,10 +158,21 @@ class Recorder:
                 while self._next_line in self._pending_lines:
                     self.output.write(self._pending_lines.pop(self._next_line) + "\n")
                     self._next_line += 1
+        return True
+
+    def end_unfinished(self, reason: str) -> int:
+        """End every captured item that has not ended as not_run, saying ``reason``."""
+        with self._lock:
+            unfinished = [
+                i for i in range(self._ended_below, self.captured) if i not in self._ended
+            ]
+        for item in unfinished:
+            self.finished(item, "not_run", None, error=reason, latency=None, at=None)
+        return len(unfinished)
 
     @property
     def finished_count(self) -> int:
-        return self.completed + self.filtered + self.failed + self.dropped
+        return self.completed + self.filtered + self.failed + self.dropped + self.not_run
 
     def summary(self, **run: Any) -> dict[str, Any]:
         """The run as JSON-friendly data (the ``--report`` file)."""
@@ -152,6 +183,7 @@ class Recorder:
                 else 0.0
             )
             latencies = sorted(self.latencies)
+            processed = self.completed + self.filtered
             tasks = []
             for index in range(len(self.pipeline.tasks)):
                 dev = self.device_tasks.get(index, TaskStats())
@@ -177,10 +209,13 @@ class Recorder:
                     "filtered": self.filtered,
                     "failed": self.failed,
                     "dropped": self.dropped,
+                    "not_run": self.not_run,
                 },
                 "elapsed_seconds": round(elapsed, 3),
                 "throughput_per_second": round(self.completed / elapsed, 3) if elapsed else 0.0,
-                "finished_per_second": round(self.finished_count / elapsed, 3) if elapsed else 0.0,
+                # Items the pipeline took to an end, completed or filtered (not failed, dropped
+                # or not run).
+                "finished_per_second": round(processed / elapsed, 3) if elapsed else 0.0,
                 "latency_ms": {
                     "p50": round(1000 * percentile(latencies, 50), 3),
                     "p95": round(1000 * percentile(latencies, 95), 3),
@@ -198,9 +233,11 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = [
         f"offload summary: {report['pipeline']} on device {report['device_id']} ({report['mode']})",
         f"  items      captured {items['captured']}, completed {items['completed']}, "
-        f"filtered {items['filtered']}, failed {items['failed']}, dropped {items['dropped']}",
+        f"filtered {items['filtered']}, failed {items['failed']}, dropped {items['dropped']}"
+        + (f", not run {items['not_run']}" if items.get("not_run") else ""),
         f"  throughput {report['throughput_per_second']:.1f} completed items/s "
-        f"({report['finished_per_second']:.1f} finished/s) over {report['elapsed_seconds']:.1f} s",
+        f"({report['finished_per_second']:.1f}/s completed or filtered) "
+        f"over {report['elapsed_seconds']:.1f} s",
         f"  latency    p50 {report['latency_ms']['p50']:.1f} ms, "
         f"p95 {report['latency_ms']['p95']:.1f} ms (capture to result)",
         f"  bytes      sent {_size(report['bytes']['sent'])}, "
@@ -217,19 +254,23 @@ def format_summary(report: dict[str, Any]) -> str:
             )
         lines.append(line)
     emulation = report.get("emulation") or {}
-    if emulation.get("slowdown", 1) != 1 or emulation.get("link"):
-        lines.append(
-            f"  emulation  device {emulation.get('slowdown', 1):g}x slower, "
-            f"link {emulation.get('link') or 'not shaped'}"
+    emulated = [
+        f"device {emulation['slowdown']:g}x slower" if emulation.get("slowdown", 1) != 1 else "",
+        f"link {emulation['link']}" if emulation.get("link") else "",
+    ]
+    if any(emulated):
+        lines.append(f"  emulation  {', '.join(e for e in emulated if e)}")
+    scheduler = report.get("scheduler") or {}
+    periods = scheduler.get("periods") or []
+    if periods:
+        shown = ", ".join(
+            f"K={p['split']} {p['throughput_per_second']:.1f}/s" for p in periods[-8:]
         )
-    scheduler = report.get("scheduler")
-    if scheduler:
-        periods = ", ".join(
-            f"K={p['split']} {p['throughput_per_second']:.1f}/s" for p in scheduler["periods"][-8:]
-        )
-        lines.append(f"  periods    {periods} (last {min(8, len(scheduler['periods']))})")
-        for change in scheduler["history"][-10:]:
-            lines.append(f"  at {change['seconds']:6.1f} s {change['reason']}")
+        if len(periods) > 8:
+            shown += f" (the last 8 of {len(periods)})"
+        lines.append(f"  periods    {shown}")
+    for change in scheduler.get("history", [])[-10:]:
+        lines.append(f"  at {change['seconds']:6.1f} s {change['reason']}")
     lines.append("  tasks      where              device ms   server ms")
     for t in report["tasks"]:
         dev = f"{t['device_mean_ms']:9.2f}" if t["device_runs"] else "        -"
@@ -241,6 +282,9 @@ def format_summary(report: dict[str, Any]) -> str:
             f"  link       {link['connects']} connects, {link['disconnects']} disconnects, "
             f"{link['resent']} resent, {link['ran_locally']} run here while the server was away, "
             f"{link['dropped']} dropped ({link['when_full']}, buffer {link['buffer']})"
+            + (f", {link['refused']} refused (server full)" if link.get("refused") else "")
+            + f"; up {link['up_seconds']:.1f} s"
+            + ("" if link["up_at_end"] else ", down at the end")
         )
     for error in report["errors"][:5]:
         lines.append(f"  error      {error}")

@@ -56,10 +56,12 @@ class Prediction:
 @dataclass(frozen=True)
 class Decision:
     split: int
-    reason: str
+    reason: str  # quotes the figures it used, each saying whether it was measured or predicted
     predictions: tuple[Prediction, ...] = ()
-    infeasible: bool = False  # no split is predicted to meet the target
+    infeasible: bool = False  # no split is expected to meet the target
     hold_items: int | None = None  # decide once this many items at it finished, not per period
+    rate: float = math.nan  # completed items/s the policy expects at ``split`` (NaN: no figure)
+    measured: bool = False  # ``rate`` was measured at ``split`` (recently), not predicted
 
 
 class SplitPolicy(Protocol):
@@ -110,8 +112,9 @@ class ModelPolicy:
     (towards a split expected to do better); any other move needs ``confirm`` consecutive
     decisions agreeing, and a split measured to meet the target within half the margin is kept.
     Measured beats predicted: throughput observed at a split (smoothed over the periods spent
-    there) caps the model's promise for that split for ``memory`` decisions, so the policy does
-    not return on the model's word to a split it has just seen fall short. How far off the model
+    there) replaces the model's figure for that split for ``memory`` decisions, so the policy
+    neither returns on the model's word to a split it has just seen fall short, nor calls a split
+    it has just seen meet the target unable to. How far off the model
     is gets learned per bottleneck (observed / predicted at the split in use) and applied only to
     splits limited by the same resource: an error in the link estimate says nothing about the
     device. Items the link has carried prove a bandwidth: an estimate below it is raised.
@@ -156,6 +159,7 @@ class ModelPolicy:
         )
         if not predictions:
             return Decision(m.split, f"stay at {m.split}: no split can be predicted yet")
+        target = f"the {self.target:g}/s target"
         by_split = {p.split: p for p in predictions}
         current = by_split.get(m.split)
         if current is not None and observed is not None and current.throughput > 0:
@@ -174,11 +178,29 @@ class ModelPolicy:
             return None
 
         def expected(k: int) -> float:
-            model = by_split[k].throughput * self.efficiency.get(by_split[k].bottleneck, 1.0)
             seen = measured(k)
-            if seen is None:
-                return model
-            return seen if k == m.split else min(model, seen)
+            if seen is not None:
+                return seen
+            return by_split[k].throughput * self.efficiency.get(by_split[k].bottleneck, 1.0)
+
+        def figure(k: int) -> str:
+            if measured(k) is not None:
+                return f"K={k} measured {expected(k):.1f}/s"
+            return f"K={k} predicted {expected(k):.1f}/s ({by_split[k].bottleneck}-bound)"
+
+        def head(new: int) -> str:
+            return f"split {m.split} -> {new}" if new != m.split else f"split {new}"
+
+        def decision(split: int, reason: str, infeasible: bool = False) -> Decision:
+            rate = expected(split) if split in by_split else math.nan
+            return Decision(
+                split,
+                reason,
+                predictions,
+                infeasible,
+                rate=rate,
+                measured=measured(split) is not None,
+            )
 
         def meets_target(k: int) -> bool:
             if k == m.split and observed is not None:
@@ -194,15 +216,22 @@ class ModelPolicy:
         infeasible = not meets
         if meets:
             choice = max(meets)
+            reason = f"{head(choice)}: {figure(choice)} meets {target}"
+            if choice + 1 in by_split:
+                reason += f"; {figure(choice + 1)}"
         else:  # nothing meets the target: run where throughput is best (ties: more local)
-            choice = max(by_split, key=lambda k: (round(expected(k), 6), k))
+            choice = best = max(by_split, key=lambda k: (round(expected(k), 6), k))
             if observed is not None and choice != m.split and m.split in by_split:
                 # Leave a measured split only for one predicted better by more than the
                 # model's error, or a wrong guess costs throughput the run cannot afford.
                 margin = self.margin / 2 if measured(choice) is not None else self.margin
                 if expected(choice) < observed * (1 + margin):
                     choice = m.split
-        reason = self._reason(m.split, choice, expected, by_split, infeasible)
+            reason = f"{head(choice)}: no split meets {target}; "
+            if choice == best:
+                reason += f"the best is {figure(best)}"
+            else:
+                reason += f"staying at {figure(choice)}: {figure(best)} is within its error"
         up = m.split + 1
         if (
             choice == m.split
@@ -217,37 +246,36 @@ class ModelPolicy:
             # there is remembered and undone).
             choice = up
             reason = (
-                f"split {m.split} -> {up}: trying K={up}, predicted {expected(up):.1f}/s, within "
-                f"the model's margin of the {self.target:g} target"
+                f"split {m.split} -> {up}: trying {figure(up)}, within the model's margin of "
+                f"{target}; {figure(m.split)}"
             )
 
         if self._after_probe:  # the probe split was never a choice: leave it without ado
             self._after_probe = False
             self._proposal, self._proposals = None, 0
-            return Decision(choice, reason, predictions, infeasible)
+            return decision(choice, reason, infeasible)
         if choice == m.split:
             self._proposal, self._proposals = None, 0
-            return Decision(m.split, reason, predictions, infeasible)
+            return decision(m.split, reason, infeasible)
         keep = m.split in by_split and meets_target(m.split)
         # A clear miss is fixed at once; a marginal one (noise?) must persist like any move.
         missing = observed is not None and observed < self.target * (1 - self.margin / 2)
         if missing and expected(choice) > expected(m.split):
             self._proposal, self._proposals = None, 0
-            return Decision(choice, reason, predictions, infeasible)  # fix a miss at once
+            return decision(choice, reason, infeasible)  # fix a miss at once
         if choice < m.split and keep:
-            return Decision(m.split, f"stay at {m.split}: still meets the target", predictions)
+            return decision(m.split, f"stay at {m.split}: {figure(m.split)} still meets {target}")
         self._proposals = self._proposals + 1 if self._proposal == choice else 1
         self._proposal = choice
         if self._proposals < self.confirm:
-            return Decision(
+            return decision(
                 m.split,
                 f"stay at {m.split}: {choice} proposed ({self._proposals}/{self.confirm}); "
                 f"{reason}",
-                predictions,
                 infeasible,
             )
         self._proposal, self._proposals = None, 0
-        return Decision(choice, reason, predictions, infeasible)
+        return decision(choice, reason, infeasible)
 
     def _observe(self, m: Measurements) -> float | None:
         """Smooth the throughput measured over consecutive settled periods at one split."""
@@ -297,24 +325,3 @@ class ModelPolicy:
         p = predict(m, last)
         expected = p.throughput * self.efficiency.get(p.bottleneck, 1.0)
         return expected >= self.target * (1 + self.margin)
-
-    def _reason(
-        self,
-        old: int,
-        new: int,
-        expected: object,
-        by_split: dict[int, Prediction],
-        infeasible: bool,
-    ) -> str:
-        assert callable(expected)
-        head = f"split {old} -> {new}" if old != new else f"split {new}"
-        if infeasible:
-            return (
-                f"{head}: no split meets {self.target:g}/s; best is K={new} at "
-                f"{expected(new):.1f}/s ({by_split[new].bottleneck}-bound)"
-            )
-        text = f"{head}: predicted {expected(new):.1f}/s at K={new} >= {self.target:g} target"
-        above = new + 1
-        if above in by_split:
-            text += f"; K={above} {by_split[above].bottleneck}-bound at {expected(above):.1f}/s"
-        return text

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -102,7 +103,7 @@ class _GrpcStream:
         self,
         channel: grpc.Channel,
         metadata: tuple[tuple[str, str], ...],
-        on_error: Callable[[], None],
+        on_error: Callable[[grpc.RpcError], None],
     ) -> None:
         self._on_error = on_error
         self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -134,7 +135,7 @@ class _GrpcStream:
         try:
             yield from self._call
         except grpc.RpcError as exc:
-            self._on_error()
+            self._on_error(exc)
             raise _server_error(exc) from None
 
     def close(self) -> None:
@@ -180,13 +181,22 @@ class GrpcTransport:
         self._known_ready = True
         return True
 
-    def _stream_failed(self) -> None:
-        self._known_ready = False
+    def _stream_failed(self, exc: grpc.RpcError) -> None:
+        # A full server refuses the call over a connection that is fine: no need to ask again.
+        if getattr(exc, "code", lambda: None)() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self._known_ready = False
 
     def open_stream(self) -> Stream:
         return _GrpcStream(self.channel, self._metadata, self._stream_failed)
 
     def close(self) -> None:
+        # A readiness question leaves gRPC's polling thread running up to 0.2 s after it is
+        # answered, and that thread raises ("Channel closed!") if the channel closes under it:
+        # let it end first. (grpc keeps its flag on a private attribute; without it, no wait.)
+        state = getattr(self.channel, "_connectivity_state", None)
+        deadline = time.monotonic() + 1.0
+        while getattr(state, "polling", False) and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.channel.close()
 
 

@@ -7,8 +7,17 @@ from collections.abc import Callable
 
 import pytest
 
-from offload import ClientConfig, InProcessTransport, RemoteExecutor, load_pipeline
+from offload import (
+    ClientConfig,
+    InProcessTransport,
+    Pipeline,
+    RemoteExecutor,
+    current_item,
+    load_pipeline,
+)
 from offload._client import Client
+from offload._pipeline import fingerprint
+from offload._report import format_summary
 from offload._server import RunningServer
 
 from .conftest import WEBCAM_CLIP, run_split
@@ -61,6 +70,7 @@ def test_real_webcam_clip_gives_identical_results_at_every_split(
         "filtered": 125,
         "failed": 0,
         "dropped": 0,
+        "not_run": 0,
     }
     for k in range(1, len(pipeline) + 1):
         lines, _ = run_split(pipeline, k, server.port, source=str(WEBCAM_CLIP), window=16)
@@ -85,3 +95,47 @@ def test_window_bounds_items_in_flight() -> None:
     report = client.run()
     assert report["items"]["captured"] == 40
     assert 1 <= most <= 3
+
+
+def test_the_summary_leaves_out_what_does_not_apply_and_names_what_it_counts() -> None:
+    def fussy(n):  # type: ignore[no-untyped-def]
+        if n % 3 == 0:
+            raise ValueError("every third item")
+        return (n % 3 == 1), n
+
+    def emit():  # type: ignore[no-untyped-def]
+        n = current_item().item
+        return n < 12, n
+
+    tasks = (emit, fussy, lambda n: (True, n))
+    pipeline = Pipeline("tests.fussy", tasks, fingerprint("tests.fussy", tasks))
+    _, report = run_split(pipeline, None)
+    items = report["items"]
+    assert (items["completed"], items["filtered"], items["failed"]) == (4, 4, 4)
+    # Items the pipeline took to an end: failed ones are not throughput.
+    assert report["finished_per_second"] == pytest.approx(2 * report["throughput_per_second"])
+    summary = format_summary(report)
+    assert f"({report['finished_per_second']:.1f}/s completed or filtered)" in summary
+    # A shaped link on a device at full speed: no "device 1x slower".
+    report["emulation"] = {"slowdown": 1.0, "link": "200mbit,30ms"}
+    report["scheduler"] = {"periods": [], "history": []}
+    summary = format_summary(report)
+    assert "  emulation  link 200mbit,30ms" in summary.splitlines()
+    assert "periods" not in summary  # not "periods (last 0)"
+    period = {"split": 2, "throughput_per_second": 9.0}
+    report["scheduler"]["periods"] = [period] * 3
+    assert "  periods    K=2 9.0/s, K=2 9.0/s, K=2 9.0/s" in format_summary(report).splitlines()
+    report["scheduler"]["periods"] = [period] * 10
+    assert "(the last 8 of 10)" in format_summary(report)
+
+
+def test_the_link_reports_whether_it_was_up_when_the_run_ended(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    pipeline = load_pipeline(SEED_APP)
+    server = start_server(pipeline)
+    _, report = run_split(pipeline, 2, server.port, source="")
+    link = report["link"]
+    assert link["up_at_end"] is True, link  # it said online: false after a good run
+    assert 0 < link["up_seconds"]
+    assert "down at the end" not in format_summary(report)
