@@ -16,7 +16,9 @@ class EmbeddedServer:
     def __init__(
         self, pipeline: str, startup_timeout: float = 30.0, max_message_bytes: int | None = None
     ) -> None:
-        env = dict(os.environ)
+        # The device's OFFLOAD_* settings are not the embedded server's: OFFLOAD_TOKEN or
+        # OFFLOAD_TLS_CERT there would make it refuse this client, which sends neither to it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
         # The child must import the same pipeline module as we do, from the same places.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(Path.cwd()), *sys.path, env.get("PYTHONPATH", "")] if p

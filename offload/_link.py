@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._config import LinkConfig
+from ._logging import quote
 from ._transport import Stream, Transport
 from .exceptions import OffloadError, ServerError
 from .v1 import offload_pb2 as pb
@@ -119,6 +120,7 @@ class Link:
         self._last_answer = 0.0  # perf_counter of the current stream's latest answer
         self._offline_until = 0.0
         self._stalled_generation = -1
+        self._said_unreachable: str | None = None  # the reason last said, during this outage
 
     # --- the client's side --------------------------------------------------------------------
 
@@ -135,6 +137,8 @@ class Link:
         """Start the link's threads; True if a stream is up (waiting up to ``wait`` for it)."""
         if self.transport.ready(wait):
             self._open()
+        else:
+            self._say_unreachable()
         for target, name in (
             (self._supervise, "offload-link"),
             (self._pump, "offload-send"),
@@ -280,8 +284,19 @@ class Link:
         self._readers = [r for r in self._readers if r.is_alive()] + [reader]
         reader.start()
 
+    def _say_unreachable(self) -> None:
+        """Once per outage, and again only if the reason changes."""
+        reason = str(getattr(self.transport, "failure", None) or "no answer")
+        if reason != self._said_unreachable:
+            self._said_unreachable = reason
+            log.warning(
+                "event=unreachable target=%s reason=%s: running every task on this device "
+                "meanwhile, and reconnecting with backoff",
+                getattr(self.transport, "target", "?"),
+                quote(reason),
+            )
+
     def _supervise(self) -> None:
-        said_unreachable = False
         while True:
             with self._lock:
                 if self._closing or self._error is not None:
@@ -295,12 +310,10 @@ class Link:
                     continue
             # gRPC's channel retries the connection with exponential backoff meanwhile.
             if self.transport.ready(0.5):
-                said_unreachable = False
+                self._said_unreachable = None
                 self._open()
-            elif not said_unreachable:
-                said_unreachable = True
-                target = getattr(self.transport, "target", "the server")
-                log.warning("event=unreachable target=%s: running every task here", target)
+            elif not self._closing:
+                self._say_unreachable()
 
     def _check_item_timeout(self) -> None:  # holds the lock
         now = time.perf_counter()
