@@ -272,6 +272,7 @@ def _connect(
     config: ClientConfig,
     link: LinkSpec | None,
     stack: contextlib.ExitStack,
+    children: list[EmbeddedServer],
 ) -> GrpcTransport:
     target = args.server
     if not target:
@@ -279,6 +280,7 @@ def _connect(
             config.pipeline, max_message_bytes=config.limits.max_message_bytes
         )
         stack.callback(embedded.stop)
+        children.append(embedded)
         target = embedded.target
         print(
             f"offload: no --server given; started an embedded server on {target}", file=sys.stderr
@@ -363,11 +365,12 @@ def _run(
 ) -> int:
     report: dict[str, Any]
     transport: GrpcTransport | None = None
+    children: list[EmbeddedServer] = []
     with contextlib.ExitStack() as stack:
         client: Client | None = None
         try:
             remote = starting_split(pipeline, config) < len(pipeline)
-            transport = _connect(args, config, link, stack) if remote else None
+            transport = _connect(args, config, link, stack, children) if remote else None
             client = Client(pipeline, config, transport, output, stop)
             with live_progress(client, sys.stderr):
                 report = client.run()
@@ -377,6 +380,8 @@ def _run(
         except _Aborted:
             if client is not None and client.link is not None:
                 client.link.abort()
+            for child in children:  # no grace for its items: they are abandoned too
+                child.process.kill()
             raise
     report["emulation"] = {"slowdown": args.emulate_slowdown, "link": str(link) if link else None}
     failure = transport.failure if transport is not None else None

@@ -374,6 +374,28 @@ def test_embedded_server_when_no_server_is_given(tmp_path: Path) -> None:
     assert report["bytes"]["sent"] > 30 * 500 * 375  # a frame and its mask per item
 
 
+def test_the_embedded_server_takes_none_of_the_devices_settings(tmp_path: Path) -> None:
+    # A device set up for its real server (OFFLOAD_TOKEN, OFFLOAD_TLS_CERT) runs a split without
+    # --server: its embedded server must not demand what this client never sends it.
+    report_path = tmp_path / "report.json"
+    cert, key = tmp_path / "device.pem", tmp_path / "device.key"
+    settings = {
+        "OFFLOAD_TOKEN": "s3cret",
+        "OFFLOAD_TLS_CERT": str(cert),
+        "OFFLOAD_TLS_KEY": str(key),
+    }
+    result = offload(
+        "offload.client",
+        *("--local-tasks", "3", "--frames", "3", "--report", str(report_path)),
+        env=settings,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["error"] is None
+    assert report["items"]["completed"] + report["items"]["filtered"] == 3
+    assert report["tasks"][6]["ran_on"] == "server"
+
+
 def test_sigterm_stops_the_server_gracefully(
     server_process: tuple[subprocess.Popen[str], int],
 ) -> None:
