@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 from dataclasses import dataclass, field
 
@@ -9,6 +10,14 @@ from ._pipeline import DEFAULT_PIPELINE
 from .exceptions import ConfigError
 
 MiB = 1024 * 1024
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message limits are C ints
+
+
+def _seconds(option: str, value: float, *, zero: bool = False) -> None:
+    """Refuse a duration that is negative (or zero, unless ``zero``), infinite or not a number."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = "0 or more" if zero else "more than 0"
+        raise ConfigError(f"{option} {value:g}: give a number of seconds, {least}")
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,12 @@ class Limits:
     max_depth: int = 32  # nesting of lists / tuples / maps
     max_elements: int = 100_000  # items in one list / tuple / map
     max_dims: int = 32  # array dimensions (NumPy's own limit is 64)
+
+    def __post_init__(self) -> None:
+        if not 1024 <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
+            raise ConfigError(
+                f"--max-message-bytes {self.max_message_bytes}: use 1024 to {MAX_MESSAGE_BYTES}"
+            )
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,18 @@ class ClientSecurity:
     tls_key: str | None = None  # its PEM private key
     token: str | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("a client certificate needs both --tls-cert and --tls-key")
+        for option, value in [
+            ("--tls-ca", self.tls_ca),
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--token", self.token),
+        ]:
+            if value == "":
+                raise ConfigError(f"{option} is empty: give a value, or leave the option out")
+
     @property
     def uses_tls(self) -> bool:
         return self.tls or self.tls_ca is not None or self.tls_cert is not None
@@ -86,13 +113,19 @@ class LinkConfig:
     max_sends: int = 3  # an item sent this often without an answer runs on the device
     reconnect_backoff_max: float = 10.0  # gRPC's exponential connection backoff caps here
 
+    def __post_init__(self) -> None:
+        self.check()
+
     def check(self) -> None:
         if self.buffer < 1:
             raise ConfigError(f"--buffer {self.buffer}: at least 1 item must fit")
         if self.when_full not in WHEN_FULL:
             raise ConfigError(f"--when-full {self.when_full!r}: use one of {', '.join(WHEN_FULL)}")
-        if self.item_timeout <= 0 or self.resend_grace < 0 or self.max_sends < 1:
-            raise ConfigError(f"link settings out of range: {self}")
+        _seconds("--item-timeout", self.item_timeout)
+        _seconds("--resend-grace", self.resend_grace, zero=True)
+        _seconds("reconnect_backoff_max", self.reconnect_backoff_max)
+        if self.max_sends < 1:
+            raise ConfigError(f"max_sends {self.max_sends}: an item must be sent at least once")
 
 
 @dataclass(frozen=True)
@@ -114,6 +147,32 @@ class ClientConfig:
     security: ClientSecurity = ClientSecurity()
     keepalive: Keepalive = Keepalive()
     link: LinkConfig = LinkConfig()
+
+    def __post_init__(self) -> None:
+        """Refuse what no run could mean, naming the command line's option for it."""
+        if not self.pipeline.strip():
+            raise ConfigError("--pipeline is empty: give package.module or package.module:name")
+        if self.server is not None and ":" not in self.server:
+            example = f"{self.server or 'cloud.example.com'}:50051"
+            raise ConfigError(
+                f"--server {self.server!r}: give HOST:PORT, e.g. {example} (the server's default)"
+            )
+        if self.window < 1:
+            raise ConfigError(f"--window {self.window}: at least 1 item must be in flight")
+        if not self.device_id.strip():
+            raise ConfigError(
+                f"--device-id {self.device_id!r}: give this device a name (default: the host name)"
+            )
+        if self.frames is not None and self.frames < 0:
+            raise ConfigError(f"--frames {self.frames}: give 0 or more items")
+        if self.source is not None and not self.source.strip():
+            raise ConfigError("--source is empty: give 'synthetic', a video file or a camera index")
+        _seconds("--connect-timeout", self.connect_timeout, zero=True)
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise ConfigError(f"--fps {self.fps:g}: the target must be a positive items/s rate")
+        _seconds("--control-period", self.control_period)
+        if not (math.isfinite(self.slowdown) and self.slowdown >= 1):
+            raise ConfigError(f"--emulate-slowdown {self.slowdown:g}: use 1 (off) or more")
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,16 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from ._env import env_name, option_actions
 from .exceptions import ServerError
-from .server import build_parser
 
 
 class EmbeddedServer:
     def __init__(
         self, pipeline: str, startup_timeout: float = 30.0, max_message_bytes: int | None = None
     ) -> None:
-        # The command line below is the child's whole configuration: a server's OFFLOAD_TOKEN,
-        # OFFLOAD_TLS_CERT, OFFLOAD_METRICS_PORT... set for a real server must not reach it.
-        options = {env_name(a) for a in option_actions(build_parser({}))}
-        env = {name: value for name, value in os.environ.items() if name not in options}
+        # The device's OFFLOAD_* settings are not the embedded server's: OFFLOAD_TOKEN or
+        # OFFLOAD_TLS_CERT there would make it refuse this client, which sends neither to it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
         # The child must import the same pipeline module as we do, from the same places.
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in [str(Path.cwd()), *sys.path, env.get("PYTHONPATH", "")] if p

@@ -5,6 +5,10 @@ The mapping is mechanical (``OFFLOAD_`` + the option's destination in capitals),
 added later gets its variable without further code. A flag's variable holds the setting's
 value as a boolean: ``OFFLOAD_REFLECTION=0`` is ``--no-reflection``, ``OFFLOAD_ANNOUNCE=1`` is
 ``--announce``. The command line wins over the environment.
+
+A value that does not parse is refused in one line naming the variable; ``from_environment``
+tells which options took their value from it, so that a later check of the value (a range, a
+path) can name the variable too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ _FALSE = {"0", "false", "no", "off"}
 
 def env_name(action: argparse.Action, prefix: str = PREFIX) -> str:
     return prefix + action.dest.upper()
+
+
+_KINDS = {int: "an integer", float: "a number"}
 
 
 def _is_flag(action: argparse.Action) -> bool:
@@ -67,9 +74,30 @@ def apply_env_defaults(
             try:
                 action.default = action.type(raw)
             except (TypeError, ValueError):
-                parser.error(f"{name}={raw!r} is not a valid value for {action.option_strings[0]}")
+                kind = _KINDS.get(action.type, "a valid value")  # type: ignore[call-overload]
+                parser.error(
+                    f"{name}={raw!r} is not a valid value for {action.option_strings[0]}: "
+                    f"set it to {kind}, or unset it"
+                )
         else:
             action.default = raw
         if action.choices is not None and action.default not in action.choices:
             parser.error(f"{name}={raw!r}: choose from {', '.join(str(c) for c in action.choices)}")
     return parser
+
+
+def from_environment(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    environ: Mapping[str, str] | None = None,
+    prefix: str = PREFIX,
+) -> dict[str, str]:
+    """The options whose parsed value is their variable's (the command line did not change it),
+    as ``{"--window": "OFFLOAD_WINDOW"}``."""
+    environ = os.environ if environ is None else environ
+    return {
+        action.option_strings[-1]: env_name(action, prefix)
+        for action in option_actions(parser)
+        if environ.get(env_name(action, prefix))
+        and getattr(args, action.dest, None) == action.default
+    }

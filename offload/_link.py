@@ -140,6 +140,7 @@ class Link:
         self._up_at_end: bool | None = None  # whether a stream was up when the run ended
         self._answering = 0  # answers taken off pending whose owner.answered has not returned
         self._finishing = False
+        self._said_unreachable: str | None = None  # the reason last said, during this outage
 
     # --- the client's side --------------------------------------------------------------------
 
@@ -153,6 +154,8 @@ class Link:
         reached = self.transport.ready(wait)
         if reached:
             self._open()
+        else:
+            self._say_unreachable()
         for target, name in (
             (self._supervise, "offload-link"),
             (self._pump, "offload-send"),
@@ -336,8 +339,19 @@ class Link:
         self._readers = [r for r in self._readers if r.is_alive()] + [reader]
         reader.start()
 
+    def _say_unreachable(self) -> None:
+        """Once per outage, and again only if the reason changes."""
+        reason = str(getattr(self.transport, "failure", None) or "no answer")
+        if reason != self._said_unreachable:
+            self._said_unreachable = reason
+            log.warning(
+                "event=unreachable target=%s reason=%s msg=%s",
+                quote(getattr(self.transport, "target", "?")),
+                quote(reason),
+                quote("running every task on this device meanwhile, and reconnecting with backoff"),
+            )
+
     def _supervise(self) -> None:
-        said_unreachable = False
         while True:
             with self._lock:
                 if self._closing or self._error is not None:
@@ -351,16 +365,10 @@ class Link:
                     continue
             # gRPC's channel retries the connection with exponential backoff meanwhile.
             if self.transport.ready(0.5):
-                said_unreachable = False
+                self._said_unreachable = None
                 self._open()
-            elif not said_unreachable:
-                said_unreachable = True
-                target = getattr(self.transport, "target", "the server")
-                log.warning(
-                    "event=unreachable target=%s msg=%s",
-                    quote(target),
-                    quote("running every task here meanwhile"),
-                )
+            elif not self._closing:
+                self._say_unreachable()
 
     def _check_item_timeout(self) -> None:  # holds the lock
         now = time.perf_counter()

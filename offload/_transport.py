@@ -8,9 +8,12 @@ network.
 from __future__ import annotations
 
 import queue
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -22,6 +25,8 @@ from .exceptions import PipelineMismatch, ServerError
 from .v1 import offload_pb2 as pb
 
 METHOD = "/offload.v1.Offload/ExecuteRemaining"
+# Asked to learn whether the server answers: open to every client (no token), and cheap.
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _CLOSE = object()
 
 
@@ -98,6 +103,114 @@ def _server_error(exc: grpc.RpcError) -> ServerError:
     return kind(f"server answered {code.name}: {details}", code.name)
 
 
+@dataclass(frozen=True)
+class ConnectFailure:
+    """Why the server cannot be reached: one clause saying what is wrong and what to do."""
+
+    reason: str
+    tls: bool = False  # the two sides disagree on TLS: no retry helps until one side changes
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def _host_port(target: str) -> tuple[str, int] | None:
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _speaks_tls(target: str, timeout: float) -> bool | None:
+    """Whether whoever listens at ``target`` completes a TLS handshake (None: cannot tell)."""
+    address = _host_port(target)
+    if address is None:
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only the protocol is in question, not who it is
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection(address, timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=address[0]),
+        ):
+            return True
+    except ssl.SSLError:
+        return False
+    except OSError:
+        return None
+
+
+def diagnose(
+    target: str, security: ClientSecurity, code: grpc.StatusCode, details: str, timeout: float
+) -> ConnectFailure:
+    """Say why a call that did not wait for the channel failed, from gRPC's own last error.
+
+    gRPC's words for one-sided TLS are "WRONG_VERSION_NUMBER" (TLS here, plaintext there) and
+    "Socket closed" (plaintext here, TLS there, or a client certificate refused): the latter is
+    told apart by trying a TLS handshake with the server.
+    """
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ConnectFailure(
+            f"no answer within {timeout:g} s (--connect-timeout): is the host up, and the port "
+            "open in its firewall?"
+        )
+    last = details.rsplit("last error: ", 1)[-1]
+    if "Connection refused" in details:
+        return ConnectFailure(
+            "connection refused: nothing listens on that port (is `python -m offload.server` "
+            "running there, on that port?)"
+        )
+    if "resolving" in details or "DNS" in details:
+        return ConnectFailure(f"cannot resolve the host name ({last}): check --server")
+    if security.uses_tls:
+        if "WRONG_VERSION_NUMBER" in details:
+            given = [
+                option
+                for option, value in [
+                    ("--tls", security.tls),
+                    ("--tls-ca", security.tls_ca),
+                    ("--tls-cert", security.tls_cert),
+                    ("--tls-key", security.tls_key),
+                ]
+                if value
+            ]
+            return ConnectFailure(
+                f"this device expects TLS ({', '.join(given)}) but the server speaks plaintext: "
+                "start the server with --tls-cert and --tls-key, or drop "
+                f"{' and '.join(given)} here",
+                tls=True,
+            )
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return ConnectFailure(
+                "the server's TLS certificate is not trusted here: give the CA that signed it "
+                "with --tls-ca PEM",
+                tls=True,
+            )
+        if "Socket closed" in details and _speaks_tls(target, timeout):
+            if security.tls_cert is None:
+                return ConnectFailure(
+                    "the server requires a client certificate (mutual TLS): give this device's "
+                    "with --tls-cert and --tls-key",
+                    tls=True,
+                )
+            return ConnectFailure(
+                "the server refused this device's certificate (--tls-cert): it must be signed "
+                "by the CA the server trusts (its --tls-client-ca)",
+                tls=True,
+            )
+        if "andshake" in details:
+            return ConnectFailure(f"the TLS handshake failed: {last}", tls=True)
+    elif "Socket closed" in details and _speaks_tls(target, timeout):
+        return ConnectFailure(
+            "the server expects TLS but this device connects in plaintext: give --tls-ca PEM "
+            "(the CA that signed the server's certificate), or --tls if a public CA did",
+            tls=True,
+        )
+    return ConnectFailure(last)
+
+
 class _GrpcStream:
     def __init__(
         self,
@@ -156,30 +269,66 @@ class GrpcTransport:
         security: ClientSecurity = ClientSecurity(),
     ) -> None:
         self.target = target
+        self.security = security
         credentials = channel_credentials(security)
         if credentials is None:
             self.channel = grpc.insecure_channel(target, options=options)
         else:
             self.channel = grpc.secure_channel(target, credentials, options=options)
         self._metadata = call_metadata(security)
+        self._check = self.channel.unary_unary(HEALTH_CHECK)  # bytes in, bytes out
         # Not reachable yet is not an error: the client runs every task itself meanwhile, and
         # the channel keeps trying with exponential backoff.
         self._known_ready = False
+        self._asked = False
+        self._last_details = ""
+        self.failure: ConnectFailure | None = None  # why the latest question found it away
         self.initially_ready = self.ready(connect_timeout)
 
+    def _ask(self, timeout: float, wait: bool) -> tuple[grpc.StatusCode, str] | None:
+        """One health check: None if the server answered (whatever it said), else gRPC's code
+        and reason."""
+        try:
+            self._check(b"", timeout=max(timeout, 0.001), wait_for_ready=wait)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            away = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            if code in away or code == grpc.StatusCode.CANCELLED:  # cancelled: closing
+                return code, exc.details() or ""
+        except ValueError:  # the channel was closed before the call
+            return grpc.StatusCode.CANCELLED, "closed"
+        return None
+
     def ready(self, timeout: float) -> bool:
-        # Ask the channel only when a stream has failed since it was last ready: each question
-        # starts a gRPC polling thread that raises if the channel closes while it runs.
+        """Whether the server answers, waiting up to ``timeout`` seconds for it.
+
+        The first question does not wait for the channel: a refused connection or a failed TLS
+        handshake fails it within milliseconds, with gRPC's reason, where waiting would cost the
+        whole timeout. Later ones (the link's reconnects) wait, so that asking again while the
+        server is away is no busy loop, and if that fails ask once more without waiting, for
+        the reason. Asked only when a stream has failed since the server last answered.
+        """
         if self._known_ready:
             return True
-        future = grpc.channel_ready_future(self.channel)
-        try:
-            future.result(timeout=max(timeout, 0.001))
-        except grpc.FutureTimeoutError:
-            future.cancel()
-            return False
-        self._known_ready = True
-        return True
+        began = time.monotonic()
+        first = not self._asked
+        self._asked = True
+        error = self._ask(timeout, wait=not first)
+        if error is not None and not first:
+            error = self._ask(min(timeout, 0.1), wait=False)
+        if error is None:
+            self._known_ready = True
+            self.failure = None
+            self._last_details = ""
+            return True
+        code, details = error
+        if code == grpc.StatusCode.UNAVAILABLE and details != self._last_details:
+            self._last_details = details  # each new reason is diagnosed once: that may probe
+            probe = max(timeout - (time.monotonic() - began), 1.0)
+            self.failure = diagnose(self.target, self.security, code, details, probe)
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED and first:
+            self.failure = diagnose(self.target, self.security, code, details, timeout)
+        return False
 
     def _stream_failed(self, exc: grpc.RpcError) -> None:
         # A full server refuses the call over a connection that is fine: no need to ask again.

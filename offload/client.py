@@ -7,48 +7,70 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Mapping
+from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from ._client import Client, check_auto, check_split, starting_split
 from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig
 from ._embedded import EmbeddedServer
 from ._emulation import LinkEmulator, LinkSpec
+from ._env import apply_env_defaults, from_environment
 from ._logging import add_log_level_option
 from ._logging import setup as setup_logging
-from ._pipeline import DEFAULT_PIPELINE, load_pipeline
+from ._pipeline import DEFAULT_PIPELINE, Pipeline, load_pipeline
 from ._progress import live_progress
 from ._report import format_summary
-from ._transport import GrpcTransport, Transport, client_options
+from ._security import channel_credentials
+from ._transport import GrpcTransport, client_options
 from .exceptions import ConfigError, OffloadError
 
 log = logging.getLogger("offload.client")
 
-EPILOG = """\
-examples:
-  python -m offload.client --frames 100                  client-only: all tasks on this device
-  python -m offload.client --local-tasks 3 --frames 300  tasks 0-2 here, the rest on an
-                                                         embedded server (no --server given)
-  python -m offload.client --local-tasks 1 --server cloud.example.com:50051
-  python -m offload.client --local-tasks 4 --source clip.mp4 --output results.jsonl
-  python -m offload.client --local-tasks 2 --source 0     camera 0, through OpenCV
-  python -m offload.client --local-tasks 6 --fps 20       automatic: move the split to meet 20/s
-  python -m offload.client --fps 20 --emulate-slowdown 15 --emulate-link 200mbit,30ms
-                                                          ... as a slow device on a slow link
-"""
+MODULE_PROG = "python -m offload.client"
+EXAMPLES = [
+    ("--frames 100", "client-only: all tasks on this device"),
+    ("--local-tasks 3 --frames 300", "tasks 0-2 here, the rest on an embedded server"),
+    ("--local-tasks 1 --server cloud.example.com:50051", "tasks 1-6 on that server"),
+    ("--local-tasks 4 --source clip.mp4 --output results.jsonl", "a video file, results kept"),
+    ("--local-tasks 2 --source 0", "camera 0, through OpenCV"),
+    ("--local-tasks 6 --fps 20", "automatic: move the split to meet 20/s"),
+    (
+        "--fps 20 --emulate-slowdown 15 --emulate-link 200mbit,30ms",
+        "... as a slow device on a slow link",
+    ),
+]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(
-        prog="python -m offload.client",
-        description="Run a pipeline's first K tasks on this device and the rest on a server.",
-        epilog=EPILOG,
+def invoked_as() -> str:
+    """The name the user typed: the console script ``offload-client``, or ``python -m ...``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name and not name.endswith(".py") and name != "-c" else MODULE_PROG
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line: argparse's usage of this many options is a screenful above the message.
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser(
+    environ: Mapping[str, str] | None = None, prog: str | None = None
+) -> argparse.ArgumentParser:
+    """The client's options; each can also be set as ``OFFLOAD_<OPTION>`` (see ``_env``)."""
+    prog = prog or invoked_as()
+    examples = "\n".join(f"  {prog} {args}\n      {what}" for args, what in EXAMPLES)
+    parser = _Parser(
+        prog=prog,
+        description="Run a pipeline's first K tasks on this device and the rest on a server.\n"
+        "Every option can also be set in the environment, named in [brackets].",
+        epilog=f"examples:\n{examples}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -85,17 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--server",
-        default=env("OFFLOAD_SERVER"),
         metavar="HOST:PORT",
-        help="the server (default $OFFLOAD_SERVER; none: start an embedded one on loopback)",
+        help="the server, with --local-tasks (default: start an embedded one on loopback)",
     )
     parser.add_argument(
         "--pipeline",
-        default=env("OFFLOAD_PIPELINE", DEFAULT_PIPELINE),
+        default=DEFAULT_PIPELINE,
         help="import path: package.module or package.module:attribute (default %(default)s)",
     )
     parser.add_argument(
-        "--source", help="what task 0 captures: 'synthetic' (default), a video file, a camera index"
+        "--source",
+        help="what task 0 captures: 'synthetic' (default), 'synthetic:SEED', a video file, "
+        "a camera index",
     )
     parser.add_argument("--frames", type=int, metavar="N", help="stop after N items")
     parser.add_argument(
@@ -107,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device-id",
-        default=env("OFFLOAD_DEVICE_ID") or socket.gethostname(),
+        default=socket.gethostname(),
         help="name this device reports (default: the host name)",
     )
     parser.add_argument("--output", metavar="FILE", help="one JSON line per item, in item order")
@@ -117,12 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=ClientConfig.connect_timeout,
         metavar="SECONDS",
-        help="how long to wait for the server at start (default %(default)s)",
+        help="how long to wait at start for a server that does not answer (a refused "
+        "connection is noticed at once; default %(default)s)",
     )
     parser.add_argument(
         "--max-message-bytes",
         type=int,
-        default=int(env("OFFLOAD_MAX_MESSAGE_BYTES", str(Limits.max_message_bytes))),
+        default=Limits.max_message_bytes,
         metavar="BYTES",
         help="largest item or result on the wire (default %(default)s); the server must agree",
     )
@@ -161,36 +185,86 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls", action="store_true", help="TLS, trusting the system's root certificates"
     )
     security.add_argument(
-        "--tls-ca",
-        default=env("OFFLOAD_TLS_CA"),
-        metavar="PEM",
-        help="TLS, trusting this CA for the server's certificate",
+        "--tls-ca", metavar="PEM", help="TLS, trusting this CA for the server's certificate"
     )
     security.add_argument(
         "--tls-cert",
-        default=env("OFFLOAD_TLS_CERT"),
         metavar="PEM",
         help="this device's certificate, for servers that require one (mutual TLS)",
     )
+    security.add_argument("--tls-key", metavar="PEM", help="its private key")
     security.add_argument(
-        "--tls-key", default=env("OFFLOAD_TLS_KEY"), metavar="PEM", help="its private key"
+        "--token", help="the server's token (prefer the environment: arguments show in ps)"
     )
-    security.add_argument(
-        "--token",
-        default=env("OFFLOAD_TOKEN"),
-        help="the server's token (prefer $OFFLOAD_TOKEN: arguments show in ps)",
-    )
-    add_log_level_option(parser, env("OFFLOAD_LOG_LEVEL", "WARNING").upper())
-    return parser
+    add_log_level_option(parser, "WARNING")
+    return apply_env_defaults(parser, environ)
 
 
-@contextlib.contextmanager
-def _open_output(path: str | None) -> Iterator[IO[str] | None]:
-    if path is None:
-        yield None
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        yield f
+def _check_writable(option: str, path: str) -> None:
+    """Refuse a file that cannot be written before anything runs (--report is written last)."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise ConfigError(f"{option} {path}: that is a folder; give a file name")
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{option} {path}: the folder {folder} does not exist; create it, or give another path"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        target.exists() and not os.access(target, os.W_OK)
+    ):
+        raise ConfigError(f"{option} {path}: not allowed to write there; give another path")
+
+
+def _config(args: argparse.Namespace) -> ClientConfig:
+    """The run's settings; the dataclasses refuse values no run could mean, naming the option."""
+    if args.server is not None and args.local_tasks is None and args.fps is None:
+        raise ConfigError(
+            f"--server {args.server} needs a split: add --local-tasks K (tasks [0, K) here, the "
+            "rest on the server), or run client-only without --server"
+        )
+    if args.emulate_link is not None and args.local_tasks is None and args.fps is None:
+        raise ConfigError(
+            "--emulate-link shapes the traffic to a server: add --local-tasks K, or leave it out "
+            "for client-only mode"
+        )
+    return ClientConfig(
+        pipeline=args.pipeline,
+        local_tasks=args.local_tasks,
+        server=args.server,
+        window=args.window,
+        device_id=args.device_id,
+        frames=args.frames,
+        source=args.source,
+        connect_timeout=args.connect_timeout,
+        fps=args.fps,
+        control_period=args.control_period,
+        slowdown=args.emulate_slowdown,
+        limits=Limits(max_message_bytes=args.max_message_bytes),
+        link=LinkConfig(
+            buffer=args.buffer,
+            when_full=args.when_full,
+            item_timeout=args.item_timeout,
+            resend_grace=args.resend_grace,
+        ),
+        security=ClientSecurity(
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            token=args.token,
+        ),
+    )
+
+
+def _with_variables(message: str, origins: Mapping[str, str]) -> str:
+    """Name the variable behind each option the message names, if the value came from it."""
+    named = [
+        variable
+        for option, variable in origins.items()
+        if re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", message)
+    ]
+    return f"{message} (from {', '.join(named)} in the environment)" if named else message
 
 
 def _connect(
@@ -198,13 +272,15 @@ def _connect(
     config: ClientConfig,
     link: LinkSpec | None,
     stack: contextlib.ExitStack,
-) -> Transport:
+    children: list[EmbeddedServer],
+) -> GrpcTransport:
     target = args.server
     if not target:
         embedded = EmbeddedServer(
             config.pipeline, max_message_bytes=config.limits.max_message_bytes
         )
         stack.callback(embedded.stop)
+        children.append(embedded)
         target = embedded.target
         print(
             f"offload: no --server given; started an embedded server on {target}", file=sys.stderr
@@ -218,82 +294,110 @@ def _connect(
     security = config.security if args.server else ClientSecurity()
     transport = GrpcTransport(target, client_options(config), config.connect_timeout, security)
     stack.callback(transport.close)
-    if not transport.initially_ready:
-        print(
-            f"offload: cannot reach the server at {target} within {config.connect_timeout:.0f} s "
-            "(is `python -m offload.server` running there? do both sides agree on TLS?); "
-            "running every task on this device meanwhile, and reconnecting with backoff",
-            file=sys.stderr,
-        )
+    # Unreachable is said by the link, once, with gRPC's reason: refused, TLS on one side...
     return transport
 
 
+class _Aborted(BaseException):
+    """A second Ctrl-C / SIGTERM: stop at once (BaseException: no ``except Exception`` eats it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the run began: nothing to finish
+        return 128 + signal.SIGINT
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    if args.frames is not None and args.frames < 0:
-        parser.error("--frames must be 0 or more")
+    output: IO[str] | None = None
     try:
+        config = _config(args)
+        for option, path in (("--output", args.output), ("--report", args.report)):
+            if path is not None:
+                _check_writable(option, path)
+        link = LinkSpec.parse(args.emulate_link) if args.emulate_link else None
+        if args.server:
+            channel_credentials(config.security)  # the PEM files are read (and checked) now
         pipeline = load_pipeline(args.pipeline)
         check_split(pipeline, args.local_tasks)
-        if args.window < 1:
-            raise ConfigError(f"--window {args.window}: at least 1 item must be in flight")
-        if args.max_message_bytes < 1024:
-            raise ConfigError(f"--max-message-bytes {args.max_message_bytes}: at least 1024")
-        if args.emulate_slowdown < 1:
-            raise ConfigError(f"--emulate-slowdown {args.emulate_slowdown}: use 1 (off) or more")
-        link = LinkSpec.parse(args.emulate_link) if args.emulate_link else None
-        config = ClientConfig(
-            pipeline=args.pipeline,
-            local_tasks=args.local_tasks,
-            server=args.server,
-            window=args.window,
-            device_id=args.device_id,
-            frames=args.frames,
-            source=args.source,
-            connect_timeout=args.connect_timeout,
-            fps=args.fps,
-            control_period=args.control_period,
-            slowdown=args.emulate_slowdown,
-            limits=Limits(max_message_bytes=args.max_message_bytes),
-            link=LinkConfig(
-                buffer=args.buffer,
-                when_full=args.when_full,
-                item_timeout=args.item_timeout,
-                resend_grace=args.resend_grace,
-            ),
-            security=ClientSecurity(
-                tls=args.tls,
-                tls_ca=args.tls_ca,
-                tls_cert=args.tls_cert,
-                tls_key=args.tls_key,
-                token=args.token,
-            ),
-        )
-        config.link.check()
         check_auto(pipeline, config)
         if args.source is not None:
             pipeline.set_source(args.source)
+        if args.output is not None:
+            try:
+                output = open(args.output, "w", encoding="utf-8")  # closed at the end of main
+            except OSError as exc:
+                message = f"--output {args.output}: cannot write it ({exc.strerror})"
+                raise ConfigError(message) from None
     except (OffloadError, ValueError) as exc:
-        parser.exit(2, f"error: {exc}\n")
-    report: dict[str, Any]
+        parser.exit(2, f"error: {_with_variables(str(exc), from_environment(parser, args))}\n")
     stop = _stop_on_signals()
     try:
-        with contextlib.ExitStack() as stack, _open_output(args.output) as output:
+        return _run(args, config, pipeline, link, output, stop)
+    except _Aborted as exc:
+        # The link is stopped and the embedded server too; items still running on the link's
+        # threads are abandoned, as asked: exit before they (or the interpreter) say anything.
+        for stream in (output, sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                if stream is not None:
+                    stream.flush()
+        os._exit(128 + exc.signum)
+    finally:
+        if output is not None:
+            output.close()
+
+
+def _run(
+    args: argparse.Namespace,
+    config: ClientConfig,
+    pipeline: Pipeline,
+    link: LinkSpec | None,
+    output: IO[str] | None,
+    stop: threading.Event,
+) -> int:
+    report: dict[str, Any]
+    transport: GrpcTransport | None = None
+    children: list[EmbeddedServer] = []
+    with contextlib.ExitStack() as stack:
+        try:
             remote = starting_split(pipeline, config) < len(pipeline)
-            transport = _connect(args, config, link, stack) if remote else None
+            transport = _connect(args, config, link, stack, children) if remote else None
             client = Client(pipeline, config, transport, output, stop)
             with live_progress(client, sys.stderr):
                 report = client.run()
-    except OffloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        except OffloadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except _Aborted:  # Client.run has ended every item not_run already
+            for child in children:  # no grace for its items: they are abandoned too
+                child.process.kill()
+            raise
     report["emulation"] = {"slowdown": args.emulate_slowdown, "link": str(link) if link else None}
+    failure = transport.failure if transport is not None else None
+    never = report["link"] is not None and report["link"]["connects"] == 0
+    if transport is not None and never and failure is not None and failure.tls:
+        # One side expects TLS: every item ran here, which is not the run that was asked for.
+        report["error"] = report.get("error") or (
+            f"never reached the server at {transport.target}: {failure}"
+        )
     print(format_summary(report))
     if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        try:
+            with open(args.report, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+        except OSError as exc:
+            print(
+                f"error: --report {args.report}: cannot write it ({exc.strerror})", file=sys.stderr
+            )
+            return 1
     if report.get("error"):
         print(f"error: {report['error']}", file=sys.stderr)
         return 1
@@ -303,10 +407,14 @@ def main(argv: list[str] | None = None) -> int:
 def _stop_on_signals() -> threading.Event:
     """First Ctrl-C / SIGTERM: stop capturing and let items in flight finish. Second: abort."""
     stop = threading.Event()
+    aborting = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
+        if aborting.is_set():
+            os._exit(128 + signum)  # a third, while aborting: the user insists
         if stop.is_set():
-            raise KeyboardInterrupt
+            aborting.set()
+            raise _Aborted(signum)
         print(
             f"\noffload: {signal.Signals(signum).name}: finishing items in flight (again to abort)",
             file=sys.stderr,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from offload._server import RunningServer
 from offload._transport import client_options
 from offload.v1 import offload_pb2 as pb
 
+from .test_cli import free_port, offload
 from .test_server import COUNTER, state
 
 METHOD = "/offload.v1.Offload/ExecuteRemaining"
@@ -244,3 +247,105 @@ def test_the_client_reports_a_wrong_token_clearly(token_server: RunningServer) -
         transport.close()
     assert "UNAUTHENTICATED" in report["error"]
     assert "--token or OFFLOAD_TOKEN" in report["error"]
+
+
+@pytest.mark.parametrize(
+    ("tls_server_side", "tls_here", "said"),
+    [
+        (
+            False,
+            True,
+            "this device expects TLS (--tls-ca) but the server speaks plaintext: start the "
+            "server with --tls-cert and --tls-key, or drop --tls-ca here",
+        ),
+        (
+            True,
+            False,
+            "the server expects TLS but this device connects in plaintext: give --tls-ca PEM",
+        ),
+    ],
+    ids=["tls-here-only", "tls-there-only"],
+)
+def test_tls_on_one_side_only_is_said_in_one_line_and_the_run_exits_non_zero(
+    start_server: Callable[..., RunningServer],
+    pki: Pki,
+    tmp_path: Path,
+    tls_server_side: bool,
+    tls_here: bool,
+    said: str,
+) -> None:
+    security = ServerSecurity(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+    server = start_server(COUNTER, security=security if tls_server_side else ServerSecurity())
+    target = f"127.0.0.1:{server.port}"
+    report_path = tmp_path / "report.json"
+    result = offload(
+        "offload.client",
+        *("--pipeline", COUNTER, "--local-tasks", "1", "--frames", "3", "--server", target),
+        *(["--tls-ca", str(pki.ca)] if tls_here else []),
+        *("--report", str(report_path)),
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    ours = [line for line in result.stderr.splitlines() if target in line]
+    assert len(ours) == 2, result.stderr  # at the start, and why the run failed
+    assert f"event=unreachable target={target}" in ours[0] and said in ours[0]
+    assert ours[1].startswith(f"error: never reached the server at {target}: ") and said in ours[1]
+    report = json.loads(report_path.read_text())
+    assert report["link"]["connects"] == 0 and report["link"]["ran_locally"] == 3
+    assert said in report["error"]
+
+
+@pytest.mark.parametrize(
+    ("server_kind", "which", "said", "tls"),
+    [
+        ("plaintext", "ca", "this device expects TLS (--tls-ca) but the server speaks plain", True),
+        ("plaintext", "system", "this device expects TLS (--tls) but the server speaks", True),
+        ("tls", "plaintext", "the server expects TLS but this device connects in plain", True),
+        ("tls", "rogue-ca", "the server's TLS certificate is not trusted here: give the CA", True),
+        ("mtls", "ca", "the server requires a client certificate (mutual TLS): give", True),
+        ("mtls", "rogue-cert", "the server refused this device's certificate (--tls-cert)", True),
+        ("none", "plaintext", "connection refused: nothing listens on that port", False),
+    ],
+)
+def test_the_transport_says_at_once_why_it_cannot_reach_the_server(
+    start_server: Callable[..., RunningServer],
+    pki: Pki,
+    server_kind: str,
+    which: str,
+    said: str,
+    tls: bool,
+) -> None:
+    tls_pair = {"tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key)}
+    servers = {
+        "plaintext": ServerSecurity(),
+        "tls": ServerSecurity(**tls_pair),
+        "mtls": ServerSecurity(**tls_pair, tls_client_ca=str(pki.ca)),
+    }
+    port = (
+        free_port()
+        if server_kind == "none"
+        else start_server(COUNTER, security=servers[server_kind]).port
+    )
+    security = {
+        "plaintext": ClientSecurity(),
+        "system": ClientSecurity(tls=True),
+        "ca": ClientSecurity(tls_ca=str(pki.ca)),
+        "rogue-ca": ClientSecurity(tls_ca=str(pki.rogue_ca)),
+        "rogue-cert": ClientSecurity(
+            tls_ca=str(pki.ca), tls_cert=str(pki.rogue_cert), tls_key=str(pki.rogue_key)
+        ),
+    }[which]
+    connect_timeout = 60.0
+    began = time.monotonic()
+    transport = GrpcTransport(
+        f"127.0.0.1:{port}", client_options(ClientConfig()), connect_timeout, security
+    )
+    try:
+        elapsed = time.monotonic() - began
+        assert not transport.initially_ready
+        assert transport.failure is not None and said in str(transport.failure)
+        assert transport.failure.tls is tls
+        # gRPC said why at the first failed attempt: nothing waited for the timeout.
+        assert elapsed < connect_timeout / 2
+    finally:
+        transport.close()
