@@ -18,6 +18,7 @@ from typing import IO, Any
 
 from ._codec import check_size, decode, encode, encode_into
 from ._config import ClientConfig
+from ._emulation import SlowDevice
 from ._link import Link, Pending
 from ._pipeline import ItemContext, Pipeline, Status, run_tasks
 from ._report import Recorder
@@ -108,6 +109,7 @@ class Client:
         self.run_id = uuid.uuid4().hex
         self.recorder = Recorder(pipeline, output)
         self._stop = stop or threading.Event()
+        self.device = SlowDevice(config.slowdown)  # its sleep debt lasts the run
         # The link owns the stream: credits, resends, reconnects, the offline buffer.
         self.link = (
             Link(self.transport, config.link, config.window, self) if self.transport else None
@@ -133,6 +135,7 @@ class Client:
         finished = False
         try:
             self._capture_loop()
+            self.device.pay(everything=True)  # the sleep the last items still owe
             finished = True
         finally:
             if self.link is not None:
@@ -236,7 +239,7 @@ class Client:
                 split,
                 None,
                 context,
-                slowdown=self.config.slowdown,
+                slowdown=self.device,
                 on_output=self._sample_size if sample else None,
             )
             if outcome.task == 0 and outcome.status is Status.FILTERED:
@@ -402,7 +405,7 @@ class Client:
             len(self.pipeline.tasks),
             args,
             context,
-            slowdown=self.config.slowdown,
+            slowdown=self.device,
         )
         self.recorder.device_times(outcome.task_seconds)
         self.telemetry.device_times(state.item, outcome.task_seconds)

@@ -6,22 +6,33 @@ import io
 import json
 import math
 import socket
+import statistics
 import threading
 import time
 from collections.abc import Callable
 
 import pytest
 
-from offload import ClientConfig, ConfigError, GrpcTransport, load_pipeline
+from offload import (
+    ClientConfig,
+    ConfigError,
+    GrpcTransport,
+    ItemContext,
+    Pipeline,
+    load_pipeline,
+    run_tasks,
+)
 from offload._client import Client
 from offload._emulation import LinkEmulator, LinkSpec
 from offload._scheduler import Decision, Measurements, ModelPolicy
 from offload._server import RunningServer, channel_options
 
+from .apps import short
 from .conftest import run_split
 
 BALL = "examples.ball_tracking"
 STAGES = "tests.apps.stages"
+SHORT = "tests.apps.short"
 
 
 def settled_periods(report: dict, split: int) -> list[float]:
@@ -94,6 +105,41 @@ def test_link_spec_parses_tc_units(text: str, rate: float, rtt: float) -> None:
 def test_link_spec_errors_show_an_example(text: str) -> None:
     with pytest.raises(ConfigError, match=r"e\.g\. 20mbit,30ms"):
         LinkSpec.parse(text)
+
+
+def test_an_emulated_device_is_that_many_times_slower_however_short_its_tasks() -> None:
+    # A sleep after each task of some microseconds costs more than the sleep asked for (a
+    # scheduler tick late on a loaded machine, stolen time stretched too): 100x slower, such a
+    # device ran 2.6-3.3x slower still with a busy process on its core.
+    slowdown = 100.0
+    pipeline = load_pipeline(SHORT)
+    short.cpu.clear()
+    run_split(pipeline, None, frames=30)
+    frames = max(5, round(1.5 / (slowdown * statistics.median(short.cpu))))  # about 1.5 s
+    short.cpu.clear()
+    began = time.perf_counter()
+    run_split(pipeline, None, frames=frames, slowdown=slowdown)
+    elapsed = time.perf_counter() - began
+    # Against the CPU time the items used in this very run: the machine's speed of the moment
+    # (a loaded machine's varies by more than 10 % from one second to the next).
+    assert len(short.cpu) == frames
+    ratio = elapsed / (slowdown * sum(short.cpu))
+    assert 0.9 <= ratio <= 1.1, f"{ratio:.2f} times {slowdown:g}x the CPU time of {frames} items"
+
+
+def test_an_emulated_device_stretches_work_not_waiting() -> None:
+    # Waiting (for a sensor, for the CPU on a loaded machine) is no work of the slow device's:
+    # stretched, the emulated device was as slow as the machine's load times the factor.
+    def wait() -> tuple[bool, None]:
+        time.sleep(0.05)
+        return True, None
+
+    pipeline = Pipeline("waiting", (wait, wait), "waiting")
+    began = time.perf_counter()
+    outcome = run_tasks(pipeline, 0, 1, None, ItemContext("d", "r", 0, 0.0, False), slowdown=10.0)
+    elapsed = time.perf_counter() - began
+    assert 0.05 <= elapsed < 0.25  # stretched, 0.5 s
+    assert 0.05 <= outcome.task_seconds[0][1] < 0.25
 
 
 def test_link_emulator_carries_bytes_intact_no_faster_than_the_link() -> None:
