@@ -111,16 +111,17 @@ def test_takes_work_back_onto_the_device_when_the_target_is_low(
 ) -> None:
     pipeline = load_pipeline(BALL)
     pipeline.set_source("synthetic")
-    cpu = cpu_per_task(pipeline)
-    slowdown = max(1.0, 1 / (6 * sum(cpu)))  # all but the aggregate at 6/s at most
-    # The first control period at K=1 (the device only captures), the probe's items, then five
-    # periods at K=6.
-    frames = round(1.5 / (slowdown * cpu[0]) + 6 + 5 * 6)
+    slowdown = max(1.0, 1 / (6 * sum(cpu_per_task(pipeline))))  # all but the aggregate at ~6/s
     server = start_server(pipeline)
+    _, static = run_split(pipeline, 6, server.port, "synthetic", frames=9, slowdown=slowdown)
+    at_6 = static["throughput_per_second"]  # measured: the target is half of it
+    at_1 = 1000 / static["tasks"][0]["device_mean_ms"]  # the device only captures
+    # The first control period at K=1, the probe's items, then five periods at K=6.
+    frames = round(1.5 * at_1 + 6 + 5 * at_6)
     reference, _ = run_split(pipeline, None, source="synthetic", frames=frames)
     lines, report = run_split(
         pipeline, 1, server.port, source="synthetic", frames=frames,
-        fps=2.0, slowdown=slowdown, control_period=1.0,
+        fps=at_6 / 2, slowdown=slowdown, control_period=1.0,
     )  # fmt: skip
     assert lines == reference
     trace = f"slowdown {slowdown:.1f}, {frames} frames, {report['scheduler']}"
