@@ -42,8 +42,8 @@ class SlowDevice:
     kept and paid between items, once it reaches a chunk (what half a millisecond of work owes,
     2-50 ms), less the time actually slept: a sleep after every short task overshot many times
     over (a loaded machine wakes a sleeper a scheduler tick late, and code after a wake-up runs
-    slower on cold caches), and oversleeping is credit. The debt is per thread: each thread is
-    its own line of work on the emulated device.
+    slower on cold caches). The debt is per thread: each thread is its own line of work on the
+    emulated device.
     """
 
     def __init__(self, factor: float) -> None:
@@ -70,7 +70,9 @@ class SlowDevice:
         if debt > (0.0 if everything else self._chunk):
             began = time.perf_counter()
             time.sleep(debt)
-            self._owed.debt = debt - (time.perf_counter() - began)
+            # Oversleeping is credit, up to _MAX_SLEEP: a machine that stalled for seconds owes
+            # the device no burst at full speed.
+            self._owed.debt = max(debt - (time.perf_counter() - began), -_MAX_SLEEP)
 
 
 @dataclass(frozen=True)
