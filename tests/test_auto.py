@@ -77,7 +77,7 @@ def test_offloads_to_meet_a_target_the_device_alone_cannot(
     # A static sweep (as bench/scheduler.py does): each split's rate, measured.
     rate = {}
     for k in range(2, 6):
-        frames = max(8, round(1.5 / (slowdown * sum(cpu[:k]))))  # 1.5 s or less
+        frames = max(8, round(1.5 / (slowdown * sum(cpu[:k]))))  # ~1.5 s as predicted
         rate[k] = run_split(pipeline, k, server.port, frames=frames, slowdown=slowdown)[1][
             "throughput_per_second"
         ]
