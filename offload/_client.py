@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from ._codec import check_size, decode, encode, encode_into, encode_result
 from ._config import ClientConfig
+from ._emulation import SlowDevice
 from ._link import Link, Pending
 from ._logging import quote
 from ._pipeline import ItemContext, Outcome, Pipeline, Status, run_tasks
@@ -102,6 +103,7 @@ class Client:
         self.run_id = uuid.uuid4().hex
         self.recorder = Recorder(pipeline, output)
         self._stop = stop or threading.Event()
+        self.device = SlowDevice(config.slowdown)  # its sleep debt lasts the run
         # The link owns the stream: credits, resends, reconnects, the offline buffer.
         self.link = (
             Link(self.transport, config.link, config.window, self) if self.transport else None
@@ -122,6 +124,7 @@ class Client:
             self.link.start()  # it says so if the server does not answer yet
         try:
             self._capture_loop()
+            self.device.pay(everything=True)  # the sleep the last items still owe
             if self.link is not None:
                 self.link.finish()
         except BaseException as exc:  # a second Ctrl-C, or a bug: still account for every item
@@ -232,7 +235,7 @@ class Client:
                 split,
                 None,
                 context,
-                slowdown=self.config.slowdown,
+                slowdown=self.device,
                 on_output=self._sample_size if sample else None,
             )
             if outcome.task == 0 and outcome.status is Status.FILTERED:
@@ -419,7 +422,7 @@ class Client:
             len(self.pipeline.tasks),
             args,
             context,
-            slowdown=self.config.slowdown,
+            slowdown=self.device,
         )
         outcome = self._as_if_sent(outcome)
         self.recorder.device_times(outcome.task_seconds)

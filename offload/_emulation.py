@@ -1,7 +1,8 @@
 """Emulation, so that a development machine can stand in for a Raspberry Pi on Wi-Fi.
 
-* A slow device: ``run_tasks(..., slowdown=X)`` waits after each local task so that it takes X
-  times its measured time. It sleeps, so the machine's CPU stays free for the server.
+* A slow device: ``SlowDevice(X)``, given to ``run_tasks``, makes local tasks take X times the
+  CPU time they use here, by sleeping the difference. It sleeps, so the machine's CPU stays free
+  for the server.
 * A slow link: ``LinkEmulator`` is a TCP proxy on loopback between the client and the server
   that shapes each direction to a bandwidth (token bucket) and adds half the round-trip time of
   delay. It shapes the real byte stream, so gRPC's flow control and TCP back-pressure behave as
@@ -15,6 +16,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from .exceptions import ConfigError
@@ -26,6 +28,51 @@ _RATE_UNITS = {  # tc's conventions: "bit" units are bits, "bps" units are bytes
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _CHUNK = 64 * 1024  # bytes shaped at a time: few enough wake-ups for a Python proxy
 _BURST = 0.005  # seconds of transmission the link may catch up on after a late wake-up
+# Owed sleep is paid in chunks of what _WORK_PER_SLEEP seconds of work owe, within these bounds.
+_WORK_PER_SLEEP = 0.0005
+_MIN_SLEEP, _MAX_SLEEP = 0.002, 0.05
+
+
+class SlowDevice:
+    """A device whose CPU is ``factor`` times slower than this machine's, for the tasks it runs.
+
+    A task takes ``factor`` times the CPU time its thread spent on it: time the machine gave to
+    other processes or threads (a loaded machine, the GIL) is no work of the device's, and
+    stretched it would make the device as slow as the load times the factor. The sleep owed is
+    kept and paid between items, once it reaches a chunk (what half a millisecond of work owes,
+    2-50 ms), less the time actually slept: a sleep after every short task overshot many times
+    over (a loaded machine wakes a sleeper a scheduler tick late, and code after a wake-up runs
+    slower on cold caches). The debt is per thread: each thread is its own line of work on the
+    emulated device.
+    """
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self._chunk = min(max((factor - 1.0) * _WORK_PER_SLEEP, _MIN_SLEEP), _MAX_SLEEP)
+        self._owed = threading.local()
+
+    def clock(self) -> float:
+        """The calling thread's CPU time, to pass to ``stretch`` when its task ends."""
+        return time.thread_time() if self.factor > 1.0 else 0.0
+
+    def stretch(self, seconds: float, clock: float) -> float:
+        """Owe the sleep that makes a task that took ``seconds`` (since ``clock()`` returned
+        ``clock``) last ``factor`` times its CPU time; return the task's emulated duration."""
+        if self.factor <= 1.0:
+            return seconds
+        emulated = max(seconds, (time.thread_time() - clock) * self.factor)
+        self._owed.debt = getattr(self._owed, "debt", 0.0) + emulated - seconds
+        return emulated
+
+    def pay(self, everything: bool = False) -> None:
+        """Sleep off this thread's debt if it is a chunk or more (or any of it: ``everything``)."""
+        debt = getattr(self._owed, "debt", 0.0)
+        if debt > (0.0 if everything else self._chunk):
+            began = time.perf_counter()
+            time.sleep(debt)
+            # Oversleeping is credit, up to _MAX_SLEEP: a machine that stalled for seconds owes
+            # the device no burst at full speed.
+            self._owed.debt = max(debt - (time.perf_counter() - began), -_MAX_SLEEP)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._emulation import SlowDevice
 from .exceptions import PipelineError
 
 Task = Callable[..., Any]
@@ -378,30 +379,24 @@ def _unpack(index: int, name: str, returned: Any) -> tuple[bool, Any]:
     )
 
 
-def _stretch(began: float, slowdown: float) -> float:
-    """Seconds since ``began``, after sleeping to make them ``slowdown`` times as long."""
-    elapsed = time.perf_counter() - began
-    if slowdown > 1.0:
-        time.sleep(elapsed * (slowdown - 1.0))
-        elapsed = time.perf_counter() - began
-    return elapsed
-
-
 def run_tasks(
     pipeline: Pipeline,
     start: int,
     stop: int,
     args: Any,
     context: ItemContext,
-    slowdown: float = 1.0,
+    slowdown: float | SlowDevice = 1.0,
     on_output: Callable[[int, Any], None] | None = None,
 ) -> Outcome:
     """Run tasks ``[start, stop)`` on one item whose input is ``args``. Never raises for a task.
 
-    ``slowdown`` > 1 emulates a slower device: each task is followed by a sleep that makes it
-    take that many times its measured time (the CPU stays free for other processes).
+    ``slowdown`` > 1 emulates a slower device: tasks sleep so that they take that many times
+    the CPU time they use (the CPU stays free for other processes), and their timings are the
+    emulated ones. The sleep is paid on return; a ``SlowDevice`` carries less than a chunk of it
+    over to its next call, a number makes one for this call.
     ``on_output(index, args)`` sees each task's output (the scheduler samples cut sizes).
     """
+    device = slowdown if isinstance(slowdown, SlowDevice) else SlowDevice(slowdown)
     token = _current.set(context)
     last = len(pipeline.tasks) - 1
     timings: list[tuple[int, float]] = []
@@ -412,6 +407,7 @@ def run_tasks(
             misfit = arity_error(pipeline, index, arg_count(args))
             if misfit is not None:
                 return Outcome(Status.FAILED, None, index, misfit, timings)
+            cpu = device.clock()
             try:
                 if index == last:
                     with pipeline.aggregate_lock:
@@ -419,9 +415,9 @@ def run_tasks(
                 else:
                     ok, args = _unpack(index, pipeline.task_name(index), call_task(task, args))
             except Exception as exc:  # a task's bug fails this item, never the run
-                timings.append((index, _stretch(began, slowdown)))
+                timings.append((index, device.stretch(time.perf_counter() - began, cpu)))
                 return Outcome(Status.FAILED, None, index, f"{type(exc).__name__}: {exc}", timings)
-            timings.append((index, _stretch(began, slowdown)))
+            timings.append((index, device.stretch(time.perf_counter() - began, cpu)))
             if not ok:
                 return Outcome(Status.FILTERED, None, index, "", timings)
             if on_output is not None:
@@ -430,3 +426,4 @@ def run_tasks(
         return Outcome(status, args, -1, "", timings)
     finally:
         _current.reset(token)
+        device.pay(everything=device is not slowdown)

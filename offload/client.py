@@ -98,7 +98,7 @@ def build_parser(
         type=float,
         default=1.0,
         metavar="X",
-        help="emulate a device X times slower: each local task sleeps to take X times as long",
+        help="emulate a device X times slower: local tasks sleep to take X times their CPU time",
     )
     parser.add_argument(
         "--emulate-link",
