@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from offload import ServerConfig, load_pipeline
-from offload._allocator import keep_large_buffers
-from offload._server import channel_options
-from offload._service import RemoteExecutor, RequestRejected
+from offload._cloud.allocator import keep_large_buffers
+from offload._cloud.executor import RemoteExecutor, RequestRejected
+from offload._wire import size_options
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
@@ -42,7 +42,7 @@ class AioServicer(pb_grpc.OffloadServicer):
 async def _serve(pipeline_path: str, threads: int) -> None:
     config = ServerConfig(pipeline=pipeline_path, host="127.0.0.1", port=0)
     executor = RemoteExecutor(load_pipeline(pipeline_path), config)
-    server = grpc.aio.server(options=channel_options(config.limits.max_message_bytes))
+    server = grpc.aio.server(options=size_options(config.limits.max_message_bytes))
     pb_grpc.add_OffloadServicer_to_server(
         AioServicer(executor, ThreadPoolExecutor(threads)), server
     )

@@ -13,10 +13,10 @@ from typing import Any
 import psutil
 
 from offload import ClientConfig, GrpcTransport, Pipeline
-from offload._client import Client
 from offload._codec import encode_into
+from offload._device.client import Client
 from offload._pipeline import ItemContext, Status, run_tasks
-from offload._server import channel_options
+from offload._wire import size_options
 from offload.v1 import offload_pb2 as pb
 
 from . import pipeline as bench_pipeline
@@ -39,7 +39,7 @@ def run_ours(
 ) -> dict[str, Any]:
     """One device stream of ``items`` items at split ``k`` against a running offload server."""
     bench_pipeline.prepare(frames, items)
-    transport = GrpcTransport(target, channel_options(LIMIT), 10.0)
+    transport = GrpcTransport(target, size_options(LIMIT), 10.0)
     try:
         config = ClientConfig(
             pipeline=pipeline.name,

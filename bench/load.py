@@ -21,8 +21,7 @@ import grpc
 from offload import load_pipeline
 from offload._codec import encode
 from offload._pipeline import ItemContext, run_tasks
-from offload._server import channel_options
-from offload._transport import METHOD
+from offload._wire import METHOD, size_options
 from offload.v1 import offload_pb2 as pb
 
 from . import pipeline as bench_pipeline
@@ -61,7 +60,7 @@ async def _stream(
     credits = asyncio.Semaphore(window)
     # Each device has its own TCP connection, as real devices do (channels with equal options
     # would otherwise share one connection through gRPC's global subchannel pool).
-    options = [*channel_options(LIMIT), ("grpc.use_local_subchannel_pool", 1)]
+    options = [*size_options(LIMIT), ("grpc.use_local_subchannel_pool", 1)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         call = channel.stream_stream(
             METHOD, request_serializer=None, response_deserializer=pb.ItemResult.FromString

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from offload import load_pipeline
-from offload._allocator import keep_large_buffers
+from offload._cloud.allocator import keep_large_buffers
 
 from . import codec, compare, machine, procs, report, scaling, transport, window
 from . import pipeline as bench_pipeline

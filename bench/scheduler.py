@@ -26,10 +26,10 @@ from typing import Any
 import grpc
 
 import offload
-from offload._client import Client
-from offload._embedded import EmbeddedServer
-from offload._emulation import LinkEmulator, LinkSpec
-from offload._server import channel_options
+from offload._device.client import Client
+from offload._device.embedded import EmbeddedServer
+from offload._device.emulation import LinkEmulator, LinkSpec
+from offload._wire import size_options
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PIPELINE = "examples.ball_tracking"
@@ -65,7 +65,7 @@ def run_once(
     control_period: float = 2.0,
 ) -> dict[str, Any]:
     emulator = LinkEmulator(target, link)
-    transport = offload.GrpcTransport(emulator.target, channel_options(16 << 20), 10.0)
+    transport = offload.GrpcTransport(emulator.target, size_options(16 << 20), 10.0)
     pipeline.set_source("synthetic")
     config = offload.ClientConfig(
         pipeline=pipeline.name,

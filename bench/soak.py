@@ -26,8 +26,7 @@ from typing import Any
 import psutil
 
 from offload import ClientConfig, GrpcTransport, load_pipeline
-from offload._client import Client
-from offload._transport import client_options
+from offload._device.client import Client
 
 from . import machine
 
@@ -81,7 +80,7 @@ def device(
     loaded = load_pipeline(pipeline)
     while time.monotonic() < deadline:
         config = ClientConfig(pipeline=pipeline, local_tasks=split, frames=frames, device_id=name)
-        transport = GrpcTransport(f"127.0.0.1:{port}", client_options(config), 10)
+        transport = GrpcTransport.from_config(config, f"127.0.0.1:{port}")
         try:
             totals.add(Client(loaded, config, transport).run())
         finally:

@@ -23,8 +23,8 @@ import psutil
 
 from offload import Pipeline
 from offload._codec import encode_into
-from offload._server import channel_options
-from offload._transport import GrpcTransport
+from offload._device.transport import GrpcTransport
+from offload._wire import size_options
 from offload.v1 import offload_pb2 as pb
 
 from . import seed
@@ -79,13 +79,13 @@ def _grpc(target: str, payloads: list[bytes], window: int) -> None:
         while (data := outbox.get()) is not None:
             yield data
 
-    with grpc.insecure_channel(target, options=channel_options(LIMIT)) as channel:
+    with grpc.insecure_channel(target, options=size_options(LIMIT)) as channel:
         call = channel.stream_stream("/bench.Echo/Stream")(requests())
         _windowed(outbox.put, iter(call), list(payloads), window)
 
 
 def _offload(target: str, pipeline: Pipeline, device: str, args: list[Any], window: int) -> None:
-    transport = GrpcTransport(target, channel_options(LIMIT), 10.0)
+    transport = GrpcTransport(target, size_options(LIMIT), 10.0)
     try:
         stream = transport.open_stream()
         numbered = iter(range(len(args)))

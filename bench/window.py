@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from offload import Pipeline
-from offload._emulation import LinkEmulator, LinkSpec
+from offload._device.emulation import LinkEmulator, LinkSpec
 
 from .compare import bound, calibrate, run_ours
 from .pipeline import Frame

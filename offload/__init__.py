@@ -1,6 +1,8 @@
 """offload: run as much of a pipeline as the device can afford, offload the rest over gRPC.
 
-The public surface is what this module exports; everything in ``offload._*`` may change.
+The public surface is what this module exports (pinned by ``tests/unit/test_public_api.py``);
+everything in ``offload._*`` may change. ``offload.testing`` is the seam for tests without a
+network. The face re-exports both sides: the device's ``Client`` and the cloud's ``serve``.
 """
 
 try:
@@ -10,7 +12,7 @@ except ImportError as exc:  # a source checkout before `make proto`
         "offload's generated gRPC stubs (offload/v1/offload_pb2.py) are missing: run `make proto`"
     ) from exc
 
-from ._client import Client, run_client
+from ._cloud.serve import RunningServer, serve
 from ._codec import decode, encode
 from ._config import (
     ClientConfig,
@@ -21,10 +23,10 @@ from ._config import (
     ServerConfig,
     ServerSecurity,
 )
-from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline, run_tasks
-from ._server import RunningServer, serve
-from ._service import RemoteExecutor
-from ._transport import GrpcTransport, InProcessTransport, Transport
+from ._device.client import Client, run_client
+from ._device.scheduler import Decision, Measurements, ModelPolicy, Prediction, SplitPolicy
+from ._device.transport import GrpcTransport, Stream, Transport
+from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline
 from .exceptions import (
     CodecError,
     ConfigError,
@@ -42,27 +44,37 @@ __all__ = [
     "ClientSecurity",
     "CodecError",
     "ConfigError",
+    "Decision",
     "GrpcTransport",
-    "InProcessTransport",
     "ItemContext",
     "Keepalive",
     "Limits",
     "LinkConfig",
+    "Measurements",
+    "ModelPolicy",
     "OffloadError",
     "Pipeline",
     "PipelineError",
     "PipelineMismatch",
-    "RemoteExecutor",
+    "Prediction",
     "RunningServer",
     "ServerConfig",
     "ServerError",
     "ServerSecurity",
+    "SplitPolicy",
+    "Stream",
     "Transport",
     "current_item",
     "decode",
     "encode",
     "load_pipeline",
     "run_client",
-    "run_tasks",
     "serve",
 ]
+
+# Reprs and docs show the public path, not the private module a name lives in.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("offload._"):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -30,9 +30,8 @@ import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ._emulation import SlowDevice
 from .exceptions import PipelineError
 
 Task = Callable[..., Any]
@@ -379,24 +378,53 @@ def _unpack(index: int, name: str, returned: Any) -> tuple[bool, Any]:
     )
 
 
+class Pace(Protocol):
+    """How long a task takes where it runs: this machine's time, or an emulated device's."""
+
+    def clock(self) -> float:
+        """A reading to pass to ``stretch`` when the task ends."""
+        ...
+
+    def stretch(self, seconds: float, clock: float) -> float:
+        """The task's duration on this pace, given its wall ``seconds`` since ``clock``."""
+        ...
+
+    def pay(self, everything: bool = False) -> None:
+        """Between items: spend the time the emulated device owes (``everything``: all of it)."""
+        ...
+
+
+class _RealTime:
+    def clock(self) -> float:
+        return 0.0
+
+    def stretch(self, seconds: float, clock: float) -> float:
+        return seconds
+
+    def pay(self, everything: bool = False) -> None:
+        pass
+
+
+REAL_TIME: Pace = _RealTime()
+
+
 def run_tasks(
     pipeline: Pipeline,
     start: int,
     stop: int,
     args: Any,
     context: ItemContext,
-    slowdown: float | SlowDevice = 1.0,
+    pace: Pace = REAL_TIME,
     on_output: Callable[[int, Any], None] | None = None,
 ) -> Outcome:
     """Run tasks ``[start, stop)`` on one item whose input is ``args``. Never raises for a task.
 
-    ``slowdown`` > 1 emulates a slower device: tasks sleep so that they take that many times
-    the CPU time they use (the CPU stays free for other processes), and their timings are the
-    emulated ones. The sleep is paid on return; a ``SlowDevice`` carries less than a chunk of it
-    over to its next call, a number makes one for this call.
+    ``pace`` times the tasks: this machine's time, or an emulated slower device's
+    (``offload._device.emulation.SlowDevice``), whose timings are the emulated ones and whose
+    sleep is paid on return, a chunk at a time.
     ``on_output(index, args)`` sees each task's output (the scheduler samples cut sizes).
     """
-    device = slowdown if isinstance(slowdown, SlowDevice) else SlowDevice(slowdown)
+    device = pace
     token = _current.set(context)
     last = len(pipeline.tasks) - 1
     timings: list[tuple[int, float]] = []
@@ -426,4 +454,4 @@ def run_tasks(
         return Outcome(status, args, -1, "", timings)
     finally:
         _current.reset(token)
-        device.pay(everything=device is not slowdown)
+        device.pay()

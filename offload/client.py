@@ -17,18 +17,18 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, NoReturn
 
-from ._client import Client, check_auto, check_split, starting_split
 from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig
-from ._embedded import EmbeddedServer
-from ._emulation import LinkEmulator, LinkSpec
+from ._device.client import Client, check_auto, check_split, starting_split
+from ._device.embedded import EmbeddedServer
+from ._device.emulation import LinkEmulator, LinkSpec
+from ._device.progress import live_progress
+from ._device.report import format_summary
+from ._device.transport import GrpcTransport, client_options
 from ._env import apply_env_defaults, from_environment
 from ._logging import add_log_level_option
 from ._logging import setup as setup_logging
 from ._pipeline import DEFAULT_PIPELINE, Pipeline, load_pipeline
-from ._progress import live_progress
-from ._report import format_summary
 from ._security import channel_credentials
-from ._transport import GrpcTransport, client_options
 from .exceptions import ConfigError, OffloadError
 
 log = logging.getLogger("offload.client")

@@ -22,8 +22,9 @@ import grpc
 
 from ._config import ClientSecurity
 from ._env import apply_env_defaults
+from ._extras import server_extra
 from ._security import channel_credentials
-from ._server import SERVICE_NAME, server_extra
+from ._wire import SERVICE_NAME
 from .exceptions import OffloadError
 
 ANY_ADDRESS = {"", "0.0.0.0", "::", "[::]"}

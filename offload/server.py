@@ -12,14 +12,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import FrameType
 
-from ._allocator import keep_large_buffers
+from ._cloud.allocator import keep_large_buffers
+from ._cloud.prefork import reserve_port, run_processes
+from ._cloud.serve import grpc_address, serve
 from ._config import Limits, ServerConfig, ServerSecurity
 from ._env import apply_env_defaults
 from ._logging import add_log_level_option
 from ._logging import setup as setup_logging
 from ._pipeline import DEFAULT_PIPELINE, load_pipeline
-from ._prefork import reserve_port, run_processes
-from ._server import grpc_address, serve
 from .exceptions import OffloadError
 
 log = logging.getLogger("offload.server")

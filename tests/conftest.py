@@ -13,8 +13,8 @@ import pytest
 
 from examples.ball_tracking import reset_state
 from offload import ClientConfig, GrpcTransport, Pipeline, ServerConfig, load_pipeline, serve
-from offload._client import Client
-from offload._server import RunningServer, channel_options
+from offload._cloud.serve import RunningServer
+from offload._device.client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBCAM_CLIP = ROOT.parent / "shared" / "data" / "ball_real_webcam.mp4"
@@ -60,9 +60,7 @@ def run_split(
     )
     transport = None
     if local_tasks is not None and local_tasks < len(pipeline) and port is not None:
-        transport = GrpcTransport(
-            f"127.0.0.1:{port}", channel_options(config.limits.max_message_bytes), 10.0
-        )
+        transport = GrpcTransport.from_config(config, f"127.0.0.1:{port}")
     out = io.StringIO()
     try:
         report = Client(pipeline, config, transport, out).run()

@@ -22,11 +22,11 @@ from offload import (
     load_pipeline,
     run_tasks,
 )
-from offload._client import Client
-from offload._emulation import LinkEmulator, LinkSpec
+from offload._cloud.serve import RunningServer
+from offload._device.client import Client
+from offload._device.emulation import LinkEmulator, LinkSpec, SlowDevice
+from offload._device.scheduler import Decision, Measurements, ModelPolicy
 from offload._pipeline import Status
-from offload._scheduler import Decision, Measurements, ModelPolicy
-from offload._server import RunningServer, channel_options
 
 from .apps import short
 from .conftest import run_split
@@ -182,7 +182,9 @@ def test_an_emulated_device_stretches_work_not_waiting() -> None:
 
     pipeline = Pipeline("waiting", (wait, wait), "waiting")
     began = time.perf_counter()
-    outcome = run_tasks(pipeline, 0, 1, None, ItemContext("d", "r", 0, 0.0, False), slowdown=10.0)
+    device = SlowDevice(10.0)
+    outcome = run_tasks(pipeline, 0, 1, None, ItemContext("d", "r", 0, 0.0, False), pace=device)
+    device.pay(everything=True)
     elapsed = time.perf_counter() - began
     assert 0.05 <= elapsed < 0.25  # stretched, 0.5 s
     assert 0.05 <= outcome.task_seconds[0][1] < 0.25
@@ -272,7 +274,7 @@ def test_a_probe_is_decided_on_once_its_answers_are_back(
         pipeline=BALL, local_tasks=6, frames=90, fps=30.0, slowdown=slowdown, control_period=1.5,
         device_id="probe",
     )  # fmt: skip
-    transport = GrpcTransport(link.target, channel_options(config.limits.max_message_bytes), 10)
+    transport = GrpcTransport.from_config(config, link.target)
     try:
         Client(pipeline, config, transport, io.StringIO(), policy=Recording(30.0)).run()
     finally:

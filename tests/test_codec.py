@@ -25,9 +25,9 @@ from offload import (
     encode,
     load_pipeline,
 )
-from offload._client import Client
+from offload._cloud.serve import RunningServer
 from offload._codec import ALLOWED_DTYPES
-from offload._server import RunningServer, channel_options
+from offload._device.client import Client
 from offload.v1 import offload_pb2 as pb
 
 from .conftest import run_split
@@ -208,7 +208,9 @@ def every_way(pipeline: Pipeline, port: int, frames: int) -> dict[str, list[str]
         "K=N": run_split(pipeline, 2, frames=frames)[0],
         "split": run_split(pipeline, 1, port, frames=frames)[0],
     }
-    away = GrpcTransport(f"127.0.0.1:{closed_port()}", channel_options(1 << 20), 0.05)
+    away = GrpcTransport.from_config(
+        ClientConfig(connect_timeout=0.05), f"127.0.0.1:{closed_port()}"
+    )
     config = ClientConfig(pipeline=pipeline.name, local_tasks=1, frames=frames)
     out = io.StringIO()
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from offload._server import RunningServer
+from offload._cloud.serve import RunningServer
 
 from .conftest import ROOT
 

@@ -15,10 +15,10 @@ from offload import (
     current_item,
     load_pipeline,
 )
-from offload._client import Client
+from offload._cloud.serve import RunningServer
+from offload._device.client import Client
+from offload._device.report import format_summary
 from offload._pipeline import fingerprint
-from offload._report import format_summary
-from offload._server import RunningServer
 
 from .conftest import WEBCAM_CLIP, run_split
 

@@ -36,13 +36,12 @@ from offload import (
     load_pipeline,
     serve,
 )
-from offload._client import Client
+from offload._cloud.serve import RunningServer
 from offload._config import ServerConfig
-from offload._emulation import LinkEmulator, LinkSpec
-from offload._link import Pending
+from offload._device.client import Client
+from offload._device.emulation import LinkEmulator, LinkSpec
+from offload._device.link import Pending
 from offload._pipeline import fingerprint
-from offload._server import RunningServer
-from offload._transport import client_options
 
 from .apps import gate, tally
 from .conftest import ROOT, run_split
@@ -111,12 +110,7 @@ class ClientThread:
         self.config = ClientConfig(
             pipeline=pipeline, local_tasks=local_tasks, frames=frames, device_id="faulty", **config
         )
-        self.transport = GrpcTransport(
-            f"127.0.0.1:{port}",
-            client_options(self.config),
-            self.config.connect_timeout,
-            self.config.security,
-        )
+        self.transport = GrpcTransport.from_config(self.config, f"127.0.0.1:{port}")
         self.out = io.StringIO()
         self.client = client_class(self.pipeline, self.config, self.transport, self.out)
         self.report: dict[str, Any] = {}
@@ -397,7 +391,7 @@ def test_an_interrupted_run_says_which_items_it_did_not_run(
     pipeline = Pipeline("tests.interrupted", tasks, fingerprint("tests.interrupted", tasks))
     server = start_server(pipeline)
     config = ClientConfig(pipeline=pipeline.name, local_tasks=1, device_id="interrupted")
-    transport = GrpcTransport(f"127.0.0.1:{server.port}", client_options(config), 10.0)
+    transport = GrpcTransport.from_config(config, f"127.0.0.1:{server.port}")
     out = io.StringIO()
     client = Client(pipeline, config, transport, out)
     clients.append(client)

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from offload import CodecError, Limits, ServerConfig, decode, encode, load_pipeline, serve
+from offload._cloud.serve import RunningServer
 from offload._codec import ALLOWED_DTYPES
-from offload._report import to_json
-from offload._server import RunningServer
+from offload._device.report import to_json
 from offload.v1 import offload_pb2 as pb
 
 from .test_codec import assert_same

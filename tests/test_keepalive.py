@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from offload import ClientConfig, Keepalive, decode
-from offload._server import RunningServer
-from offload._transport import client_options
+from offload._cloud.serve import RunningServer
+from offload._device.transport import client_options
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 

@@ -23,9 +23,8 @@ from offload import (
     load_pipeline,
     run_tasks,
 )
-from offload._client import Client
-from offload._server import RunningServer
-from offload._transport import client_options
+from offload._cloud.serve import RunningServer
+from offload._device.client import Client
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
@@ -85,7 +84,7 @@ def run_echo(port: int, sizes: list[int], limit: int) -> tuple[list[dict[str, ob
     config = ClientConfig(
         pipeline=ECHO, local_tasks=1, device_id="d", limits=Limits(max_message_bytes=limit)
     )
-    transport = GrpcTransport(f"127.0.0.1:{port}", client_options(config), 10)
+    transport = GrpcTransport.from_config(config, f"127.0.0.1:{port}")
     out = io.StringIO()
     try:
         report = Client(pipeline, config, transport, out).run()

@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 
 from offload import ClientConfig, GrpcTransport, load_pipeline
-from offload._client import Client
-from offload._transport import client_options
+from offload._device.client import Client
 
 from .apps.load import payload
 from .conftest import ROOT
@@ -50,7 +49,7 @@ def test_sixteen_devices_for_twenty_seconds_every_item_answered() -> None:
 
         def device(name: str) -> None:
             config = ClientConfig(pipeline=pipeline.name, local_tasks=1, device_id=name)
-            transport = GrpcTransport(f"127.0.0.1:{port}", client_options(config), 10)
+            transport = GrpcTransport.from_config(config, f"127.0.0.1:{port}")
             outputs[name] = io.StringIO()
             try:
                 reports[name] = Client(pipeline, config, transport, outputs[name], stop).run()

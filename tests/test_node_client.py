@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from offload._server import RunningServer
+from offload._cloud.serve import RunningServer
 
 from .conftest import ROOT
 

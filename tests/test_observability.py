@@ -27,9 +27,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from offload import decode, load_pipeline
+from offload._cloud.metrics import ServerMetrics, StreamMetrics
+from offload._cloud.serve import SERVICE_NAME, RunningServer
 from offload._env import env_name, option_actions
-from offload._metrics import ServerMetrics, StreamMetrics
-from offload._server import SERVICE_NAME, RunningServer
 from offload.healthcheck import main as healthcheck
 from offload.server import build_parser
 from offload.v1 import offload_pb2 as pb

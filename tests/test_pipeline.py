@@ -26,9 +26,9 @@ from offload import (
     load_pipeline,
     run_tasks,
 )
-from offload._client import Client
+from offload._cloud.serve import RunningServer
+from offload._device.client import Client
 from offload._pipeline import Status
-from offload._server import RunningServer, channel_options
 from offload.exceptions import PipelineMismatch
 
 from .conftest import ROOT, run_split
@@ -310,7 +310,7 @@ def test_a_server_refuses_a_device_whose_task_code_differs(
 ) -> None:
     other = load_pump(module_dir, tmp_path / "device", factor=3)  # same name, same __version__
     config = ClientConfig(pipeline="pump", local_tasks=1, device_id="d", frames=3)
-    transport = GrpcTransport(f"127.0.0.1:{pump_server}", channel_options(1 << 20), 10.0)
+    transport = GrpcTransport.from_config(ClientConfig(), f"127.0.0.1:{pump_server}")
     try:
         client = Client(other, config, transport)
         report = client.run()

@@ -11,8 +11,8 @@ import sys
 from dataclasses import dataclass, field
 
 from offload import load_pipeline
-from offload._progress import ProgressLine, live_progress
-from offload._report import Recorder
+from offload._device.progress import ProgressLine, live_progress
+from offload._device.report import Recorder
 
 from .conftest import ROOT
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from offload import load_pipeline
-from offload._server import RunningServer
+from offload._cloud.serve import RunningServer
 
 from .conftest import ROOT, run_split
 

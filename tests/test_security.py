@@ -22,10 +22,10 @@ from offload import (
     decode,
     load_pipeline,
 )
-from offload._client import Client
+from offload._cloud.serve import RunningServer
+from offload._device.client import Client
+from offload._device.transport import client_options
 from offload._security import channel_credentials
-from offload._server import RunningServer
-from offload._transport import client_options
 from offload.v1 import offload_pb2 as pb
 
 from .test_cli import free_port, offload
@@ -224,7 +224,7 @@ def test_the_client_runs_with_tls_mtls_and_token(
     config = ClientConfig(
         pipeline=COUNTER, local_tasks=1, frames=12, device_id="claimed", security=security
     )
-    transport = GrpcTransport(f"127.0.0.1:{server.port}", client_options(config), 10, security)
+    transport = GrpcTransport.from_config(config, f"127.0.0.1:{server.port}")
     try:
         report = Client(pipeline, config, transport).run()
     finally:
@@ -238,9 +238,7 @@ def test_the_client_reports_a_wrong_token_clearly(token_server: RunningServer) -
     pipeline = load_pipeline(COUNTER)
     security = ClientSecurity(token="nope")
     config = ClientConfig(pipeline=COUNTER, local_tasks=1, frames=3, security=security)
-    transport = GrpcTransport(
-        f"127.0.0.1:{token_server.port}", client_options(config), 10, security
-    )
+    transport = GrpcTransport.from_config(config, f"127.0.0.1:{token_server.port}")
     try:
         report = Client(pipeline, config, transport).run()
     finally:

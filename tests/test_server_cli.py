@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from offload import ConfigError, ServerConfig, _server, serve
+from offload import ConfigError, ServerConfig, _extras, serve
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
@@ -330,15 +330,15 @@ def test_the_install_command_for_the_server_extra_fits_how_offload_was_installed
     for index, (direct_url, cwd, expected) in enumerate(cases):
         site = tmp_path / f"site{index}"
         distribution = fake_install(site, direct_url)
-        assert _server.pip_install_server_extra(site / "offload", distribution, cwd) == expected
+        assert _extras.pip_install_server_extra(site / "offload", distribution, cwd) == expected
     # Run from a checkout (PYTHONPATH or an editable install): the checkout's extra.
-    assert _server.pip_install_server_extra(checkout / "offload", None, checkout) == (
+    assert _extras.pip_install_server_extra(checkout / "offload", None, checkout) == (
         "pip install '.[server]'"
     )
     editable = fake_install(
         tmp_path / "site-e", {"url": checkout.as_uri(), "dir_info": {"editable": True}}
     )
-    assert _server.pip_install_server_extra(checkout / "offload", editable, tmp_path) == (
+    assert _extras.pip_install_server_extra(checkout / "offload", editable, tmp_path) == (
         f"pip install -e '{checkout}[server]'"
     )
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from offload import ServerConfig, serve
-from offload._allocator import keep_large_buffers
+from offload._cloud.allocator import keep_large_buffers
 
 from .test_cli import ENV, ROOT, cli_output, offload
 

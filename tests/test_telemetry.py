@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from offload._telemetry import WARMUP_ITEMS, Telemetry
+from offload._device.telemetry import WARMUP_ITEMS, Telemetry
 
 
 def device_seconds(telemetry: Telemetry) -> tuple[float, ...]:

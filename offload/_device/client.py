@@ -15,18 +15,18 @@ import time
 import uuid
 from typing import IO, Any
 
-from ._codec import check_size, decode, encode, encode_into, encode_result
-from ._config import ClientConfig
-from ._emulation import SlowDevice
-from ._link import Link, Pending
-from ._logging import quote
-from ._pipeline import ItemContext, Outcome, Pipeline, Status, run_tasks
-from ._report import Recorder
-from ._scheduler import Decision, ModelPolicy, SplitPolicy
-from ._telemetry import Telemetry
-from ._transport import Transport
-from .exceptions import ConfigError, OffloadError, ServerError
-from .v1 import offload_pb2 as pb
+from .._codec import check_size, decode, encode, encode_into, encode_result
+from .._config import ClientConfig
+from .._logging import quote
+from .._pipeline import ItemContext, Outcome, Pipeline, Status, run_tasks
+from ..exceptions import ConfigError, OffloadError, ServerError
+from ..v1 import offload_pb2 as pb
+from .emulation import SlowDevice
+from .link import Link, Pending
+from .report import Recorder
+from .scheduler import Decision, ModelPolicy, SplitPolicy
+from .telemetry import Telemetry
+from .transport import Transport
 
 log = logging.getLogger("offload.client")
 
@@ -235,7 +235,7 @@ class Client:
                 split,
                 None,
                 context,
-                slowdown=self.device,
+                pace=self.device,
                 on_output=self._sample_size if sample else None,
             )
             if outcome.task == 0 and outcome.status is Status.FILTERED:
@@ -422,7 +422,7 @@ class Client:
             len(self.pipeline.tasks),
             args,
             context,
-            slowdown=self.device,
+            pace=self.device,
         )
         outcome = self._as_if_sent(outcome)
         self.recorder.device_times(outcome.task_seconds)

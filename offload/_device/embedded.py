@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from .exceptions import ServerError
+from ..exceptions import ServerError
 
 
 class EmbeddedServer:

@@ -12,7 +12,7 @@ from collections import deque
 
 import psutil
 
-from ._scheduler import UNKNOWN, Measurements
+from .scheduler import UNKNOWN, Measurements
 
 ALPHA = 0.2  # EWMA weight of a new sample: ~5 recent items dominate, noise is damped
 MAX_DRIFT = 4.0

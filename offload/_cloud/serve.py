@@ -10,117 +10,39 @@ install needs neither), and only ``metrics_port`` is refused, saying what to ins
 from __future__ import annotations
 
 import errno
-import importlib
-import importlib.metadata
-import json
 import logging
 import socket
 import sys
-import urllib.parse
-import urllib.request
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ._config import ServerConfig
-from ._logging import quote
-from ._pipeline import Pipeline, load_pipeline
-from ._security import TokenAuth, server_credentials
-from ._service import SERVICE_NAME, SPARE_THREADS, OffloadServicer, RemoteExecutor
-from .exceptions import ConfigError
+from .._config import ServerConfig
+from .._extras import optional as _optional
+from .._extras import pip_install_server_extra, server_extra
+from .._logging import quote
+from .._pipeline import Pipeline, load_pipeline
+from .._security import TokenAuth, server_credentials
+from .._wire import SERVICE_NAME, keepalive_options
+from ..exceptions import ConfigError
+from .executor import RemoteExecutor
+from .servicer import SPARE_THREADS, OffloadServicer
 
 if TYPE_CHECKING:
-    from ._metrics import ServerMetrics
+    from .metrics import ServerMetrics
 
 __all__ = [
     "SERVICE_NAME",
     "RunningServer",
     "bind_problem",
-    "channel_options",
     "grpc_address",
     "serve",
-    "server_extra",
     "server_options",
 ]
 
 log = logging.getLogger("offload.server")
-
-# The server extra's modules and the distributions that provide them.
-EXTRA_PACKAGES = {
-    "grpc_health": "grpcio-health-checking",
-    "grpc_reflection": "grpcio-reflection",
-    "prometheus_client": "prometheus-client",
-}
-
-
-def pip_install_server_extra(
-    package_dir: Path | None = None,
-    distribution: importlib.metadata.Distribution | None = None,
-    cwd: Path | None = None,
-) -> str:
-    """The pip command that adds the ``server`` extra to this installation of offload.
-
-    ``pip install 'offload[server]'`` is right only for an install from an index: from a
-    checkout it is ``'.[server]'`` (or the checkout's path), from a wheel file the wheel's.
-    The arguments default to the running installation; tests pass their own.
-    """
-    package_dir = (package_dir or Path(__file__).parent).resolve()
-    cwd = (cwd or Path.cwd()).resolve()
-    if distribution is None:
-        try:
-            distribution = importlib.metadata.distribution("offload")
-        except importlib.metadata.PackageNotFoundError:
-            distribution = None
-
-    def at(path: Path, editable: bool = False) -> str:
-        where = "." if path == cwd else str(path)
-        return f"pip install {'-e ' if editable else ''}'{where}[server]'"
-
-    origin: dict[str, Any] = {}
-    if distribution is not None:
-        origin = json.loads(distribution.read_text("direct_url.json") or "{}")
-    url = urllib.parse.urlparse(origin.get("url", ""))
-    source = Path(urllib.request.url2pathname(url.path)).resolve() if url.scheme == "file" else None
-    if (package_dir.parent / "pyproject.toml").is_file():  # run from a checkout
-        editable = bool(origin.get("dir_info", {}).get("editable")) and source == package_dir.parent
-        return at(package_dir.parent, editable)
-    installed = distribution is not None and (
-        Path(str(distribution.locate_file("offload/__init__.py"))).resolve()
-        == package_dir / "__init__.py"
-    )
-    if distribution is None or not installed or not origin:
-        return "pip install 'offload[server]'"  # from an index, or a copy we cannot trace
-    if source is not None and source.exists():
-        return at(source)  # `pip install .` from a checkout, or from a wheel file
-    # From a URL or a repository: the extra's own requirements.
-    extra = [r.split(";")[0].strip() for r in distribution.requires or [] if '"server"' in r]
-    return "pip install " + " ".join(f"'{r}'" for r in extra)
-
-
-def server_extra(module: str, needed_by: str = "the server") -> ModuleType:
-    """Import a module of the ``server`` extra, or say in one line what to install."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        top = module.partition(".")[0]
-        if (exc.name or top).partition(".")[0] != top:
-            raise  # the package is there but broken: its own error says more
-        raise ConfigError(
-            f"{needed_by} needs {EXTRA_PACKAGES.get(top, top)}, which a device install leaves "
-            f"out: {pip_install_server_extra()}"
-        ) from None
-
-
-def _optional(module: str) -> ModuleType | None:
-    """A module of the ``server`` extra, or None when the extra is not installed."""
-    try:
-        return server_extra(module)
-    except ConfigError:
-        return None
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -174,14 +96,6 @@ def bind_problem(host: str, port: int) -> str | None:
     return f"cannot bind --host {host} --port {port}: {first.strerror}"
 
 
-def channel_options(config_limit: int) -> list[tuple[str, int]]:
-    """Message size limits shared by the server and the client channel."""
-    return [
-        ("grpc.max_receive_message_length", config_limit),
-        ("grpc.max_send_message_length", config_limit),
-    ]
-
-
 def server_options(config: ServerConfig, share_port: bool = False) -> list[tuple[str, int]]:
     """Size limits and keepalive: the server pings idle clients, and tolerates their pings.
 
@@ -198,13 +112,7 @@ def server_options(config: ServerConfig, share_port: bool = False) -> list[tuple
         # with a message naming --max-message-bytes; beyond that gRPC refuses on its own.
         ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
         ("grpc.max_send_message_length", limit),
-        ("grpc.keepalive_time_ms", int(keepalive.time * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
-        # gRPC >= 1.6x waits for a ping's answer this long (default a minute), whatever the
-        # keepalive timeout says: without it a silent peer goes unnoticed for a minute.
-        ("grpc.http2.ping_timeout_ms", int(keepalive.timeout * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
+        *keepalive_options(keepalive),
         # Client pings closer together than this count as strikes; too many: too_many_pings.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
@@ -287,10 +195,10 @@ def serve(
     # The token is checked first: an unauthenticated call reaches nothing else.
     interceptors: list[grpc.ServerInterceptor] = [TokenAuth(token)] if token is not None else []
     if config.metrics_port is not None:
-        from ._metrics import MeteredExecutor, ServerMetrics, StreamMetrics  # noqa: PLC0415
+        from .metrics import ServerMetrics, StreamMetrics  # noqa: PLC0415
 
         metrics = ServerMetrics(pipeline, config.metrics_max_devices)
-        executor = MeteredExecutor(pipeline, config, metrics)
+        executor.add_listener(metrics.observe)
         interceptors.append(StreamMetrics(metrics))
     # The servicer refuses device streams beyond `workers` itself (saying so, and logging it);
     # the spare threads answer health checks and those refusals when every worker is busy.

@@ -10,7 +10,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ._pipeline import Pipeline
+from .._pipeline import Pipeline
 
 
 def to_json(value: Any) -> Any:

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .exceptions import ConfigError
+from ..exceptions import ConfigError
 
 _RATE_UNITS = {  # tc's conventions: "bit" units are bits, "bps" units are bytes per second
     "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,

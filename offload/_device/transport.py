@@ -1,8 +1,6 @@
-"""The transport seam: how the client's items reach a ``RemoteExecutor`` and answers come back.
-
-``GrpcTransport`` is the real thing. ``InProcessTransport`` runs the same executor in a thread of
-this process, with the same serialisation, so the client's logic runs in unit tests without a
-network.
+"""The device's transport seam: the ``Transport`` and ``Stream`` protocols the link speaks, and
+``GrpcTransport``, the real one (``offload.testing.InProcessTransport`` is the one without a
+network).
 """
 
 from __future__ import annotations
@@ -10,7 +8,6 @@ from __future__ import annotations
 import queue
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,15 +15,13 @@ from typing import Protocol
 
 import grpc
 
-from ._config import ClientConfig, ClientSecurity
-from ._security import call_metadata, channel_credentials
-from ._service import RemoteExecutor, RequestRejected
-from .exceptions import PipelineMismatch, ServerError
-from .v1 import offload_pb2 as pb
+from .._config import ClientConfig, ClientSecurity
+from .._security import call_metadata, channel_credentials
+from .._wire import HEALTH_CHECK, METHOD, keepalive_options, server_error, size_options
+from ..exceptions import ConfigError, ServerError
+from ..v1 import offload_pb2 as pb
 
-METHOD = "/offload.v1.Offload/ExecuteRemaining"
 # Asked to learn whether the server answers: open to every client (no token), and cheap.
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _CLOSE = object()
 
 
@@ -66,17 +61,9 @@ class Transport(Protocol):
 
 def client_options(config: ClientConfig) -> list[tuple[str, int]]:
     """The channel's size limits, keepalive (a dead link is noticed) and reconnect backoff."""
-    keepalive = config.keepalive
     return [
-        ("grpc.max_receive_message_length", config.limits.max_message_bytes),
-        ("grpc.max_send_message_length", config.limits.max_message_bytes),
-        ("grpc.keepalive_time_ms", int(keepalive.time * 1000)),
-        ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
-        # gRPC >= 1.6x waits for a ping's answer this long (default a minute), whatever the
-        # keepalive timeout says: without it a silent peer goes unnoticed for a minute.
-        ("grpc.http2.ping_timeout_ms", int(keepalive.timeout * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
+        *size_options(config.limits.max_message_bytes),
+        *keepalive_options(config.keepalive),
         # gRPC reconnects with exponential backoff and jitter; cap it so a returning server is
         # used again within seconds.
         ("grpc.initial_reconnect_backoff_ms", 500),
@@ -85,22 +72,10 @@ def client_options(config: ClientConfig) -> list[tuple[str, int]]:
     ]
 
 
-_HINTS = {
-    "RESOURCE_EXHAUSTED": "if a message was too large, raise --max-message-bytes on the client "
-    "and the server (both must allow the largest item and result); if the server has too many "
-    "streams, raise its --workers",
-    "UNAUTHENTICATED": "give the server's token with --token or OFFLOAD_TOKEN",
-}
-
-
 def _server_error(exc: grpc.RpcError) -> ServerError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    kind = PipelineMismatch if code == grpc.StatusCode.FAILED_PRECONDITION else ServerError
-    hint = _HINTS.get(code.name)
-    if hint and hint not in details:
-        details = f"{details} ({hint})"
-    return kind(f"server answered {code.name}: {details}", code.name)
+    return server_error(code.name, details or "")
 
 
 @dataclass(frozen=True)
@@ -285,6 +260,15 @@ class GrpcTransport:
         self.failure: ConnectFailure | None = None  # why the latest question found it away
         self.initially_ready = self.ready(connect_timeout)
 
+    @classmethod
+    def from_config(cls, config: ClientConfig, target: str | None = None) -> GrpcTransport:
+        """The channel production uses for ``config``: its size limits, keepalive, reconnect
+        backoff, credentials and connect timeout, to ``target`` (default ``config.server``)."""
+        target = target or config.server
+        if not target:
+            raise ConfigError("no server to connect to: give --server HOST:PORT")
+        return cls(target, client_options(config), config.connect_timeout, config.security)
+
     def _ask(self, timeout: float, wait: bool) -> tuple[grpc.StatusCode, str] | None:
         """One health check: None if the server answered (whatever it said), else gRPC's code
         and reason."""
@@ -347,71 +331,3 @@ class GrpcTransport:
         while getattr(state, "polling", False) and time.monotonic() < deadline:
             time.sleep(0.01)
         self.channel.close()
-
-
-class _InProcessStream:
-    def __init__(self, executor: RemoteExecutor) -> None:
-        self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._executor = executor
-        self._worker = threading.Thread(target=self._serve, daemon=True)
-        self._worker.start()
-
-    def _serve(self) -> None:
-        while True:
-            data = self._inbox.get()
-            if data is _CLOSE:
-                self._outbox.put(_CLOSE)
-                return
-            assert isinstance(data, bytes)
-            try:
-                answer = self._executor.execute(pb.TaskState.FromString(data))
-            except RequestRejected as exc:
-                error = (
-                    PipelineMismatch
-                    if exc.code == grpc.StatusCode.FAILED_PRECONDITION
-                    else ServerError
-                )
-                self._outbox.put(error(f"server answered {exc.code.name}: {exc}", exc.code.name))
-                return
-            self._outbox.put(answer.SerializeToString())
-
-    def send(self, state: pb.TaskState) -> int:
-        return self.send_bytes(state.SerializeToString())
-
-    def send_bytes(self, data: bytes) -> int:
-        self._inbox.put(data)
-        return len(data)
-
-    def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
-        while True:
-            data = self._outbox.get()
-            if data is _CLOSE:
-                return
-            if isinstance(data, ServerError):
-                raise data
-            assert isinstance(data, bytes)
-            yield pb.ItemResult.FromString(data), len(data)
-
-    def close(self) -> None:
-        self._inbox.put(_CLOSE)
-
-    def cancel(self) -> None:
-        self._inbox.put(_CLOSE)
-
-
-class InProcessTransport:
-    """Runs a ``RemoteExecutor`` in this process: the client's logic without a network."""
-
-    def __init__(self, executor: RemoteExecutor) -> None:
-        self.executor = executor
-        self.target = "in-process"
-
-    def ready(self, timeout: float) -> bool:
-        return True
-
-    def open_stream(self) -> Stream:
-        return _InProcessStream(self.executor)
-
-    def close(self) -> None:
-        pass

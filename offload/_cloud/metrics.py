@@ -1,8 +1,9 @@
 """Prometheus metrics of the server, served over HTTP on ``--metrics-port``.
 
-Two hooks, neither inside the service code: ``MeteredExecutor`` (a ``RemoteExecutor``) sees
-every item it runs and its answer; ``StreamMetrics`` (a gRPC server interceptor) sees the
-``ExecuteRemaining`` streams and the messages crossing them, however the service is registered.
+Two hooks, neither inside the service code: ``ServerMetrics.observe`` listens to the executor
+(``RemoteExecutor.add_listener``) and sees every answer it gives; ``StreamMetrics`` (a gRPC
+server interceptor) sees the ``ExecuteRemaining`` streams and the messages crossing them,
+however the service is registered.
 Each server has its own registry: several servers in one process (tests) never clash.
 
 Metrics (``device`` is capped at ``max_devices`` label values; later devices count as "other",
@@ -26,19 +27,12 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from ._config import ServerConfig
-from ._pipeline import Pipeline
-from ._service import RemoteExecutor
-from .exceptions import ConfigError
-from .v1 import offload_pb2 as pb
+from .._pipeline import Pipeline
+from .._wire import METHOD, status_name
+from ..exceptions import ConfigError
+from ..v1 import offload_pb2 as pb
 
-METHOD = "/offload.v1.Offload/ExecuteRemaining"
 OTHER_DEVICES = "other"
-_STATUS = {
-    pb.ItemResult.COMPLETED: "completed",
-    pb.ItemResult.FILTERED: "filtered",
-    pb.ItemResult.FAILED: "failed",
-}
 # Ball-tracking tasks take 0.1-20 ms on a server core; the default buckets start at 5 ms.
 TASK_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
@@ -89,10 +83,9 @@ class ServerMetrics:
                 return device_id
         return OTHER_DEVICES
 
-    def observe(self, device_id: str, result: pb.ItemResult) -> None:
-        """Count one answer given to a device."""
-        status = _STATUS.get(result.status, "failed")
-        self.items.labels(self.device_label(device_id), status).inc()
+    def observe(self, state: pb.TaskState, result: pb.ItemResult) -> None:
+        """Count one answer given to a device (an executor's listener)."""
+        self.items.labels(self.device_label(state.device_id), status_name(result.status)).inc()
         if result.duplicate:
             return  # a replayed answer: its work was counted when it was done
         for t in result.task_times:
@@ -119,19 +112,6 @@ class ServerMetrics:
         if self._http_thread is not None:
             self._http_thread.join(5)
             self._http_thread = None
-
-
-class MeteredExecutor(RemoteExecutor):
-    """A ``RemoteExecutor`` that counts each answer it gives, by device and status."""
-
-    def __init__(self, pipeline: Pipeline, config: ServerConfig, metrics: ServerMetrics) -> None:
-        super().__init__(pipeline, config)
-        self.metrics = metrics
-
-    def execute(self, state: pb.TaskState) -> pb.ItemResult:
-        result = super().execute(state)  # a refused item raises: the stream ends, nothing counts
-        self.metrics.observe(state.device_id, result)
-        return result
 
 
 def _size(message: Any) -> int:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Protocol, TextIO
 
-from ._report import Recorder
+from .report import Recorder
 
 CLEAR_TO_END = "\x1b[K"
 

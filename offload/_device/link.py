@@ -32,11 +32,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ._config import LinkConfig
-from ._logging import quote
-from ._transport import Stream, Transport
-from .exceptions import OffloadError, ServerError
-from .v1 import offload_pb2 as pb
+from .._config import LinkConfig
+from .._logging import quote
+from ..exceptions import OffloadError, ServerError
+from ..v1 import offload_pb2 as pb
+from .transport import Stream, Transport
 
 log = logging.getLogger("offload.client")
 

@@ -18,8 +18,8 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
-from ._server import bind_problem
-from .exceptions import ConfigError, OffloadError
+from ..exceptions import ConfigError, OffloadError
+from .serve import bind_problem
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

@@ -1,0 +1,197 @@
+"""The cloud's work on an item: validate it, de-duplicate it, run its remaining tasks, answer.
+
+``RemoteExecutor`` holds no gRPC: it turns a ``TaskState`` into an ``ItemResult`` (or raises
+``RequestRejected``), so the gRPC servicer and ``offload.testing``'s in-process transport share
+it. Observers (metrics) subscribe to each answer with ``add_listener``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from .._codec import decode, encode_result
+from .._config import ServerConfig
+from .._pipeline import ItemContext, Pipeline, Status, arity_error, run_tasks
+from .._wire import WIRE_STATUS
+from ..exceptions import CodecError
+from ..v1 import offload_pb2 as pb
+
+log = logging.getLogger("offload.server")
+
+
+class RequestRejected(Exception):
+    """An item the server will not run; ends the stream with ``code``, a gRPC status name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _RunAnswers:
+    """The answers recently given to one device run, to replay (not re-run) a resent item."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.lock = threading.Lock()
+        # Serialised: a parsed answer costs several times its wire size in memory.
+        self.answers: OrderedDict[int, bytes] = OrderedDict()
+        self.highest = -1
+        self.counted = 0  # answers counted against ServerConfig.dedup_total (under _runs_lock)
+
+
+class RemoteExecutor:
+    """Runs the remaining tasks of items for many devices; thread-safe."""
+
+    def __init__(self, pipeline: Pipeline, config: ServerConfig = ServerConfig()) -> None:
+        self.pipeline = pipeline
+        self.config = config
+        self._runs: OrderedDict[tuple[str, str], _RunAnswers] = OrderedDict()
+        self._runs_lock = threading.Lock()
+        self._remembered = 0  # answers kept over all runs
+        self._listeners: list[Callable[[pb.TaskState, pb.ItemResult], None]] = []
+
+    def add_listener(self, listener: Callable[[pb.TaskState, pb.ItemResult], None]) -> None:
+        """Call ``listener(state, answer)`` for every answer given (a refused item has none)."""
+        self._listeners.append(listener)
+
+    def _account(self, key: tuple[str, str], run: _RunAnswers, delta: int) -> None:
+        """Count a run's answers; past ``dedup_total``, forget the least recently used runs."""
+        with self._runs_lock:
+            if self._runs.get(key) is not run:
+                return  # forgotten meanwhile
+            run.counted += delta
+            self._remembered += delta
+            while self._remembered > self.config.dedup_total and len(self._runs) > 1:
+                oldest_key = next(iter(self._runs))
+                if oldest_key == key:
+                    break
+                self._remembered -= self._runs.pop(oldest_key).counted
+
+    @property
+    def remembered_answers(self) -> int:
+        return self._remembered
+
+    def _answers_for(self, device_id: str, run_id: str) -> _RunAnswers:
+        key = (device_id, run_id)
+        with self._runs_lock:
+            answers = self._runs.get(key)
+            if answers is None:
+                answers = self._runs[key] = _RunAnswers(self.config.dedup_items)
+                while len(self._runs) > self.config.max_runs:
+                    self._remembered -= self._runs.popitem(last=False)[1].counted
+            else:
+                self._runs.move_to_end(key)
+            return answers
+
+    def validate(self, state: pb.TaskState) -> None:
+        """Reject an item that this server cannot run, naming the field that is wrong."""
+        p = self.pipeline
+        if state.pipeline != p.name or state.fingerprint != p.fingerprint:
+            raise RequestRejected(
+                "FAILED_PRECONDITION",
+                f"pipeline mismatch: the item is for {state.pipeline!r} (fingerprint "
+                f"{state.fingerprint!r}) but this server runs {p.name!r} (fingerprint "
+                f"{p.fingerprint!r}); start both sides with the same --pipeline and version",
+            )
+        last = len(p.tasks) - 1
+        if not 1 <= state.next_task <= last:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"next_task {state.next_task} is outside [1, {last}]: the device runs task 0 and "
+                f"the server at least the last task of {p.name} ({p.describe()})",
+            )
+        if not state.device_id:
+            raise RequestRejected("INVALID_ARGUMENT", "device_id is empty")
+
+    def execute(self, state: pb.TaskState) -> pb.ItemResult:
+        """The answer to one item; raises ``RequestRejected`` for an item it will not run."""
+        result = self._answer(state)
+        for listener in self._listeners:
+            listener(state, result)
+        return result
+
+    def _answer(self, state: pb.TaskState) -> pb.ItemResult:
+        self.validate(state)
+        answers = self._answers_for(state.device_id, state.run_id)
+        # Holding the run's lock while running keeps one device run's items in order even if it
+        # has two streams open (a reconnect racing the old stream).
+        with answers.lock:
+            replay = answers.answers.get(state.item)
+            if replay is not None:
+                result = pb.ItemResult.FromString(replay)
+                result.duplicate = True
+                return result
+            if state.item <= answers.highest:
+                return pb.ItemResult(
+                    item=state.item,
+                    status=pb.ItemResult.FAILED,
+                    task=state.next_task,
+                    error=f"item {state.item} was already processed and its answer is no "
+                    f"longer remembered (ServerConfig.dedup_items={answers.capacity}, "
+                    f"dedup_total={self.config.dedup_total})",
+                    duplicate=True,
+                )
+            result = self._run(state)
+            answers.answers[state.item] = result.SerializeToString()
+            answers.highest = state.item
+            delta = 1
+            while len(answers.answers) > answers.capacity:
+                answers.answers.popitem(last=False)
+                delta -= 1
+        self._account((state.device_id, state.run_id), answers, delta)
+        return result
+
+    def _run(self, state: pb.TaskState) -> pb.ItemResult:
+        cpu_began = time.thread_time()
+        # Checked on the wire value, before decoding (allocating) its arrays; the same message
+        # as run_tasks gives on the device, so a result does not depend on where it ran.
+        misfit = arity_error(self.pipeline, state.next_task, wire_arg_count(state.args))
+        if misfit is not None:
+            return pb.ItemResult(
+                item=state.item, status=pb.ItemResult.FAILED, task=state.next_task, error=misfit
+            )
+        try:
+            args = decode(state.args, self.config.limits)
+        except CodecError as exc:
+            raise RequestRejected("INVALID_ARGUMENT", f"item {state.item}: {exc}") from None
+        context = ItemContext(
+            state.device_id, state.run_id, state.item, state.capture_time, on_server=True
+        )
+        outcome = run_tasks(self.pipeline, state.next_task, len(self.pipeline.tasks), args, context)
+        result = pb.ItemResult(item=state.item, status=WIRE_STATUS[outcome.status])
+        if outcome.status is Status.COMPLETED:
+            error = encode_result(result.output, outcome.value, self.config.limits)
+            if error is not None:
+                result.status = pb.ItemResult.FAILED
+                result.task = len(self.pipeline.tasks) - 1
+                result.error = error
+        else:
+            result.task = outcome.task
+            result.error = outcome.error
+        result.task_times.extend(pb.TaskTime(task=i, seconds=s) for i, s in outcome.task_seconds)
+        result.server_cpu_seconds = time.thread_time() - cpu_began
+        limit = self.config.limits.max_message_bytes
+        if result.ByteSize() > limit:
+            size = result.ByteSize()
+            result.ClearField("output")
+            result.status = pb.ItemResult.FAILED
+            result.task = len(self.pipeline.tasks) - 1
+            result.error = (
+                f"the result is {size} bytes, more than the server's --max-message-bytes {limit}: "
+                "raise it on the server and on the clients (Limits.max_message_bytes)"
+            )
+        return result
+
+
+def wire_arg_count(args: pb.Value) -> int:
+    """How many positional arguments a wire value gives the next task (see ``call_task``)."""
+    kind = args.WhichOneof("kind")
+    if kind is None or kind == "none":
+        return 0
+    if kind == "tuple_value":
+        return len(args.tuple_value.items)
+    return 1
