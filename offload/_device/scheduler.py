@@ -16,6 +16,7 @@ hysteresis so it does not flap. Replace it with any object that has ``decide``.
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -105,6 +106,120 @@ def _unknown(values: tuple[float, ...], indices: range) -> list[int]:
     return [i for i in indices if math.isnan(values[i])]
 
 
+class _Rates:
+    """One decision's figures per split: measured where seen recently, else the model's
+    prediction scaled by the efficiency learned for its bottleneck."""
+
+    def __init__(
+        self,
+        m: Measurements,
+        observed: float | None,
+        predictions: tuple[Prediction, ...],
+        recent: dict[int, float],
+        efficiency: dict[str, float],
+        target: float,
+        margin: float,
+    ) -> None:
+        self.m = m
+        self.observed = observed  # smoothed throughput at ``m.split`` (None: not settled)
+        self.predictions = predictions
+        self.by_split = {p.split: p for p in predictions}
+        self.recent = recent  # split -> throughput measured there within the policy's memory
+        self.efficiency = efficiency
+        self.target = target
+        self.margin = margin
+        self.target_text = f"the {target:g}/s target"
+
+    def measured(self, k: int) -> float | None:
+        if k == self.m.split and self.observed is not None:
+            return self.observed
+        return self.recent.get(k)
+
+    def expected(self, k: int) -> float:
+        seen = self.measured(k)
+        if seen is not None:
+            return seen
+        p = self.by_split[k]
+        return p.throughput * self.efficiency.get(p.bottleneck, 1.0)
+
+    def figure(self, k: int) -> str:
+        if self.measured(k) is not None:
+            return f"K={k} measured {self.expected(k):.1f}/s"
+        return f"K={k} predicted {self.expected(k):.1f}/s ({self.by_split[k].bottleneck}-bound)"
+
+    def head(self, new: int) -> str:
+        return f"split {self.m.split} -> {new}" if new != self.m.split else f"split {new}"
+
+    def margin_for(self, k: int) -> float:
+        """The margin covers the model's error; a measured rate needs only half of it, against
+        noise."""
+        return self.margin / 2 if self.measured(k) is not None else self.margin
+
+    def meets_target(self, k: int) -> bool:
+        if k == self.m.split and self.observed is not None:
+            # Hysteresis: a split is entered with a margin but kept while its measured
+            # rate (smoothed over the stay) meets the target itself.
+            return self.observed >= self.target
+        return self.expected(k) >= self.target * (1 + self.margin_for(k))
+
+    def decision(self, split: int, reason: str, infeasible: bool = False) -> Decision:
+        rate = self.expected(split) if split in self.by_split else math.nan
+        measured = self.measured(split) is not None
+        return Decision(split, reason, self.predictions, infeasible, rate=rate, measured=measured)
+
+
+def _predictions(m: Measurements, first: int, last: int) -> tuple[Prediction, ...]:
+    """Splits the policy has not measured enough to predict (see ``_probe``) are no choice."""
+    return tuple(
+        p for k in range(first, last + 1) if not math.isnan((p := predict(m, k)).throughput)
+    )
+
+
+def _choose(r: _Rates) -> tuple[int, str, bool]:
+    """The split to aim for, why, and whether no split is expected to meet the target."""
+    meets = [k for k in r.by_split if r.meets_target(k)]
+    if meets:
+        choice = max(meets)
+        reason = f"{r.head(choice)}: {r.figure(choice)} meets {r.target_text}"
+        if choice + 1 in r.by_split:
+            reason += f"; {r.figure(choice + 1)}"
+        return choice, reason, False
+    # Nothing meets the target: run where throughput is best (ties: more local).
+    split, observed = r.m.split, r.observed
+    choice = best = max(r.by_split, key=lambda k: (round(r.expected(k), 6), k))
+    if observed is not None and choice != split and split in r.by_split:
+        # Leave a measured split only for one predicted better by more than the
+        # model's error, or a wrong guess costs throughput the run cannot afford.
+        if r.expected(choice) < observed * (1 + r.margin_for(choice)):
+            choice = split
+    reason = f"{r.head(choice)}: no split meets {r.target_text}; "
+    if choice == best:
+        reason += f"the best is {r.figure(best)}"
+    else:
+        reason += f"staying at {r.figure(choice)}: {r.figure(best)} is within its error"
+    return choice, reason, True
+
+
+def _one_more(r: _Rates, choice: int, reason: str, tried: Container[int]) -> tuple[int, str]:
+    """Staying at a split that meets the target, try one more task on the device when the model
+    puts it inside its own error margin: only a measurement can tell. Once per run (``tried``
+    holds every split measured); confirmed like any move, and a miss there is remembered and
+    undone."""
+    split, up = r.m.split, r.m.split + 1
+    if (
+        choice != split
+        or r.observed is None
+        or up not in r.by_split
+        or up in tried
+        or r.expected(up) < r.target
+    ):
+        return choice, reason
+    return up, (
+        f"split {split} -> {up}: trying {r.figure(up)}, within the model's margin of "
+        f"{r.target_text}; {r.figure(split)}"
+    )
+
+
 class ModelPolicy:
     """Largest split predicted to meet ``target`` items/s with ``margin``; see the module doc.
 
@@ -145,137 +260,73 @@ class ModelPolicy:
         self._observed: dict[int, tuple[float, int]] = {}  # split -> (smoothed /s, decision no.)
 
     def decide(self, m: Measurements) -> Decision:
-        n = m.tasks
-        first, last = 1, n - 1  # task 0 stays on the device, the last task on the server
+        first, last = 1, m.tasks - 1  # task 0 stays on the device, the last task on the server
         probe = self._probe(m, first, last)
         if probe is not None:
             return probe
         self._decisions += 1
         observed = self._observe(m)
         m = _with_carried_bandwidth(m, observed)
-        # Splits the policy has not measured enough to predict (see ``_probe``) are no choice.
-        predictions = tuple(
-            p for k in range(first, last + 1) if not math.isnan((p := predict(m, k)).throughput)
-        )
+        predictions = _predictions(m, first, last)
         if not predictions:
             return Decision(m.split, f"stay at {m.split}: no split can be predicted yet")
-        target = f"the {self.target:g}/s target"
-        by_split = {p.split: p for p in predictions}
-        current = by_split.get(m.split)
-        if current is not None and observed is not None and current.throughput > 0:
-            # The model misses fixed costs (encoding, Python overhead): learn how far off it is
-            # for the resource limiting the split we can observe.
-            ratio = min(1.5, max(0.3, observed / current.throughput))
-            before = self.efficiency.get(current.bottleneck, 1.0)
-            self.efficiency[current.bottleneck] = 0.5 * before + 0.5 * ratio
+        current = next((p for p in predictions if p.split == m.split), None)
+        self._learn(current, observed)
+        r = _Rates(
+            m, observed, predictions, self._recent(), self.efficiency, self.target, self.margin
+        )
+        choice, reason, infeasible = _choose(r)
+        if not infeasible:
+            choice, reason = _one_more(r, choice, reason, self._observed)
+        return self._confirm(r, choice, reason, infeasible)
 
-        def measured(k: int) -> float | None:
-            if k == m.split and observed is not None:
-                return observed
-            seen = self._observed.get(k)
-            if seen is not None and self._decisions - seen[1] <= self.memory:
-                return seen[0]
-            return None
+    def _learn(self, current: Prediction | None, observed: float | None) -> None:
+        """The model misses fixed costs (encoding, Python overhead): learn how far off it is
+        for the resource limiting the split we can observe."""
+        if current is None or observed is None or current.throughput <= 0:
+            return
+        ratio = min(1.5, max(0.3, observed / current.throughput))
+        before = self.efficiency.get(current.bottleneck, 1.0)
+        self.efficiency[current.bottleneck] = 0.5 * before + 0.5 * ratio
 
-        def expected(k: int) -> float:
-            seen = measured(k)
-            if seen is not None:
-                return seen
-            return by_split[k].throughput * self.efficiency.get(by_split[k].bottleneck, 1.0)
+    def _recent(self) -> dict[int, float]:
+        """Throughput measured at each split within the last ``memory`` decisions."""
+        return {
+            k: rate
+            for k, (rate, when) in self._observed.items()
+            if self._decisions - when <= self.memory
+        }
 
-        def figure(k: int) -> str:
-            if measured(k) is not None:
-                return f"K={k} measured {expected(k):.1f}/s"
-            return f"K={k} predicted {expected(k):.1f}/s ({by_split[k].bottleneck}-bound)"
-
-        def head(new: int) -> str:
-            return f"split {m.split} -> {new}" if new != m.split else f"split {new}"
-
-        def decision(split: int, reason: str, infeasible: bool = False) -> Decision:
-            rate = expected(split) if split in by_split else math.nan
-            return Decision(
-                split,
-                reason,
-                predictions,
-                infeasible,
-                rate=rate,
-                measured=measured(split) is not None,
-            )
-
-        def meets_target(k: int) -> bool:
-            if k == m.split and observed is not None:
-                # Hysteresis: a split is entered with a margin but kept while its measured
-                # rate (smoothed over the stay) meets the target itself.
-                return observed >= self.target
-            # The margin covers the model's error; a measured rate needs only half of it,
-            # against noise.
-            margin = self.margin / 2 if measured(k) is not None else self.margin
-            return expected(k) >= self.target * (1 + margin)
-
-        meets = [k for k in by_split if meets_target(k)]
-        infeasible = not meets
-        if meets:
-            choice = max(meets)
-            reason = f"{head(choice)}: {figure(choice)} meets {target}"
-            if choice + 1 in by_split:
-                reason += f"; {figure(choice + 1)}"
-        else:  # nothing meets the target: run where throughput is best (ties: more local)
-            choice = best = max(by_split, key=lambda k: (round(expected(k), 6), k))
-            if observed is not None and choice != m.split and m.split in by_split:
-                # Leave a measured split only for one predicted better by more than the
-                # model's error, or a wrong guess costs throughput the run cannot afford.
-                margin = self.margin / 2 if measured(choice) is not None else self.margin
-                if expected(choice) < observed * (1 + margin):
-                    choice = m.split
-            reason = f"{head(choice)}: no split meets {target}; "
-            if choice == best:
-                reason += f"the best is {figure(best)}"
-            else:
-                reason += f"staying at {figure(choice)}: {figure(best)} is within its error"
-        up = m.split + 1
-        if (
-            choice == m.split
-            and not infeasible
-            and observed is not None
-            and up in by_split
-            and up not in self._observed
-            and expected(up) >= self.target
-        ):
-            # The model puts one more task on the device inside its own error margin: only a
-            # measurement can tell, so try it, once per run (confirmed like any move; a miss
-            # there is remembered and undone).
-            choice = up
-            reason = (
-                f"split {m.split} -> {up}: trying {figure(up)}, within the model's margin of "
-                f"{target}; {figure(m.split)}"
-            )
-
+    def _confirm(self, r: _Rates, choice: int, reason: str, infeasible: bool) -> Decision:
+        """Hysteresis: move at once after a probe or to fix a clear miss, keep a split still
+        meeting the target, and otherwise move only once ``confirm`` decisions agree."""
+        split = r.m.split
         if self._after_probe:  # the probe split was never a choice: leave it without ado
             self._after_probe = False
             self._proposal, self._proposals = None, 0
-            return decision(choice, reason, infeasible)
-        if choice == m.split:
+            return r.decision(choice, reason, infeasible)
+        if choice == split:
             self._proposal, self._proposals = None, 0
-            return decision(m.split, reason, infeasible)
-        keep = m.split in by_split and meets_target(m.split)
+            return r.decision(split, reason, infeasible)
         # A clear miss is fixed at once; a marginal one (noise?) must persist like any move.
-        missing = observed is not None and observed < self.target * (1 - self.margin / 2)
-        if missing and expected(choice) > expected(m.split):
+        missing = r.observed is not None and r.observed < self.target * (1 - self.margin / 2)
+        if missing and r.expected(choice) > r.expected(split):
             self._proposal, self._proposals = None, 0
-            return decision(choice, reason, infeasible)  # fix a miss at once
-        if choice < m.split and keep:
-            return decision(m.split, f"stay at {m.split}: {figure(m.split)} still meets {target}")
+            return r.decision(choice, reason, infeasible)
+        if choice < split and split in r.by_split and r.meets_target(split):
+            return r.decision(
+                split, f"stay at {split}: {r.figure(split)} still meets {r.target_text}"
+            )
         self._proposals = self._proposals + 1 if self._proposal == choice else 1
         self._proposal = choice
         if self._proposals < self.confirm:
-            return decision(
-                m.split,
-                f"stay at {m.split}: {choice} proposed ({self._proposals}/{self.confirm}); "
-                f"{reason}",
+            return r.decision(
+                split,
+                f"stay at {split}: {choice} proposed ({self._proposals}/{self.confirm}); {reason}",
                 infeasible,
             )
         self._proposal, self._proposals = None, 0
-        return decision(choice, reason, infeasible)
+        return r.decision(choice, reason, infeasible)
 
     def _observe(self, m: Measurements) -> float | None:
         """Smooth the throughput measured over consecutive settled periods at one split."""
