@@ -1,10 +1,15 @@
-"""Configuration: frozen dataclasses whose defaults fit a Raspberry Pi client and a small server."""
+"""Configuration: frozen dataclasses whose defaults fit a Raspberry Pi client and a small server.
+
+Each validates itself on construction, naming the command line's option (and the field, where
+its name differs), so the command line, the environment and the API share one check per setting.
+"""
 
 from __future__ import annotations
 
 import math
 import socket
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 from ._pipeline import DEFAULT_PIPELINE
 from .exceptions import ConfigError
@@ -13,11 +18,28 @@ MiB = 1024 * 1024
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message limits are C ints
 
 
-def _seconds(option: str, value: float, *, zero: bool = False) -> None:
-    """Refuse a duration that is negative (or zero, unless ``zero``), infinite or not a number."""
+def field_default(cls: type, name: str) -> Any:
+    """A field's default (its factory's value, if it has one), for a command line's default."""
+    found = next(f for f in fields(cls) if f.name == name)
+    if found.default is MISSING and found.default_factory is not MISSING:
+        return found.default_factory()
+    return found.default
+
+
+def _seconds(option: str, value: float, *, zero: bool = False, name: str = "") -> None:
+    """Refuse a duration that is negative (or zero, unless ``zero``), infinite or not a number.
+
+    ``name`` is the field, when the option does not spell it (``--grace`` sets grace_seconds).
+    """
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
         least = "0 or more" if zero else "more than 0"
-        raise ConfigError(f"{option} {value:g}: give a number of seconds, {least}")
+        field_name = f" ({name})" if name else ""
+        raise ConfigError(f"{option} {value:g}: give a number of seconds, {least}{field_name}")
+
+
+def _port(option: str, value: int | None) -> None:
+    if value is not None and not 0 <= value <= 65535:
+        raise ConfigError(f"{option} {value} is not a port: use 0..65535 (0 picks a free one)")
 
 
 @dataclass(frozen=True)
@@ -31,9 +53,12 @@ class Limits:
     max_dims: int = 32  # array dimensions (NumPy's own limit is 64)
 
     def __post_init__(self) -> None:
-        if not 1024 <= self.max_message_bytes <= MAX_MESSAGE_BYTES:
+        value = self.max_message_bytes
+        if not 1024 <= value <= MAX_MESSAGE_BYTES:
+            cap = f" (--max-message-bytes must be at most {MAX_MESSAGE_BYTES}: gRPC's limit)"
             raise ConfigError(
-                f"--max-message-bytes {self.max_message_bytes}: use 1024 to {MAX_MESSAGE_BYTES}"
+                f"--max-message-bytes {value}: use 1024 to {MAX_MESSAGE_BYTES}"
+                + (cap if value > MAX_MESSAGE_BYTES else "")
             )
 
 
@@ -50,9 +75,10 @@ class Keepalive:
     timeout: float = 10.0  # no ping answer within this: the link is dead
     min_ping_interval: float = 10.0  # (server) the most frequent ping it accepts
 
-    def check(self) -> None:
-        if self.time <= 0 or self.timeout <= 0 or self.min_ping_interval <= 0:
-            raise ConfigError(f"keepalive times must be positive, got {self}")
+    def __post_init__(self) -> None:
+        # No command-line option sets these: the message names the field.
+        for name in ("time", "timeout", "min_ping_interval"):
+            _seconds(f"Keepalive.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -114,18 +140,20 @@ class LinkConfig:
     reconnect_backoff_max: float = 10.0  # gRPC's exponential connection backoff caps here
 
     def __post_init__(self) -> None:
-        self.check()
-
-    def check(self) -> None:
         if self.buffer < 1:
             raise ConfigError(f"--buffer {self.buffer}: at least 1 item must fit")
         if self.when_full not in WHEN_FULL:
             raise ConfigError(f"--when-full {self.when_full!r}: use one of {', '.join(WHEN_FULL)}")
         _seconds("--item-timeout", self.item_timeout)
         _seconds("--resend-grace", self.resend_grace, zero=True)
-        _seconds("reconnect_backoff_max", self.reconnect_backoff_max)
+        _seconds("LinkConfig.reconnect_backoff_max", self.reconnect_backoff_max)
         if self.max_sends < 1:
-            raise ConfigError(f"max_sends {self.max_sends}: an item must be sent at least once")
+            raise ConfigError(
+                f"LinkConfig.max_sends {self.max_sends}: an item must be sent at least once"
+            )
+
+    def check(self) -> None:
+        """Nothing left to check: construction did. Only until ``Link`` stops calling it."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +200,9 @@ class ClientConfig:
             raise ConfigError(f"--fps {self.fps:g}: the target must be a positive items/s rate")
         _seconds("--control-period", self.control_period)
         if not (math.isfinite(self.slowdown) and self.slowdown >= 1):
-            raise ConfigError(f"--emulate-slowdown {self.slowdown:g}: use 1 (off) or more")
+            raise ConfigError(
+                f"--emulate-slowdown {self.slowdown:g}: use 1 (off) or more (slowdown)"
+            )
 
 
 @dataclass(frozen=True)
@@ -203,3 +233,28 @@ class ServerConfig:
     reflection: bool = True  # gRPC server reflection: grpcurl works without the .proto
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free); None = off
     metrics_max_devices: int = 100  # device label values; more devices are counted as "other"
+
+    def __post_init__(self) -> None:
+        """Refuse what no server could mean, naming the command line's option for it."""
+        if not self.pipeline.strip():
+            raise ConfigError("--pipeline is empty: give package.module or package.module:name")
+        if not self.host.strip("[]"):
+            raise ConfigError(
+                "--host is empty: give an address, 0.0.0.0 (every IPv4 interface) or ::"
+            )
+        _port("--port", self.port)
+        _port("--metrics-port", self.metrics_port)
+        if self.workers < 1:
+            raise ConfigError(f"--workers {self.workers}: at least 1 device stream must fit")
+        if self.task_threads is not None and self.task_threads < 1:
+            raise ConfigError(
+                f"--task-threads must be at least 0 (0 = the libraries' own default); "
+                f"task_threads {self.task_threads}: give 1 or more, or None for that default"
+            )
+        _seconds("--grace", self.grace_seconds, zero=True, name="grace_seconds")
+        _seconds("ServerConfig.stream_idle_seconds", self.stream_idle_seconds)
+        if self.metrics_max_devices < 0:
+            raise ConfigError(
+                f"--metrics-max-devices {self.metrics_max_devices}: give 0 or more (devices "
+                "beyond it are counted as 'other')"
+            )

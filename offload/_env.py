@@ -15,11 +15,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
+from typing import NoReturn
 
 PREFIX = "OFFLOAD_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: the usage of this many options is a
+    screenful above the message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def env_name(action: argparse.Action, prefix: str = PREFIX) -> str:
@@ -101,3 +111,14 @@ def from_environment(
         if environ.get(env_name(action, prefix))
         and getattr(args, action.dest, None) == action.default
     }
+
+
+def with_variables(message: str, origins: Mapping[str, str]) -> str:
+    """Name the variable behind each option ``message`` names, if the value came from it
+    (``origins`` as ``from_environment`` gives them)."""
+    named = [
+        variable
+        for option, variable in origins.items()
+        if re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", message)
+    ]
+    return f"{message} (from {', '.join(named)} in the environment)" if named else message

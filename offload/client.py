@@ -7,27 +7,25 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, NoReturn
+from typing import IO, Any
 
-from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig
+from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig, field_default
 from ._device.client import Client, check_auto, check_split, starting_split
 from ._device.embedded import EmbeddedServer
 from ._device.emulation import LinkEmulator, LinkSpec
 from ._device.progress import live_progress
 from ._device.report import format_summary
 from ._device.transport import GrpcTransport, client_options
-from ._env import apply_env_defaults, from_environment
+from ._env import OneLineParser, apply_env_defaults, from_environment, with_variables
 from ._logging import add_log_level_option
 from ._logging import setup as setup_logging
-from ._pipeline import DEFAULT_PIPELINE, Pipeline, load_pipeline
+from ._pipeline import Pipeline, load_pipeline
 from ._security import channel_credentials
 from .exceptions import ConfigError, OffloadError
 
@@ -54,19 +52,13 @@ def invoked_as() -> str:
     return name if name and not name.endswith(".py") and name != "-c" else MODULE_PROG
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line: argparse's usage of this many options is a screenful above the message.
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser(
     environ: Mapping[str, str] | None = None, prog: str | None = None
 ) -> argparse.ArgumentParser:
     """The client's options; each can also be set as ``OFFLOAD_<OPTION>`` (see ``_env``)."""
     prog = prog or invoked_as()
     examples = "\n".join(f"  {prog} {args}\n      {what}" for args, what in EXAMPLES)
-    parser = _Parser(
+    parser = OneLineParser(
         prog=prog,
         description="Run a pipeline's first K tasks on this device and the rest on a server.\n"
         "Every option can also be set in the environment, named in [brackets].",
@@ -96,7 +88,7 @@ def build_parser(
     parser.add_argument(
         "--emulate-slowdown",
         type=float,
-        default=1.0,
+        default=ClientConfig.slowdown,
         metavar="X",
         help="emulate a device X times slower: local tasks sleep to take X times their CPU time",
     )
@@ -112,7 +104,7 @@ def build_parser(
     )
     parser.add_argument(
         "--pipeline",
-        default=DEFAULT_PIPELINE,
+        default=ClientConfig.pipeline,
         help="import path: package.module or package.module:attribute (default %(default)s)",
     )
     parser.add_argument(
@@ -130,7 +122,7 @@ def build_parser(
     )
     parser.add_argument(
         "--device-id",
-        default=socket.gethostname(),
+        default=field_default(ClientConfig, "device_id"),
         help="name this device reports (default: the host name)",
     )
     parser.add_argument("--output", metavar="FILE", help="one JSON line per item, in item order")
@@ -257,16 +249,6 @@ def _config(args: argparse.Namespace) -> ClientConfig:
     )
 
 
-def _with_variables(message: str, origins: Mapping[str, str]) -> str:
-    """Name the variable behind each option the message names, if the value came from it."""
-    named = [
-        variable
-        for option, variable in origins.items()
-        if re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", message)
-    ]
-    return f"{message} (from {', '.join(named)} in the environment)" if named else message
-
-
 def _connect(
     args: argparse.Namespace,
     config: ClientConfig,
@@ -338,7 +320,7 @@ def _main(argv: list[str] | None) -> int:
                 message = f"--output {args.output}: cannot write it ({exc.strerror})"
                 raise ConfigError(message) from None
     except (OffloadError, ValueError) as exc:
-        parser.exit(2, f"error: {_with_variables(str(exc), from_environment(parser, args))}\n")
+        parser.exit(2, f"error: {with_variables(str(exc), from_environment(parser, args))}\n")
     stop = _stop_on_signals()
     try:
         return _run(args, config, pipeline, link, output, stop)
@@ -415,11 +397,11 @@ def _stop_on_signals() -> threading.Event:
         if stop.is_set():
             aborting.set()
             raise _Aborted(signum)
+        stop.set()  # before saying so: a second signal right after the line must abort
         print(
             f"\noffload: {signal.Signals(signum).name}: finishing items in flight (again to abort)",
             file=sys.stderr,
         )
-        stop.set()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

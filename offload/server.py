@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 import threading
@@ -16,19 +15,20 @@ from ._cloud.allocator import keep_large_buffers
 from ._cloud.prefork import reserve_port, run_processes
 from ._cloud.serve import grpc_address, serve
 from ._config import Limits, ServerConfig, ServerSecurity
-from ._env import apply_env_defaults
+from ._env import OneLineParser, apply_env_defaults, from_environment, with_variables
 from ._logging import add_log_level_option
 from ._logging import setup as setup_logging
-from ._pipeline import DEFAULT_PIPELINE, load_pipeline
-from .exceptions import OffloadError
+from ._pipeline import load_pipeline
+from .exceptions import ConfigError, OffloadError
 
 log = logging.getLogger("offload.server")
-MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's options are C ints
+# Options that are actions, not settings: no environment variable sets them.
+ACTIONS = frozenset({"print_fingerprint"})
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The server's options; each can also be set as ``OFFLOAD_<OPTION>`` (see ``_env``)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m offload.server",
         description="Run the remaining tasks of items that devices stream to this server.\n"
         "Every option can also be set in the environment, named in [brackets].",
@@ -40,17 +40,25 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "sends\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default %(default)s)")
     parser.add_argument(
-        "--port", type=int, default=50051, help="gRPC port, 0 = any free one (default %(default)s)"
+        "--host", default=ServerConfig.host, help="address to bind (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=ServerConfig.port,
+        help="gRPC port, 0 = any free one (default %(default)s)",
     )
     parser.add_argument(
         "--pipeline",
-        default=DEFAULT_PIPELINE,
+        default=ServerConfig.pipeline,
         help="import path: package.module or package.module:attribute (default %(default)s)",
     )
     parser.add_argument(
-        "--workers", type=int, default=64, help="concurrent device streams (default %(default)s)"
+        "--workers",
+        type=int,
+        default=ServerConfig.workers,
+        help="concurrent device streams (default %(default)s)",
     )
     parser.add_argument(
         "--task-threads",
@@ -77,6 +85,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument(
         "--metrics-port",
         type=int,
+        default=ServerConfig.metrics_port,
         metavar="PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port "
         "(default: off; the container image uses 9464)",
@@ -93,6 +102,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--no-reflection",
         dest="reflection",
         action="store_false",
+        default=ServerConfig.reflection,
         help="turn off gRPC server reflection (on by default, so grpcurl needs no .proto)",
     )
     parser.add_argument(
@@ -126,34 +136,22 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         action="store_true",
         help="print the pipeline's fingerprint (what a TaskState must carry) and exit",
     )
-    return apply_env_defaults(parser, environ, skip=frozenset({"print_fingerprint"}))
+    return apply_env_defaults(parser, environ, skip=ACTIONS)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    for option, value, least in [
-        ("--workers", args.workers, 1),
-        ("--processes", args.processes, 1),
-        ("--task-threads", args.task_threads, 0),
-        ("--grace", args.grace, 0),
-        ("--metrics-max-devices", args.metrics_max_devices, 0),
-        ("--max-message-bytes", args.max_message_bytes, 1024),
-    ]:
-        if value < least:
-            parser.error(f"{option} must be at least {least}")
-    if not math.isfinite(args.grace):
-        parser.error(f"--grace {args.grace}: give a number of seconds")
-    if args.max_message_bytes > MAX_MESSAGE_BYTES:
-        parser.error(f"--max-message-bytes must be at most {MAX_MESSAGE_BYTES} (gRPC's limit)")
-    for option, value in [("--port", args.port), ("--metrics-port", args.metrics_port)]:
-        if value is not None and not 0 <= value <= 65535:
-            parser.error(f"{option} {value} is not a port: use 0..65535 (0 picks a free one)")
-    if not args.host.strip("[]"):
-        parser.error("--host is empty: give an address, 0.0.0.0 (every IPv4 interface) or ::")
+    # --processes is the one setting outside ServerConfig: each process serves one config.
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
     if args.processes > 1 and args.metrics_port is not None:
         parser.error("--metrics-port serves one process's metrics: use it with --processes 1")
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        parser.error(with_variables(str(exc), from_environment(parser, args)))
     if args.print_fingerprint:
         try:
             print(load_pipeline(args.pipeline).fingerprint)
@@ -161,24 +159,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         return 0
-    config = ServerConfig(
-        pipeline=args.pipeline,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        task_threads=args.task_threads or None,
-        grace_seconds=args.grace,
-        reflection=args.reflection,
-        metrics_port=args.metrics_port,
-        metrics_max_devices=args.metrics_max_devices,
-        limits=Limits(max_message_bytes=args.max_message_bytes),
-        security=ServerSecurity(
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
-            token=args.token,
-        ),
-    )
     keep_large_buffers()  # before the first item: ~1 ms less CPU per 560 kB frame
     if args.processes == 1:
         return _serve_until_signalled(config, args.announce)
@@ -206,6 +186,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.announce:
         print(f"listening on {address}", flush=True)
     return wait()
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    """The server's settings; the dataclasses refuse values no server could mean."""
+    return ServerConfig(
+        pipeline=args.pipeline,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        # The command line's 0 is the library's default, which the dataclass spells None.
+        task_threads=None if args.task_threads == 0 else args.task_threads,
+        grace_seconds=args.grace,
+        reflection=args.reflection,
+        metrics_port=args.metrics_port,
+        metrics_max_devices=args.metrics_max_devices,
+        limits=Limits(max_message_bytes=args.max_message_bytes),
+        security=ServerSecurity(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            token=args.token,
+        ),
+    )
 
 
 def _serve_until_signalled(

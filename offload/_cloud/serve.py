@@ -167,15 +167,7 @@ def serve(
     packages (the ``server`` extra) are installed; ``metrics_port`` requires its package.
     """
     pipeline = pipeline or load_pipeline(config.pipeline)
-    if config.workers < 1:
-        raise ConfigError(f"workers {config.workers}: at least 1 device stream must fit")
-    if config.task_threads is not None and config.task_threads < 1:
-        raise ConfigError(
-            f"task_threads {config.task_threads}: give at least 1, or None for the libraries' "
-            "own default"
-        )
     limit_task_threads(config.task_threads)
-    config.keepalive.check()
     credentials = server_credentials(config.security)
     token = config.security.token
     if config.metrics_port is not None:
