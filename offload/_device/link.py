@@ -99,7 +99,6 @@ class Link:
         config.check()
         self.transport = transport
         self.config = config
-        self.window = window
         self.owner = owner
         self.stats = LinkStats()
         # Every decision over the items (window, buffer, what next, requeue) is the table's.
