@@ -116,11 +116,8 @@ class Ledger:
         )
 
     def lost(self, pending: Pending, status: str, reason: str) -> None:
-        # A not_run item never reached an end: no latency, nor does it lengthen the run.
-        began = pending.began if status != "not_run" else None
+        began = pending.began if status != "not_run" else None  # not_run: it never ended
         self._end(pending.item, status, None, pending.next_task, reason, began)
-
-    # --------------------------------------------------------------------------------------------
 
     def _end(
         self,
@@ -132,17 +129,17 @@ class Ledger:
         began: float | None,
         now: float | None = None,
     ) -> bool:
-        """Record the end; False (and nothing fed) if ``item`` had ended already."""
+        """Record the end; False (and nothing fed) if ``item`` had ended already. ``began`` is
+        None for an item never run to an end: it has no latency, nor does it lengthen the run."""
         now = self.clock() if now is None else now
-        ended = began is not None
         if not self.recorder.finished(
             item,
             status,
             result,
             task=task,
             error=error,
-            latency=now - began if began is not None else None,
-            at=now if ended else None,
+            latency=None if began is None else now - began,
+            at=None if began is None else now,
         ):
             return False
         self.telemetry.finished(status == Status.COMPLETED.value)
