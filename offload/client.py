@@ -18,7 +18,8 @@ from types import FrameType
 from typing import IO, Any, NoReturn
 
 from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig
-from ._device.client import Client, check_auto, check_split, starting_split
+from ._device.autosplit import check_auto, starting_split
+from ._device.client import Client, check_split
 from ._device.embedded import EmbeddedServer
 from ._device.emulation import LinkEmulator, LinkSpec
 from ._device.progress import live_progress

@@ -40,6 +40,7 @@ from offload._cloud.serve import RunningServer
 from offload._config import ServerConfig
 from offload._device.client import Client
 from offload._device.emulation import LinkEmulator, LinkSpec
+from offload._device.ledger import Ledger
 from offload._device.link import Pending
 from offload._pipeline import fingerprint
 
@@ -195,8 +196,8 @@ def test_a_server_dying_mid_stream_loses_and_duplicates_nothing(
     assert report["items"]["failed"] == 0 and report["items"]["dropped"] == 0
 
 
-class RunHereTimes(Client):
-    """A client that notes when each item it ran here was captured and when it ended."""
+class RunHereLedger(Ledger):
+    """A ledger that notes when each item it ran here was captured and when it ended."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -205,6 +206,17 @@ class RunHereTimes(Client):
     def run_locally(self, pending: Pending) -> None:
         super().run_locally(pending)
         self.ran_here.append((pending.began, time.perf_counter()))
+
+
+class RunHereTimes(Client):
+    """A client that notes when each item it ran here was captured and when it ended."""
+
+    ledger_class = RunHereLedger
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        assert isinstance(self.ledger, RunHereLedger)
+        self.ran_here = self.ledger.ran_here
 
 
 def test_new_items_run_here_at_once_while_unanswered_ones_wait_for_their_resend(
@@ -256,8 +268,8 @@ def test_new_items_run_here_at_once_while_unanswered_ones_wait_for_their_resend(
     assert report["link"]["ran_locally"] >= window + 3 * buffer
 
 
-class SendCounts(Client):
-    """A client that notes the size of every item it sends."""
+class SendLedger(Ledger):
+    """A ledger that notes the size of every item sent."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -266,6 +278,17 @@ class SendCounts(Client):
     def sent(self, pending: Pending, size: int) -> None:
         super().sent(pending, size)
         self.sizes.append(size)
+
+
+class SendCounts(Client):
+    """A client that notes the size of every item it sends."""
+
+    ledger_class = SendLedger
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        assert isinstance(self.ledger, SendLedger)
+        self.sizes = self.ledger.sizes
 
 
 def attempts_within(seconds: float, cap: float) -> int:

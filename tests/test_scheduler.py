@@ -16,10 +16,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from offload import (
-    ClientConfig,
-    load_pipeline,
-)
+from offload import ClientConfig, load_pipeline
 from offload._device.client import Client
 from offload._device.scheduler import Decision, Measurements, ModelPolicy, predict
 from offload.testing import InProcessTransport, RemoteExecutor
@@ -324,7 +321,7 @@ def test_the_target_warning_is_said_once_withdrawn_once_and_valid_logfmt(
     met = replace(met, measured=True)
     caplog.set_level(logging.INFO, logger="offload.client")
     for decision in (short, short, short, probe, short, short, met, met, short, short):
-        client._apply(decision, 0.0)
+        client.auto.apply(decision, 0.0)  # type: ignore[union-attr]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert [w.split()[0] for w in warnings] == [
         "event=target-unreachable",
