@@ -43,6 +43,9 @@ class EmbeddedServer:
             stdin=subprocess.DEVNULL,
             text=True,
             env=env,
+            # Not in the terminal's process group: a Ctrl-C there is for the client, which
+            # finishes its items in flight on this server before stopping it.
+            start_new_session=True,
         )
         line: list[str] = []
         assert self.process.stdout is not None
