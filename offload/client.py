@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -406,24 +407,30 @@ def _run(
 
 
 def _stop_on_signals() -> threading.Event:
-    """First Ctrl-C / SIGTERM: stop capturing and let items in flight finish. Second: abort."""
+    """First Ctrl-C (SIGTERM, SIGHUP): stop capturing, let items in flight finish. Second: abort."""
     stop = threading.Event()
-    aborting = threading.Event()
+    calls = itertools.count(1)
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        if aborting.is_set():
-            os._exit(128 + signum)  # a third, while aborting: the user insists
-        if stop.is_set():
-            aborting.set()
+        # A second signal may run this handler again before the first one returns: counting
+        # comes first, in one step, so that whichever runs first is the first.
+        call = next(calls)
+        if call == 2:
             raise _Aborted(signum)
+        if call > 2:
+            os._exit(128 + signum)  # a third, while aborting: the user insists
+        stop.set()
         print(
             f"\noffload: {signal.Signals(signum).name}: finishing items in flight (again to abort)",
             file=sys.stderr,
         )
-        stop.set()
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    # SIGHUP too (the terminal closed): the embedded server, in a session of its own, does not
+    # get it and must still be stopped. A signal ignored on purpose (nohup, `&`) stays ignored.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
     return stop
 
 

@@ -472,6 +472,41 @@ def test_a_second_ctrl_c_stops_at_once_quietly_with_130(split: list[str]) -> Non
             s.connect(("127.0.0.1", port))
 
 
+def test_ctrl_c_at_a_terminal_lets_the_embedded_server_finish_the_items_in_flight(
+    tmp_path: Path,
+) -> None:
+    # A terminal sends Ctrl-C to its whole foreground process group, not to the client alone.
+    out, report_path = tmp_path / "out.jsonl", tmp_path / "report.json"
+    client = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "offload.client", "--local-tasks", "3"),
+            *("--output", str(out), "--report", str(report_path)),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert client.stderr is not None
+    err = Lines(client.stderr)
+    try:
+        err.wait_for("started an embedded server on")
+        deadline = time.monotonic() + 60
+        while (not out.exists() or out.stat().st_size < 1000) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(client.pid, signal.SIGINT)
+        assert client.wait(timeout=60) == 0, err.text()
+    finally:
+        client.kill()
+        client.wait(timeout=10)
+    said = err.text()
+    assert "SIGINT: finishing items in flight" in said and "disconnected" not in said, said
+    link = json.loads(report_path.read_text())["link"]
+    assert link["disconnects"] == 0 and link["ran_locally"] == 0
+
+
 def test_ctrl_c_stops_the_client_cleanly_with_a_summary(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     report_path = tmp_path / "report.json"
