@@ -300,8 +300,9 @@ def _connect(
     return transport
 
 
-class _Aborted(BaseException):
-    """A second Ctrl-C / SIGTERM: stop at once (BaseException: no ``except Exception`` eats it)."""
+class _Aborted(KeyboardInterrupt):
+    """A second Ctrl-C / SIGTERM: stop at once. Not an Exception, so no ``except Exception``
+    eats it; an interrupt, so items it leaves unfinished are said to be interrupted."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
