@@ -20,13 +20,12 @@ from offload import (
     ItemContext,
     Pipeline,
     load_pipeline,
-    run_tasks,
 )
 from offload._cloud.serve import RunningServer
 from offload._device.client import Client
 from offload._device.emulation import LinkEmulator, LinkSpec, SlowDevice
 from offload._device.scheduler import Decision, Measurements, ModelPolicy
-from offload._pipeline import Status
+from offload._pipeline import Status, run_tasks
 
 from .apps import short
 from .conftest import run_split

@@ -9,9 +9,7 @@ import pytest
 
 from offload import (
     ClientConfig,
-    InProcessTransport,
     Pipeline,
-    RemoteExecutor,
     current_item,
     load_pipeline,
 )
@@ -19,6 +17,7 @@ from offload._cloud.serve import RunningServer
 from offload._device.client import Client
 from offload._device.report import format_summary
 from offload._pipeline import fingerprint
+from offload.testing import InProcessTransport, RemoteExecutor
 
 from .conftest import WEBCAM_CLIP, run_split
 

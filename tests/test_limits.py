@@ -16,15 +16,15 @@ from offload import (
     GrpcTransport,
     ItemContext,
     Limits,
-    RemoteExecutor,
     ServerConfig,
     decode,
     encode,
     load_pipeline,
-    run_tasks,
 )
 from offload._cloud.serve import RunningServer
 from offload._device.client import Client
+from offload._pipeline import run_tasks
+from offload.testing import RemoteExecutor
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 

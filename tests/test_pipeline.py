@@ -24,11 +24,10 @@ from offload import (
     PipelineError,
     current_item,
     load_pipeline,
-    run_tasks,
 )
 from offload._cloud.serve import RunningServer
 from offload._device.client import Client
-from offload._pipeline import Status
+from offload._pipeline import Status, run_tasks
 from offload.exceptions import PipelineMismatch
 
 from .conftest import ROOT, run_split

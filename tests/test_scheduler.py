@@ -16,9 +16,10 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from offload import ClientConfig, InProcessTransport, RemoteExecutor, load_pipeline
+from offload import ClientConfig, load_pipeline
 from offload._device.client import Client
 from offload._device.scheduler import Decision, Measurements, ModelPolicy, predict
+from offload.testing import InProcessTransport, RemoteExecutor
 
 # Ball-tracking-like: 7 tasks; cut sizes shrink after task 5 (a JPEG snapshot).
 DEVICE = (0.025, 0.009, 0.003, 0.0015, 0.0008, 0.02, 0.0005)
