@@ -25,27 +25,26 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from offload import (
+    Client,
     ClientConfig,
     ClientSecurity,
     GrpcTransport,
     Keepalive,
     LinkConfig,
     Pipeline,
+    RunningServer,
+    ServerConfig,
     ServerSecurity,
     current_item,
     load_pipeline,
     serve,
 )
-from offload._cloud.serve import RunningServer
-from offload._config import ServerConfig
-from offload._device.client import Client
 from offload._device.emulation import LinkEmulator, LinkSpec
 from offload._device.link import Pending
 from offload._pipeline import fingerprint
+from tests.apps import gate, tally
 
-from .apps import gate, tally
-from .conftest import ROOT, run_split
-from .test_limits import wait_until
+from ..helpers import ROOT, run_split, wait_until
 
 STATELESS = "tests.apps.ball_stateless"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "offload"
+from ..helpers import ROOT
+
+PACKAGE = ROOT / "offload"
 SIDES = ("_device", "_cloud")
 
 

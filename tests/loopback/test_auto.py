@@ -14,21 +14,23 @@ from collections.abc import Callable
 import pytest
 
 from offload import (
+    Client,
     ClientConfig,
     ConfigError,
+    Decision,
     GrpcTransport,
     ItemContext,
+    Measurements,
+    ModelPolicy,
     Pipeline,
+    RunningServer,
     load_pipeline,
 )
-from offload._cloud.serve import RunningServer
-from offload._device.client import Client
 from offload._device.emulation import LinkEmulator, LinkSpec, SlowDevice
-from offload._device.scheduler import Decision, Measurements, ModelPolicy
 from offload._pipeline import Status, run_tasks
+from tests.apps import short
 
-from .apps import short
-from .conftest import run_split
+from ..helpers import run_split
 
 BALL = "examples.ball_tracking"
 STAGES = "tests.apps.stages"

@@ -8,18 +8,18 @@ from collections.abc import Callable
 import pytest
 
 from offload import (
+    Client,
     ClientConfig,
     Pipeline,
+    RunningServer,
     current_item,
     load_pipeline,
 )
-from offload._cloud.serve import RunningServer
-from offload._device.client import Client
 from offload._device.report import format_summary
 from offload._pipeline import fingerprint
 from offload.testing import InProcessTransport, RemoteExecutor
 
-from .conftest import WEBCAM_CLIP, run_split
+from ..helpers import WEBCAM_CLIP, run_split
 
 BALL = "examples.ball_tracking"
 SEED_APP = "tests.apps.vibration"
