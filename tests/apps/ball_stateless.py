@@ -5,6 +5,8 @@ fault test that restarts the server, or runs items on the device meanwhile, can 
 equal results from a last task without such state. This one reports what tasks 0-5 found.
 """
 
+from collections.abc import Sequence
+
 from examples.ball_tracking import (
     blur_hsv,
     capture,
@@ -16,7 +18,9 @@ from examples.ball_tracking import (
 )
 
 
-def locate(snapshot, circle_xy, radius, centre):
+def locate(
+    snapshot: bytes, circle_xy: Sequence[float], radius: float, centre: Sequence[int]
+) -> tuple[bool, dict[str, object]]:
     return True, {
         "centre": [int(v) for v in centre],
         "circle": [float(v) for v in circle_xy],

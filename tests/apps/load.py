@@ -7,27 +7,28 @@ many clients in one process can share the module, and a test can check every ans
 import zlib
 
 import numpy as np
+import numpy.typing as npt
 
 from offload import current_item
 
 SIZE = 16 * 1024
 
 
-def payload(device_id, item):
+def payload(device_id: str, item: int) -> npt.NDArray[np.uint8]:
     seed = [zlib.crc32(device_id.encode()), item]
     return np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8)
 
 
-def emit():
+def emit() -> tuple[bool, tuple[int, npt.NDArray[np.uint8]]]:
     ctx = current_item()
     return True, (ctx.item, payload(ctx.device_id, ctx.item))
 
 
-def digest(item, data):
+def digest(item: int, data: npt.NDArray[np.uint8]) -> tuple[bool, tuple[int, int, int]]:
     return True, (item, int(data.sum(dtype=np.uint64)), zlib.crc32(data.tobytes()))
 
 
-def record(item, total, crc):
+def record(item: int, total: int, crc: int) -> tuple[bool, dict[str, object]]:
     return True, {"item": item, "sum": total, "crc": crc, "device": current_item().device_id}
 
 

@@ -13,16 +13,21 @@ cpu: list[float] = []
 _began = [0.0]
 
 
-def capture():
+def reset() -> None:
+    """Forget the CPU times collected so far."""
+    cpu.clear()
+
+
+def capture() -> tuple[bool, int]:
     _began[0] = time.thread_time()
     return True, current_item().item
 
 
-def step(n):
+def step(n: int) -> tuple[bool, int]:
     return True, (n * 31 + sum(range(2000))) % 1_000_003
 
 
-def summarise(n):
+def summarise(n: int) -> tuple[bool, dict[str, int]]:
     cpu.append(time.thread_time() - _began[0])
     return True, {"item": current_item().item, "value": n}
 

@@ -7,41 +7,43 @@ between K=3 and K=4.
 """
 
 import numpy as np
+import numpy.typing as npt
 
 from offload import current_item
 
 SIZE = 20_000
+Array = npt.NDArray[np.float64]
 
 
-def capture():
+def capture() -> tuple[bool, Array]:
     n = current_item().item
     return True, np.random.default_rng(n).random(SIZE)
 
 
-def _stage(x):
+def _stage(x: Array) -> tuple[bool, Array]:
     # A real computation (sort + rescale) rather than a busy loop: the seed's mistake.
     y = np.sort(x)
     return True, (y - y.mean()) / (y.std() + 1e-9)
 
 
-def stage_1(x):
+def stage_1(x: Array) -> tuple[bool, Array]:
     return _stage(x)
 
 
-def stage_2(x):
+def stage_2(x: Array) -> tuple[bool, Array]:
     return _stage(x)
 
 
-def stage_3(x):
+def stage_3(x: Array) -> tuple[bool, Array]:
     ok, y = _stage(np.tile(x, 4))
     return ok, y[::4]
 
 
-def stage_4(x):
+def stage_4(x: Array) -> tuple[bool, dict[str, float]]:
     return True, {"p50": float(np.median(x)), "p99": float(np.quantile(x, 0.99))}
 
 
-def summarise(stats):
+def summarise(stats: dict[str, float]) -> tuple[bool, dict[str, float]]:
     return True, {"item": current_item().item, **stats}
 
 

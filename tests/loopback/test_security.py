@@ -55,7 +55,7 @@ def refused_code(
 ) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as err:
         exchange(port, security, [state(0, 1, device=device)], token)
-    return err.value.code()  # type: ignore[no-any-return]
+    return err.value.code()
 
 
 @pytest.fixture

@@ -161,7 +161,7 @@ def print_fingerprint(folder: Path, seed: str) -> str:
 def test_a_pipeline_without_source_is_fingerprinted_by_its_bytecode_alike_in_every_process(
     tmp_path: Path,
 ) -> None:
-    fingerprints = []
+    fingerprints: list[list[str]] = []
     for offset in (1, 1, 2):
         folder = tmp_path / f"offset{offset}-{len(fingerprints)}"
         folder.mkdir()

@@ -117,7 +117,7 @@ def test_draw_marks_the_frame_and_sends_a_jpeg_snapshot() -> None:
     assert frame[120, 130].tolist() == [0, 255, 255]  # yellow circle, radius 30 to the right
     assert (circle, radius, centre) == ((100.0, 120.0), 30.0, (101, 119))
     decoded = cv2.imdecode(np.frombuffer(snapshot, np.uint8), cv2.IMREAD_COLOR)
-    assert decoded.shape == frame.shape
+    assert decoded is not None and decoded.shape == frame.shape
     assert decoded[119, 101, 2] > 200 and decoded[119, 101, 0] < 60  # still a red dot
     assert len(snapshot) < frame.nbytes // 10
 
