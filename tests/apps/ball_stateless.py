@@ -5,8 +5,6 @@ fault test that restarts the server, or runs items on the device meanwhile, can 
 equal results from a last task without such state. This one reports what tasks 0-5 found.
 """
 
-from collections.abc import Sequence
-
 from examples.ball_tracking import (
     blur_hsv,
     capture,
@@ -18,9 +16,7 @@ from examples.ball_tracking import (
 )
 
 
-def locate(
-    snapshot: bytes, circle_xy: Sequence[float], radius: float, centre: Sequence[int]
-) -> tuple[bool, dict[str, object]]:
+def locate(snapshot, circle_xy, radius, centre):
     return True, {
         "centre": [int(v) for v in centre],
         "circle": [float(v) for v in circle_xy],

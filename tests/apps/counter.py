@@ -6,18 +6,18 @@ _counts: dict[tuple[str, str], int] = {}
 _next = {"n": 0}
 
 
-def emit() -> tuple[bool, int]:
+def emit():
     _next["n"] += 1
     return True, _next["n"]
 
 
-def check(n: int) -> tuple[bool, tuple[int, int]]:
+def check(n):
     if n % 5 == 0:
         raise ValueError(f"item value {n} is a multiple of 5")
     return True, (n, n * n)
 
 
-def count(n: int, square: int) -> tuple[bool, dict[str, object]]:
+def count(n, square):
     ctx = current_item()
     key = (ctx.device_id, ctx.run_id)
     _counts[key] = _counts.get(key, 0) + 1

@@ -25,7 +25,7 @@ def open_gate() -> None:
     _gate.set()
 
 
-def emit() -> tuple[bool, int | None]:
+def emit():
     n = _next["n"]
     if n >= ITEMS:
         return False, None
@@ -35,14 +35,14 @@ def emit() -> tuple[bool, int | None]:
     return True, n
 
 
-def hold(n: int) -> tuple[bool, int]:
+def hold(n):
     if current_item().item == 0 and not current_item().on_server:
         _zero_started.set()
         _gate.wait(30)
     return True, n
 
 
-def result(n: int) -> tuple[bool, dict[str, int]]:
+def result(n):
     return True, {"n": n}
 
 

@@ -9,18 +9,18 @@ import threading
 _n = {"n": 0}
 
 
-def emit() -> tuple[bool, int]:
+def emit():
     _n["n"] += 1
     return True, _n["n"]
 
 
-def hang(n: int) -> tuple[bool, int]:
+def hang(n):
     print(f"hang: item {n} is in task 1", file=sys.stderr, flush=True)
     threading.Event().wait()
     return True, n
 
 
-def result(n: int) -> tuple[bool, dict[str, int]]:
+def result(n):
     return True, {"n": n}
 
 

@@ -19,16 +19,16 @@ def payload(device_id: str, item: int) -> npt.NDArray[np.uint8]:
     return np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8)
 
 
-def emit() -> tuple[bool, tuple[int, npt.NDArray[np.uint8]]]:
+def emit():
     ctx = current_item()
     return True, (ctx.item, payload(ctx.device_id, ctx.item))
 
 
-def digest(item: int, data: npt.NDArray[np.uint8]) -> tuple[bool, tuple[int, int, int]]:
+def digest(item, data):
     return True, (item, int(data.sum(dtype=np.uint64)), zlib.crc32(data.tobytes()))
 
 
-def record(item: int, total: int, crc: int) -> tuple[bool, dict[str, object]]:
+def record(item, total, crc):
     return True, {"item": item, "sum": total, "crc": crc, "device": current_item().device_id}
 
 

@@ -18,16 +18,16 @@ def reset() -> None:
     cpu.clear()
 
 
-def capture() -> tuple[bool, int]:
+def capture():
     _began[0] = time.thread_time()
     return True, current_item().item
 
 
-def step(n: int) -> tuple[bool, int]:
+def step(n):
     return True, (n * 31 + sum(range(2000))) % 1_000_003
 
 
-def summarise(n: int) -> tuple[bool, dict[str, int]]:
+def summarise(n):
     cpu.append(time.thread_time() - _began[0])
     return True, {"item": current_item().item, "value": n}
 

@@ -7,43 +7,41 @@ between K=3 and K=4.
 """
 
 import numpy as np
-import numpy.typing as npt
 
 from offload import current_item
 
 SIZE = 20_000
-Array = npt.NDArray[np.float64]
 
 
-def capture() -> tuple[bool, Array]:
+def capture():
     n = current_item().item
     return True, np.random.default_rng(n).random(SIZE)
 
 
-def _stage(x: Array) -> tuple[bool, Array]:
+def _stage(x):
     # A real computation (sort + rescale) rather than a busy loop: the seed's mistake.
     y = np.sort(x)
     return True, (y - y.mean()) / (y.std() + 1e-9)
 
 
-def stage_1(x: Array) -> tuple[bool, Array]:
+def stage_1(x):
     return _stage(x)
 
 
-def stage_2(x: Array) -> tuple[bool, Array]:
+def stage_2(x):
     return _stage(x)
 
 
-def stage_3(x: Array) -> tuple[bool, Array]:
+def stage_3(x):
     ok, y = _stage(np.tile(x, 4))
     return ok, y[::4]
 
 
-def stage_4(x: Array) -> tuple[bool, dict[str, float]]:
+def stage_4(x):
     return True, {"p50": float(np.median(x)), "p99": float(np.quantile(x, 0.99))}
 
 
-def summarise(stats: dict[str, float]) -> tuple[bool, dict[str, float]]:
+def summarise(stats):
     return True, {"item": current_item().item, **stats}
 
 

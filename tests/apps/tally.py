@@ -35,12 +35,12 @@ def reset() -> None:
     _delay["seconds"] = SERVER_DELAY
 
 
-def emit() -> tuple[bool, int]:
+def emit():
     _next["n"] += 1
     return True, _next["n"]
 
 
-def work(n: int) -> tuple[bool, int]:
+def work(n):
     ctx = current_item()
     if ctx.on_server:
         if ctx.item in _hang:
@@ -49,7 +49,7 @@ def work(n: int) -> tuple[bool, int]:
     return True, n
 
 
-def tally(n: int) -> tuple[bool, dict[str, int]]:
+def tally(n):
     ctx = current_item()
     key = (ctx.device_id, ctx.run_id)
     _seen[key] = _seen.get(key, 0) + 1
