@@ -21,8 +21,7 @@ from offload import ConfigError, ServerConfig, _extras, serve
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-from .conftest import ROOT, self_signed_certificate
-from .test_server import COUNTER, state
+from ..helpers import COUNTER, ROOT, self_signed_certificate, state
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 

@@ -18,14 +18,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from offload import CodecError, Limits, ServerConfig, decode, encode, load_pipeline, serve
-from offload._cloud.serve import RunningServer
+from offload import (
+    CodecError,
+    Limits,
+    RunningServer,
+    ServerConfig,
+    decode,
+    encode,
+    load_pipeline,
+    serve,
+)
 from offload._codec import ALLOWED_DTYPES
 from offload._device.report import to_json
 from offload.v1 import offload_pb2 as pb
 
-from .test_codec import assert_same
-from .test_server import COUNTER, state
+from ..helpers import COUNTER, assert_same, state
 
 METHOD = "/offload.v1.Offload/ExecuteRemaining"
 LIMITS = Limits(max_message_bytes=64 * 1024)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from offload._cloud.serve import RunningServer
+from offload import RunningServer
 
-from .conftest import ROOT
+from ..helpers import ROOT
 
 NODE_CLIENT = ROOT / "clients" / "node"
 

@@ -2,73 +2,31 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
-import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offload import (
+    Client,
     ClientConfig,
     ClientSecurity,
     GrpcTransport,
+    RunningServer,
     ServerSecurity,
     decode,
     load_pipeline,
 )
-from offload._cloud.serve import RunningServer
-from offload._device.client import Client
 from offload._device.transport import client_options
 from offload._security import channel_credentials
 from offload.v1 import offload_pb2 as pb
 
-from .test_cli import free_port, offload
-from .test_server import COUNTER, state
+from ..helpers import COUNTER, Pki, free_port, state
 
 METHOD = "/offload.v1.Offload/ExecuteRemaining"
-
-
-@dataclass
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    device_cert: Path  # names "device-7"
-    device_key: Path
-    rogue_ca: Path  # a CA the server does not trust...
-    rogue_cert: Path  # ...and a certificate it signed for "device-7"
-    rogue_key: Path
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    root = tmp_path_factory.mktemp("pki")
-
-    def write(name: str, blob: trustme.Blob) -> Path:
-        path = root / name
-        blob.write_to_path(str(path))
-        return path
-
-    ca, rogue = trustme.CA(), trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    device = ca.issue_cert("device-7")
-    impostor = rogue.issue_cert("device-7")
-    return Pki(
-        ca=write("ca.pem", ca.cert_pem),
-        server_cert=write("server.pem", server.cert_chain_pems[0]),
-        server_key=write("server.key", server.private_key_pem),
-        device_cert=write("device.pem", device.cert_chain_pems[0]),
-        device_key=write("device.key", device.private_key_pem),
-        rogue_ca=write("rogue-ca.pem", rogue.cert_pem),
-        rogue_cert=write("rogue.pem", impostor.cert_chain_pems[0]),
-        rogue_key=write("rogue.key", impostor.private_key_pem),
-    )
 
 
 def channel(port: int, security: ClientSecurity) -> grpc.Channel:
@@ -97,7 +55,7 @@ def refused_code(
 ) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as err:
         exchange(port, security, [state(0, 1, device=device)], token)
-    return err.value.code()  # type: ignore[no-any-return]
+    return err.value.code()
 
 
 @pytest.fixture
@@ -245,52 +203,6 @@ def test_the_client_reports_a_wrong_token_clearly(token_server: RunningServer) -
         transport.close()
     assert "UNAUTHENTICATED" in report["error"]
     assert "--token or OFFLOAD_TOKEN" in report["error"]
-
-
-@pytest.mark.parametrize(
-    ("tls_server_side", "tls_here", "said"),
-    [
-        (
-            False,
-            True,
-            "this device expects TLS (--tls-ca) but the server speaks plaintext: start the "
-            "server with --tls-cert and --tls-key, or drop --tls-ca here",
-        ),
-        (
-            True,
-            False,
-            "the server expects TLS but this device connects in plaintext: give --tls-ca PEM",
-        ),
-    ],
-    ids=["tls-here-only", "tls-there-only"],
-)
-def test_tls_on_one_side_only_is_said_in_one_line_and_the_run_exits_non_zero(
-    start_server: Callable[..., RunningServer],
-    pki: Pki,
-    tmp_path: Path,
-    tls_server_side: bool,
-    tls_here: bool,
-    said: str,
-) -> None:
-    security = ServerSecurity(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
-    server = start_server(COUNTER, security=security if tls_server_side else ServerSecurity())
-    target = f"127.0.0.1:{server.port}"
-    report_path = tmp_path / "report.json"
-    result = offload(
-        "offload.client",
-        *("--pipeline", COUNTER, "--local-tasks", "1", "--frames", "3", "--server", target),
-        *(["--tls-ca", str(pki.ca)] if tls_here else []),
-        *("--report", str(report_path)),
-    )
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    ours = [line for line in result.stderr.splitlines() if target in line]
-    assert len(ours) == 2, result.stderr  # at the start, and why the run failed
-    assert f"event=unreachable target={target}" in ours[0] and said in ours[0]
-    assert ours[1].startswith(f"error: never reached the server at {target}: ") and said in ours[1]
-    report = json.loads(report_path.read_text())
-    assert report["link"]["connects"] == 0 and report["link"]["ran_locally"] == 3
-    assert said in report["error"]
 
 
 @pytest.mark.parametrize(

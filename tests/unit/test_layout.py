@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "offload"
+from ..helpers import ROOT
+
+PACKAGE = ROOT / "offload"
 SIDES = ("_device", "_cloud")
 
 
@@ -55,7 +57,7 @@ SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if "v1" not in p.relative_to(P
 def _violation(importer: str, imported: str) -> str | None:
     mine, theirs = _side(importer), _side(imported)
     if importer in ("offload", "offload.testing", "offload.client", "offload.server"):
-        allowed = {"offload": SIDES, "offload.testing": SIDES}.get(importer, ())
+        allowed: tuple[str, ...] = {"offload": SIDES, "offload.testing": SIDES}.get(importer, ())
         if importer == "offload.client":
             allowed = ("_device",)
         if importer == "offload.server":

@@ -20,27 +20,7 @@ from offload import ClientConfig, ClientSecurity, ConfigError, Limits, LinkConfi
 from offload._env import option_actions
 from offload.client import build_parser
 
-from .conftest import ROOT, WEBCAM_CLIP
-
-# The tests' own environment must not configure the clients they start.
-ENV = {
-    **{k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")},
-    "PYTHONPATH": str(ROOT),
-}
-
-
-def offload(
-    *args: str, timeout: float = 120, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=ROOT,
-        env={**ENV, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+from ..helpers import ENV, ROOT, WEBCAM_CLIP, cli_output, free_port, offload
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -51,12 +31,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, result.stderr
     assert result.stdout == ""
     return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -308,13 +282,6 @@ def test_a_refused_connection_is_noticed_at_once_and_said_once(tmp_path: Path) -
     assert report["items"]["completed"] + report["items"]["filtered"] == 3
     assert report["link"]["ran_locally"] == 3 and report["link"]["connects"] == 0
     assert {t["ran_on"] for t in report["tasks"]} == {"device"}
-
-
-def cli_output(tmp_path: Path, name: str, *args: str) -> list[str]:
-    out = tmp_path / f"{name}.jsonl"
-    result = offload("offload.client", "--output", str(out), "--device-id", "cli", *args)
-    assert result.returncode == 0, result.stderr
-    return out.read_text().splitlines()
 
 
 def test_server_by_hand_gives_client_only_results_at_every_split(

@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from offload import ClientConfig, GrpcTransport, load_pipeline
-from offload._device.client import Client
+from offload import Client, ClientConfig, GrpcTransport, load_pipeline
+from tests.apps.load import payload
 
-from .apps.load import payload
-from .conftest import ROOT
+from ..helpers import ROOT
 
 DEVICES = 16
 SECONDS = float(os.environ.get("OFFLOAD_LOAD_SECONDS", "20"))

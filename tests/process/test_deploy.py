@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from offload._cloud.serve import RunningServer
+from offload import RunningServer
 
-from .conftest import ROOT
+from ..helpers import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile.server"
 SERVER_ONLY = ("grpc_health", "grpc_reflection", "prometheus_client")

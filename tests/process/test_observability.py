@@ -26,17 +26,16 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from offload import decode, load_pipeline
+from offload import RunningServer, decode, load_pipeline
 from offload._cloud.metrics import ServerMetrics, StreamMetrics
-from offload._cloud.serve import SERVICE_NAME, RunningServer
+from offload._cloud.serve import SERVICE_NAME
 from offload._env import env_name, option_actions
 from offload.healthcheck import main as healthcheck
 from offload.server import build_parser
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-from .conftest import ROOT, self_signed_certificate
-from .test_server import COUNTER, state
+from ..helpers import COUNTER, ROOT, self_signed_certificate, state
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

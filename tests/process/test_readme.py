@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from offload import load_pipeline
-from offload._cloud.serve import RunningServer
+from offload import RunningServer, load_pipeline
 
-from .conftest import ROOT, run_split
+from ..helpers import ROOT, run_split
 
 
 def section(title: str) -> str:

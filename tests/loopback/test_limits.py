@@ -5,30 +5,29 @@ from __future__ import annotations
 import io
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
 from offload import (
+    Client,
     ClientConfig,
     GrpcTransport,
     ItemContext,
     Limits,
+    RunningServer,
     ServerConfig,
     decode,
     encode,
     load_pipeline,
 )
-from offload._cloud.serve import RunningServer
-from offload._device.client import Client
 from offload._pipeline import run_tasks
 from offload.testing import RemoteExecutor
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-from .test_server import COUNTER, exchange, state
+from ..helpers import COUNTER, exchange, state, wait_until
 
 ECHO = "tests.apps.echo"
 LIMIT = 64 * 1024
@@ -167,16 +166,6 @@ def test_idle_streams_do_not_block_other_devices(
             release.set()
             for call in idle:
                 call.cancel()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` passes (a deadline, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_a_stalled_stream_is_dropped_and_frees_its_worker(

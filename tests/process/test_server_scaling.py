@@ -16,7 +16,7 @@ import pytest
 from offload import ServerConfig, serve
 from offload._cloud.allocator import keep_large_buffers
 
-from .test_cli import ENV, ROOT, cli_output, offload
+from ..helpers import ENV, ROOT, cli_output, offload
 
 
 def listening_ports(process: psutil.Process) -> set[int]:

@@ -11,13 +11,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offload import ConfigError, ServerConfig, decode, encode, load_pipeline, serve
+from offload import ConfigError, RunningServer, ServerConfig, decode, serve
 from offload._cloud import servicer as _servicer
-from offload._cloud.serve import RunningServer
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-COUNTER = "tests.apps.counter"
+from ..helpers import COUNTER, exchange, state
 
 
 @pytest.fixture
@@ -25,27 +24,6 @@ def counter_server(start_server: Callable[..., RunningServer]) -> Iterator[pb_gr
     server = start_server(COUNTER)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield pb_grpc.OffloadStub(channel)
-
-
-def state(
-    item: int, value: Any, next_task: int = 1, device: str = "d1", **fields: Any
-) -> pb.TaskState:
-    pipeline = load_pipeline(COUNTER)
-    msg = pb.TaskState(
-        pipeline=fields.pop("pipeline", pipeline.name),
-        fingerprint=fields.pop("fingerprint", pipeline.fingerprint),
-        device_id=device,
-        run_id=fields.pop("run_id", "r1"),
-        item=item,
-        next_task=next_task,
-        **fields,
-    )
-    msg.args.CopyFrom(encode(value))
-    return msg
-
-
-def exchange(stub: pb_grpc.OffloadStub, states: list[pb.TaskState]) -> list[pb.ItemResult]:
-    return list(stub.ExecuteRemaining(iter(states), timeout=10))
 
 
 def test_each_item_gets_one_answer_in_order_with_server_times(

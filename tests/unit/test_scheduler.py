@@ -16,9 +16,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from offload import ClientConfig, load_pipeline
-from offload._device.client import Client
-from offload._device.scheduler import Decision, Measurements, ModelPolicy, predict
+from offload import Client, ClientConfig, Decision, Measurements, ModelPolicy, load_pipeline
+from offload._device.scheduler import predict
 from offload.testing import InProcessTransport, RemoteExecutor
 
 # Ball-tracking-like: 7 tasks; cut sizes shrink after task 5 (a JPEG snapshot).

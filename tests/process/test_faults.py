@@ -25,28 +25,27 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from offload import (
+    Client,
     ClientConfig,
     ClientSecurity,
     GrpcTransport,
     Keepalive,
     LinkConfig,
     Pipeline,
+    RunningServer,
+    ServerConfig,
     ServerSecurity,
     current_item,
     load_pipeline,
     serve,
 )
-from offload._cloud.serve import RunningServer
-from offload._config import ServerConfig
-from offload._device.client import Client
 from offload._device.emulation import LinkEmulator, LinkSpec
 from offload._device.ledger import Ledger
 from offload._device.link import Pending
 from offload._pipeline import fingerprint
+from tests.apps import gate, tally
 
-from .apps import gate, tally
-from .conftest import ROOT, run_split
-from .test_limits import wait_until
+from ..helpers import ROOT, run_split, wait_until
 
 STATELESS = "tests.apps.ball_stateless"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -546,7 +545,7 @@ def test_an_unanswered_item_times_out_and_ends_on_the_device(
     start_server: Callable[..., RunningServer],
 ) -> None:
     server = start_server("tests.apps.tally")
-    tally.hang_on_server.add(3)
+    tally.hang_on_server(3)
     try:
         run = ClientThread(
             "tests.apps.tally",
@@ -557,8 +556,7 @@ def test_an_unanswered_item_times_out_and_ends_on_the_device(
         )
         lines, report = run.join(60)
     finally:
-        tally.release.set()
-        tally.hang_on_server.discard(3)
+        tally.reset()
     assert_each_item_once(lines, 12)
     assert {json.loads(line)["status"] for line in lines} == {"completed"}
     assert report["link"]["item_timeouts"] >= 1
@@ -571,7 +569,7 @@ def test_a_slow_server_is_not_mistaken_for_a_stalled_one(
     # 0.25 s per item with 8 in flight: the last item sent waits ~2 s for its answer, twice the
     # item timeout, but answers keep coming, so nothing is reset.
     server = start_server("tests.apps.tally")
-    tally.server_delay["seconds"] = 0.25
+    tally.set_server_delay(0.25)
     try:
         run = ClientThread(
             "tests.apps.tally",
@@ -583,7 +581,7 @@ def test_a_slow_server_is_not_mistaken_for_a_stalled_one(
         )
         lines, report = run.join(60)
     finally:
-        tally.server_delay["seconds"] = 0.003
+        tally.reset()
     assert_each_item_once(lines, 16)
     assert report["link"]["item_timeouts"] == 0
     assert report["link"]["ran_locally"] == 0 and report["link"]["disconnects"] == 0
@@ -610,9 +608,7 @@ class Unreachable:
     [("drop-oldest", list(range(1, 16))), ("reject-new", list(range(5, 20)))],
 )
 def test_a_full_offline_buffer_drops_by_policy_and_says_so(policy: str, dropped: list[int]) -> None:
-    gate.gate.clear()
-    gate.zero_started.clear()
-    gate._next["n"] = 0
+    gate.reset()
     pipeline = load_pipeline("tests.apps.gate")
     config = ClientConfig(
         pipeline=pipeline.name,
@@ -627,7 +623,7 @@ def test_a_full_offline_buffer_drops_by_policy_and_says_so(policy: str, dropped:
     thread.start()
     # Item 0 is stuck on the device; items 1-19 arrive meanwhile, the buffer holds 4.
     assert wait_until(lambda: client.recorder.dropped == 15, 30)
-    gate.gate.set()
+    gate.open_gate()
     thread.join(30)
     records = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["item"] for r in records] == list(range(20))

@@ -8,13 +8,12 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from offload import ClientConfig, Keepalive, decode
-from offload._cloud.serve import RunningServer
+from offload import ClientConfig, Keepalive, RunningServer, decode
 from offload._device.transport import client_options
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-from .test_server import COUNTER, state
+from ..helpers import COUNTER, state
 
 FAST_CLIENT = ClientConfig(keepalive=Keepalive(time=1.0, timeout=2.0))
 # Long enough for the strict server to count its 3 strikes (gRPC pings at most once a second).

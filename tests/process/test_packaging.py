@@ -18,7 +18,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from .conftest import ROOT
+from ..helpers import ROOT
 
 
 def pyproject() -> dict[str, Any]:
@@ -72,7 +72,7 @@ def test_every_dependency_is_a_range_with_an_exact_pin_in_the_constraints() -> N
 def test_the_build_requirement_is_pinned_at_the_grpcio_floor() -> None:
     """The stubs grpcio-tools X generates refuse a grpcio older than X: the build uses exactly
     the version that the grpcio range starts from (and constraints.txt pins the same)."""
-    build = {
+    build: dict[str, Requirement] = {
         canonicalize_name(r.name): r
         for r in map(Requirement, pyproject()["build-system"]["requires"])
     }
@@ -95,7 +95,7 @@ def test_every_pinned_dependency_supports_the_declared_python_floor() -> None:
             continue  # an extra not installed here (bench)
         if Version(distribution.version) != pin:
             continue
-        requires = distribution.metadata.get("Requires-Python") or ""
+        requires = (distribution.metadata.get_all("Requires-Python") or [""])[0]
         assert SpecifierSet(requires).contains(f"{floor}.0"), (
             f"{name}=={pin} requires Python {requires}; requires-python says >={floor}"
         )

@@ -10,32 +10,35 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from offload import (
+    Client,
     ClientConfig,
     ConfigError,
+    Decision,
     GrpcTransport,
     ItemContext,
+    Measurements,
+    ModelPolicy,
     Pipeline,
+    RunningServer,
     load_pipeline,
 )
-from offload._cloud.serve import RunningServer
-from offload._device.client import Client
 from offload._device.emulation import LinkEmulator, LinkSpec, SlowDevice
-from offload._device.scheduler import Decision, Measurements, ModelPolicy
 from offload._pipeline import Status, run_tasks
+from tests.apps import short
 
-from .apps import short
-from .conftest import run_split
+from ..helpers import run_split
 
 BALL = "examples.ball_tracking"
 STAGES = "tests.apps.stages"
 SHORT = "tests.apps.short"
 
 
-def settled_periods(report: dict, split: int) -> list[float]:
+def settled_periods(report: dict[str, Any], split: int) -> list[float]:
     return [
         p["throughput_per_second"]
         for p in report["scheduler"]["periods"]
@@ -158,10 +161,10 @@ def test_an_emulated_device_is_that_many_times_slower_however_short_its_tasks() 
     # device ran 2.6-3.3x slower still with a busy process on its core.
     slowdown = 100.0
     pipeline = load_pipeline(SHORT)
-    short.cpu.clear()
+    short.reset()
     run_split(pipeline, None, frames=30)
     frames = max(5, round(1.5 / (slowdown * statistics.median(short.cpu))))  # about 1.5 s
-    short.cpu.clear()
+    short.reset()
     began = time.perf_counter()
     run_split(pipeline, None, frames=frames, slowdown=slowdown)
     elapsed = time.perf_counter() - began

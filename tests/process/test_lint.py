@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from ..helpers import ROOT
 
 
 def ruff(source: str, filename: str = "offload/_probe.py") -> subprocess.CompletedProcess[str]:
