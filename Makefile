@@ -7,11 +7,12 @@ STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
 NODE_CLIENT := clients/node
 NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: help venv proto node-deps demo test check lint lint-docker typecheck bench clean bench-scheduler soak
+.PHONY: help venv proto node-deps demo test test-unit check lint lint-docker typecheck bench clean bench-scheduler soak
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
-	@echo "make test    run the test suite"
+	@echo "make test    run the test suite (tests/unit, tests/loopback, tests/process)"
+	@echo "make test-unit   the unit tests only: no sockets, no processes, seconds"
 	@echo "make check   lint + type check + tests (what CI runs)"
 	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
 	@echo "make lint-docker   hadolint Dockerfile.server"
@@ -51,6 +52,9 @@ demo: proto
 
 test: proto node-deps
 	$(PY) -m pytest -q
+
+test-unit: proto
+	$(PY) -m pytest -q tests/unit
 
 # Not part of test/check: it takes minutes and measures speed, not behaviour.
 $(VENV)/.bench-installed: $(VENV)/.installed

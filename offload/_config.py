@@ -123,7 +123,7 @@ WHEN_FULL = ("block", "drop-oldest", "reject-new")
 
 @dataclass(frozen=True)
 class LinkConfig:
-    """How the device rides out a flaky link or a restarting server (see ``offload/_link.py``)."""
+    """How the device rides out a flaky link or a restarting server (``offload/_device/link.py``)."""
 
     # Items waiting for the server while it is away (cut at the split, encoded). Beyond this,
     # ``when_full``: "block" capture (lossless, right for files), "drop-oldest" (right for live
@@ -151,9 +151,6 @@ class LinkConfig:
             raise ConfigError(
                 f"LinkConfig.max_sends {self.max_sends}: an item must be sent at least once"
             )
-
-    def check(self) -> None:
-        """Nothing left to check: construction did. Only until ``Link`` stops calling it."""
 
 
 @dataclass(frozen=True)

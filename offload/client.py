@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -16,7 +17,8 @@ from types import FrameType
 from typing import IO, Any
 
 from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig, field_default
-from ._device.client import Client, check_auto, check_split, starting_split
+from ._device.autosplit import check_auto, starting_split
+from ._device.client import Client, check_split
 from ._device.embedded import EmbeddedServer
 from ._device.emulation import LinkEmulator, LinkSpec
 from ._device.progress import live_progress
@@ -280,8 +282,9 @@ def _connect(
     return transport
 
 
-class _Aborted(BaseException):
-    """A second Ctrl-C / SIGTERM: stop at once (BaseException: no ``except Exception`` eats it)."""
+class _Aborted(KeyboardInterrupt):
+    """A second Ctrl-C / SIGTERM: stop at once. Not an Exception, so no ``except Exception``
+    eats it; an interrupt, so items it leaves unfinished are said to be interrupted."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -387,24 +390,30 @@ def _run(
 
 
 def _stop_on_signals() -> threading.Event:
-    """First Ctrl-C / SIGTERM: stop capturing and let items in flight finish. Second: abort."""
+    """First Ctrl-C (SIGTERM, SIGHUP): stop capturing, let items in flight finish. Second: abort."""
     stop = threading.Event()
-    aborting = threading.Event()
+    calls = itertools.count(1)
 
     def handler(signum: int, _frame: FrameType | None) -> None:
-        if aborting.is_set():
-            os._exit(128 + signum)  # a third, while aborting: the user insists
-        if stop.is_set():
-            aborting.set()
+        # A second signal may run this handler again before the first one returns: counting
+        # comes first, in one step, so that whichever runs first is the first.
+        call = next(calls)
+        if call == 2:
             raise _Aborted(signum)
+        if call > 2:
+            os._exit(128 + signum)  # a third, while aborting: the user insists
         stop.set()  # before saying so: a second signal right after the line must abort
         print(
             f"\noffload: {signal.Signals(signum).name}: finishing items in flight (again to abort)",
             file=sys.stderr,
         )
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    # SIGHUP too (the terminal closed): the embedded server, in a session of its own, does not
+    # get it and must still be stopped. A signal ignored on purpose (nohup, `&`) stays ignored.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
     return stop
 
 

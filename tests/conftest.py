@@ -1,23 +1,34 @@
-"""Shared fixtures: real gRPC servers on ephemeral loopback ports, pipelines, the webcam clip."""
+"""Shared fixtures: real gRPC servers on ephemeral loopback ports, pipeline modules written for a
+test, throw-away certificates; and the ``slow`` mark on everything under tests/process/.
+
+Helpers that are not fixtures are in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
-import io
-import shutil
-import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from examples.ball_tracking import reset_state
-from offload import ClientConfig, GrpcTransport, Pipeline, ServerConfig, load_pipeline, serve
-from offload._cloud.serve import RunningServer
-from offload._device.client import Client
+from offload import Pipeline, RunningServer, ServerConfig, load_pipeline, serve
 
-ROOT = Path(__file__).resolve().parents[1]
-WEBCAM_CLIP = ROOT.parent / "shared" / "data" / "ball_real_webcam.mp4"
+from .helpers import Pki
+
+PROCESS_TESTS = Path(__file__).resolve().parent / "process"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: `pytest -m "not slow"` leaves them out
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start processes, build packages or read the image's files are ``slow``."""
+    for item in items:
+        if item.path.is_relative_to(PROCESS_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -45,46 +56,45 @@ def start_server() -> Iterator[Callable[..., RunningServer]]:
         server.stop(grace=1.0)
 
 
-def run_split(
-    pipeline: Pipeline,
-    local_tasks: int | None,
-    port: int | None = None,
-    source: str | None = None,
-    **options: Any,
-) -> tuple[list[str], dict[str, Any]]:
-    """Run a client at a split against a server on ``port``; returns (output lines, report)."""
-    if source is not None:
-        pipeline.set_source(source)
-    config = ClientConfig(
-        pipeline=pipeline.name, local_tasks=local_tasks, device_id="test-device", **options
-    )
-    transport = None
-    if local_tasks is not None and local_tasks < len(pipeline) and port is not None:
-        transport = GrpcTransport.from_config(config, f"127.0.0.1:{port}")
-    out = io.StringIO()
-    try:
-        report = Client(pipeline, config, transport, out).run()
-    finally:
-        if transport is not None:
-            transport.close()
-    return out.getvalue().splitlines(), report
+@pytest.fixture
+def module_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Path]]:
+    """Write pipeline modules into a folder on sys.path; forget them after the test."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    written: list[str] = []
+
+    def write(name: str, source: str, folder: Path = tmp_path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.py"
+        path.write_text(textwrap.dedent(source))
+        written.append(name)
+        return path
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
 
 
-def self_signed_certificate(directory: Path, name: str, *also: str) -> tuple[Path, Path]:
-    """A self-signed certificate for ``name`` (and ``also``: "IP:127.0.0.1", ...) and its key,
-    made by the openssl command."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("the openssl command is needed to make a test certificate")
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        [
-            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"),
-            *("-addext", "subjectAltName=" + ",".join([f"DNS:{name}", *also])),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA with a server and a device certificate, and a rogue CA with its own device's."""
+    root = tmp_path_factory.mktemp("pki")
+
+    def write(name: str, blob: trustme.Blob) -> Path:
+        path = root / name
+        blob.write_to_path(str(path))
+        return path
+
+    ca, rogue = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    device = ca.issue_cert("device-7")
+    impostor = rogue.issue_cert("device-7")
+    return Pki(
+        ca=write("ca.pem", ca.cert_pem),
+        server_cert=write("server.pem", server.cert_chain_pems[0]),
+        server_key=write("server.key", server.private_key_pem),
+        device_cert=write("device.pem", device.cert_chain_pems[0]),
+        device_key=write("device.key", device.private_key_pem),
+        rogue_ca=write("rogue-ca.pem", rogue.cert_pem),
+        rogue_cert=write("rogue.pem", impostor.cert_chain_pems[0]),
+        rogue_key=write("rogue.key", impostor.private_key_pem),
     )
-    return cert, key

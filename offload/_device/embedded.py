@@ -46,6 +46,9 @@ class EmbeddedServer:
             stdin=subprocess.DEVNULL,
             text=True,
             env=env,
+            # Not in the terminal's process group: a Ctrl-C there is for the client, which
+            # finishes its items in flight on this server before stopping it.
+            start_new_session=True,
         )
         assert self.process.stdout is not None and self.process.stderr is not None
         self._stderr = _Relay(self.process.stderr)

@@ -22,6 +22,9 @@ comes within ``resend_grace``, run on the device; items captured meanwhile run o
 at once. A server that refuses the stream as full (``RESOURCE_EXHAUSTED``) is a setback like a
 stall: the device stays away with the same backoff, and the next stream carries one item until
 it is answered.
+
+The threads share one lock and ask the pending table (``pending.py``: no threads, no clock) for
+every decision over the items: the buffer's victim, the next to send or to run here, requeueing.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ from .._config import LinkConfig
 from .._logging import quote
 from ..exceptions import OffloadError, ServerError
 from ..v1 import offload_pb2 as pb
+from .pending import Pending, PendingTable
 from .transport import Stream, Transport
+
+# Pending lives in the pending table's module; the client and tests import it from here.
+__all__ = ["FATAL_CODES", "Link", "LinkOwner", "LinkStats", "Pending", "is_fatal", "is_full"]
 
 log = logging.getLogger("offload.client")
 
@@ -56,20 +63,6 @@ def is_fatal(error: ServerError) -> bool:
 def is_full(error: ServerError | None) -> bool:
     """The server refused the stream because it serves as many as it can (transient)."""
     return error is not None and error.code == "RESOURCE_EXHAUSTED" and not is_fatal(error)
-
-
-@dataclass
-class Pending:
-    """An item cut at the split, from capture until it ends."""
-
-    item: int
-    next_task: int
-    data: bytes  # the encoded TaskState: sent, resent, or decoded to run locally
-    began: float  # perf_counter at capture, for latency
-    state: str = "queued"  # queued | sent | local
-    sends: int = 0
-    sent_at: float = 0.0
-    not_before: float = 0.0  # back from a broken stream: wait this long for a resend
 
 
 class LinkOwner(Protocol):
@@ -103,13 +96,12 @@ class Link:
     def __init__(
         self, transport: Transport, config: LinkConfig, window: int, owner: LinkOwner
     ) -> None:
-        config.check()
         self.transport = transport
         self.config = config
-        self.window = window
         self.owner = owner
         self.stats = LinkStats()
-        self._pending: dict[int, Pending] = {}  # in item order (items arrive in order)
+        # Every decision over the items (window, buffer, what next, requeue) is the table's.
+        self._pending = PendingTable(window, config.buffer, config.when_full, config.max_sends)
         self._lock = threading.Lock()
         # One lock, a condition per kind of waiter: ``_space`` (submit and finish: an item
         # ended), ``_sendable`` (the pump: something queued can go), ``_changed`` (the
@@ -129,9 +121,6 @@ class Link:
         # item_timeout, nor may a full one be asked again at once (a refused stream costs its
         # items' bytes, and each refusal a reconnect).
         self._stalls = 0
-        # After a refusal, a new stream carries one item until it is answered: a full server
-        # refuses it having received one item, not a window of them.
-        self._probing = False
         self._last_answer = 0.0  # perf_counter of the current stream's latest answer
         self._offline_until = 0.0
         self._stalled_generation = -1
@@ -176,31 +165,28 @@ class Link:
         with self._lock:
             while self._error is None:
                 if self._stream is not None:
-                    if len(self._pending) < self._credit():
-                        if not self._has_queued():
+                    if self._pending.credit_free():
+                        if not self._pending.has_queued():
                             # Nothing ahead of it: send from this thread, no hand-over.
-                            self._pending[pending.item] = pending
+                            self._pending.add(pending)
                             self._send(pending, self._stream)
                             return True
                         break
+                elif self._pending.has_room():
+                    break
                 else:
-                    queued = [p for p in self._pending.values() if p.state == "queued"]
-                    if len(queued) < self.config.buffer:
-                        break
-                    if self.config.when_full == "drop-oldest":
-                        victim = queued[0]
-                        del self._pending[victim.item]
-                        break
-                    if self.config.when_full == "reject-new":
-                        victim = pending
+                    victim = self._pending.victim(pending)
+                    if victim is not None:
                         break
                 self._space.wait(0.1)
             error = self._error
             if error is None:
                 if victim is not None:
                     self.stats.dropped += 1
+                    if victim is not pending:
+                        self._pending.drop(victim)
                 if victim is not pending:
-                    self._pending[pending.item] = pending
+                    self._pending.add(pending)
                 if self._stream is not None:
                     self._sendable.notify()
                 else:
@@ -224,8 +210,7 @@ class Link:
             # Until each item has ended, and the owner has been told of each answer.
             while (self._pending and self._error is None) or self._answering:
                 self._space.wait(0.2)
-            orphans = list(self._pending.values()) if self._error is not None else []
-            self._pending.clear()
+            orphans = self._pending.orphans()  # none unless a fatal refusal stopped the run
             stream = self._close()
         for pending in orphans:
             self.owner.lost(pending, "not_run", f"unanswered: {self._error}")
@@ -240,8 +225,7 @@ class Link:
         (One running here may still end; the owner keeps whichever end comes first.)
         """
         with self._lock:
-            orphans = list(self._pending.values())
-            self._pending.clear()
+            orphans = self._pending.orphans()
             stream = self._close()
         if stream is not None:
             stream.cancel()
@@ -294,20 +278,11 @@ class Link:
         self._sendable.notify_all()
         self._changed.notify_all()
 
-    def _credit(self) -> int:  # holds the lock
-        return 1 if self._probing else self.window
-
     def _pause(self) -> float:  # holds the lock; seconds to stay away after a setback
         return min(self.config.reconnect_backoff_max, 2.0 ** (self._stalls - 1))
 
-    def _has_queued(self) -> bool:  # holds the lock
-        return any(p.state == "queued" for p in self._pending.values())
-
     def _send(self, pending: Pending, stream: Stream) -> None:  # holds the lock
-        pending.state = "sent"
-        pending.sends += 1
-        pending.sent_at = time.perf_counter()
-        if pending.sends > 1:
+        if self._pending.mark_sent(pending, time.perf_counter()):
             self.stats.resent += 1
         # Under the lock, so a stream that breaks now requeues this item too.
         self.owner.sent(pending, stream.send_bytes(pending.data))
@@ -327,7 +302,8 @@ class Link:
             self._stream = stream
             self._last_answer = self._up_since = time.perf_counter()
             self.stats.connects += 1
-            if self.stats.connects > 1 and not self._probing:  # (a probe is said if refused)
+            # (A probe is said if refused.)
+            if self.stats.connects > 1 and not self._pending.probing:
                 self._event(f"reconnected to {getattr(self.transport, 'target', 'the server')}")
                 log.warning(
                     "event=reconnected target=%s", quote(getattr(self.transport, "target", "?"))
@@ -371,11 +347,10 @@ class Link:
                 self._say_unreachable()
 
     def _check_item_timeout(self) -> None:  # holds the lock
-        now = time.perf_counter()
-        sent = [p for p in self._pending.values() if p.state == "sent"]
-        if self._stream is None or not sent:
+        oldest = self._pending.oldest_sent()
+        if self._stream is None or oldest is None:
             return
-        oldest = min(sent, key=lambda p: p.sent_at)
+        now = time.perf_counter()
         # Waiting counts from the later of its send and the stream's latest answer: items queue
         # behind each other at a slow server, which is progress, not a stall.
         waited = now - max(oldest.sent_at, self._last_answer)
@@ -398,24 +373,13 @@ class Link:
                 while True:
                     if self._closing or self._error is not None:
                         return
-                    chosen = self._next_to_send()
+                    up = self._stream is not None
+                    chosen = self._pending.next_to_send() if up else None
                     if chosen is not None:
                         break
                     self._sendable.wait(0.25)
                 assert self._stream is not None
                 self._send(chosen, self._stream)
-
-    def _next_to_send(self) -> Pending | None:  # holds the lock
-        if self._stream is None:
-            return None
-        in_flight = 0
-        first: Pending | None = None
-        for p in self._pending.values():
-            if p.state == "sent":
-                in_flight += 1
-            elif p.state == "queued" and first is None and p.sends < self.config.max_sends:
-                first = p
-        return first if in_flight < self._credit() else None
 
     def _work_locally(self) -> None:
         while True:
@@ -423,51 +387,38 @@ class Link:
                 while True:
                     if self._closing or self._error is not None:
                         return
-                    chosen = self._next_to_run()
+                    up = self._stream is not None
+                    chosen = self._pending.next_to_run(up, time.perf_counter())
                     if chosen is not None:
                         break
                     # Polls too: a requeued item becomes runnable when its grace ends.
                     self._changed.wait(0.05)
-                chosen.state = "local"
+                self._pending.mark_running_here(chosen)
             try:
                 self.owner.run_locally(chosen)
             finally:
                 with self._lock:
-                    self._pending.pop(chosen.item, None)
+                    self._pending.ran_here(chosen)
                     self.stats.ran_locally += 1
                     self._space.notify_all()
-
-    def _next_to_run(self) -> Pending | None:  # holds the lock
-        now = time.perf_counter()
-        for p in self._pending.values():
-            if p.state != "queued":
-                continue
-            if p.sends >= self.config.max_sends:
-                return p  # the server never answers it: finish it here
-            if self._stream is None and p.not_before <= now:
-                return p
-            # An item back from a broken stream waits out its resend grace, but nothing behind
-            # it does: new items run here at once (lines are written in item order anyway).
-        return None
 
     def _read(self, stream: Stream, generation: int) -> None:
         error: ServerError | None = None
         try:
             for answer, size in stream.results():
                 with self._lock:
-                    pending = self._pending.get(answer.item)
-                    if pending is None or pending.state == "local":
+                    pending = self._pending.answered(answer.item)
+                    if pending is None:
                         self.stats.late_answers += 1
                         continue
-                    del self._pending[answer.item]
                     self._answering += 1
                     self._stalls = 0
-                    if self._probing:
-                        self._probing = False
+                    if self._pending.probing:
+                        self._pending.probing = False
                         log.info("event=accepted refused=%d", self.stats.refused)
                     self._last_answer = time.perf_counter()
                     self._space.notify_all()
-                    if self._has_queued():
+                    if self._pending.has_queued():
                         self._sendable.notify()
                 try:
                     self.owner.answered(pending, answer, size)
@@ -499,19 +450,14 @@ class Link:
                 self.stats.refused += 1
                 self._stalls += 1
                 self._offline_until = now + self._pause()
-                said, self._probing = self._probing, True
+                said, self._pending.probing = self._pending.probing, True
             else:
                 self.stats.disconnects += 1
             # Items of a stalled stream have waited item_timeout already, and a full server
             # refused its stream before running any: no grace, they run here at once.
             stalled = full or generation == self._stalled_generation
             grace_end = now + (0.0 if stalled else self.config.resend_grace)
-            unanswered = 0
-            for p in self._pending.values():
-                if p.state == "sent":
-                    p.state = "queued"
-                    p.not_before = grace_end
-                    unanswered += 1
+            unanswered = self._pending.requeue(grace_end)
             reason = str(error) if error is not None else "the server ended the stream"
             target = quote(getattr(self.transport, "target", "the server"))
             if not full:

@@ -1,15 +1,17 @@
-"""What a run did: per-item records in item order, counters, latencies, the summary."""
+"""What a run did: per-item records in item order, counters, latencies, cloud cost, the summary."""
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
 
+from .._config import ClientConfig
 from .._pipeline import Pipeline
 
 
@@ -225,6 +227,62 @@ class Recorder:
                 "server_cpu_seconds": round(self.server_cpu_seconds, 6),
                 "errors": list(self.errors),
             }
+
+
+def run_report(
+    recorder: Recorder,
+    config: ClientConfig,
+    *,
+    run_id: str,
+    split: int,
+    server: str | None,
+    error: str | None,
+    link: dict[str, Any] | None,
+    scheduler: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The run's report (the ``--report`` file): the recorder's summary, the cloud cost, and
+    the scheduler's section in automatic mode."""
+    if scheduler is not None:
+        mode = f"automatic, target {config.fps:g}/s, final split {split}"
+    elif config.local_tasks is None:
+        mode = "client-only"
+    else:
+        mode = f"split {split}"
+    report = recorder.summary(
+        device_id=config.device_id,
+        run_id=run_id,
+        mode=mode,
+        local_tasks=split,
+        server=server,
+        window=config.window,
+        error=error,
+        link=link,
+    )
+    report["cloud"] = cloud_cost(report, recorder.answers, split)
+    if scheduler is not None:
+        report["scheduler"] = scheduler
+    return report
+
+
+def cloud_cost(report: dict[str, Any], answers: int, split: int) -> dict[str, Any]:
+    """Server CPU seconds per item, and what ``split`` saves against K = 1.
+
+    The server reports CPU time per item; the cost of K = 1 is estimated by scaling it
+    with the server's per-task wall times (all measured, after the scheduler's probe).
+    """
+    if not answers:
+        return {"server_cpu_seconds_per_item": 0.0, "saving_vs_all_remote_percent": None}
+    per_item = report["server_cpu_seconds"] / answers
+    server_ms = [t["server_mean_ms"] if t["server_runs"] else math.nan for t in report["tasks"]]
+    at_final = sum(server_ms[split:])
+    everything = sum(server_ms[1:])
+    saving = None
+    if not math.isnan(everything) and everything > 0 and not math.isnan(at_final):
+        saving = round(100 * (1 - at_final / everything), 1)
+    return {
+        "server_cpu_seconds_per_item": round(per_item, 6),
+        "saving_vs_all_remote_percent": saving,
+    }
 
 
 def format_summary(report: dict[str, Any]) -> str:

@@ -323,11 +323,6 @@ class GrpcTransport:
         return _GrpcStream(self.channel, self._metadata, self._stream_failed)
 
     def close(self) -> None:
-        # A readiness question leaves gRPC's polling thread running up to 0.2 s after it is
-        # answered, and that thread raises ("Channel closed!") if the channel closes under it:
-        # let it end first. (grpc keeps its flag on a private attribute; without it, no wait.)
-        state = getattr(self.channel, "_connectivity_state", None)
-        deadline = time.monotonic() + 1.0
-        while getattr(state, "polling", False) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # No readiness poll to wait for: ``ready`` asks with a call, never with gRPC's
+        # connectivity polling thread (which raised when the channel closed under it).
         self.channel.close()

@@ -7,13 +7,14 @@ many clients in one process can share the module, and a test can check every ans
 import zlib
 
 import numpy as np
+import numpy.typing as npt
 
 from offload import current_item
 
 SIZE = 16 * 1024
 
 
-def payload(device_id, item):
+def payload(device_id: str, item: int) -> npt.NDArray[np.uint8]:
     seed = [zlib.crc32(device_id.encode()), item]
     return np.random.default_rng(seed).integers(0, 256, SIZE, dtype=np.uint8)
 

@@ -13,6 +13,11 @@ cpu: list[float] = []
 _began = [0.0]
 
 
+def reset() -> None:
+    """Forget the CPU times collected so far."""
+    cpu.clear()
+
+
 def capture():
     _began[0] = time.thread_time()
     return True, current_item().item

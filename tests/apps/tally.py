@@ -1,8 +1,8 @@
 """A stateful aggregate that shows double counting: ``seen`` counts items per device run.
 
-Task 1 takes a few milliseconds on the server (``server_delay``), so that items are in flight
-when a test cuts the link. ``hang_on_server`` makes task 1 block on the server for the items
-it names until ``release`` is set (a server that stops answering).
+Task 1 takes a few milliseconds on the server (``set_server_delay``), so that items are in flight
+when a test cuts the link. ``hang_on_server(*items)`` makes task 1 block on the server for those
+items until ``reset()`` (a server that stops answering).
 """
 
 import threading
@@ -10,11 +10,29 @@ import time
 
 from offload import current_item
 
+SERVER_DELAY = 0.003
 _seen: dict[tuple[str, str], int] = {}
 _next = {"n": 0}
-hang_on_server: set[int] = set()
-server_delay = {"seconds": 0.003}
-release = threading.Event()
+_hang: set[int] = set()
+_delay = {"seconds": SERVER_DELAY}
+_release = threading.Event()
+
+
+def hang_on_server(*items: int) -> None:
+    """Task 1 on the server blocks for ``items`` until ``reset()``."""
+    _release.clear()
+    _hang.update(items)
+
+
+def set_server_delay(seconds: float) -> None:
+    _delay["seconds"] = seconds
+
+
+def reset() -> None:
+    """Release hung items; back to the default server delay."""
+    _release.set()
+    _hang.clear()
+    _delay["seconds"] = SERVER_DELAY
 
 
 def emit():
@@ -25,9 +43,9 @@ def emit():
 def work(n):
     ctx = current_item()
     if ctx.on_server:
-        if ctx.item in hang_on_server:
-            release.wait(60)
-        time.sleep(server_delay["seconds"])
+        if ctx.item in _hang:
+            _release.wait(60)
+        time.sleep(_delay["seconds"])
     return True, n
 
 

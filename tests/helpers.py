@@ -1,0 +1,212 @@
+"""What several test modules share, other than fixtures (those are in conftest.py): paths, client
+runs, wire messages for the counter pipeline, command lines, certificates and comparisons."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from offload import (
+    Client,
+    ClientConfig,
+    GrpcTransport,
+    ItemContext,
+    Pipeline,
+    encode,
+    load_pipeline,
+)
+from offload._pipeline import Outcome, run_tasks
+from offload.v1 import offload_pb2 as pb
+from offload.v1 import offload_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+WEBCAM_CLIP = ROOT.parent / "shared" / "data" / "ball_real_webcam.mp4"
+COUNTER = "tests.apps.counter"
+CTX = ItemContext("dev", "run", 7, 123.0, on_server=False)
+GOOD_TASKS = """
+def capture():
+    return True, 1
+
+
+def keep(x):
+    return True, x
+"""  # the source of two valid tasks, for pipeline modules written by a test
+
+# The tests' own environment must not configure the clients they start.
+ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")},
+    "PYTHONPATH": str(ROOT),
+}
+
+
+def run_split(
+    pipeline: Pipeline,
+    local_tasks: int | None,
+    port: int | None = None,
+    source: str | None = None,
+    **options: Any,
+) -> tuple[list[str], dict[str, Any]]:
+    """Run a client at a split against a server on ``port``; returns (output lines, report)."""
+    if source is not None:
+        pipeline.set_source(source)
+    config = ClientConfig(
+        pipeline=pipeline.name, local_tasks=local_tasks, device_id="test-device", **options
+    )
+    transport = None
+    if local_tasks is not None and local_tasks < len(pipeline) and port is not None:
+        transport = GrpcTransport.from_config(config, f"127.0.0.1:{port}")
+    out = io.StringIO()
+    try:
+        report = Client(pipeline, config, transport, out).run()
+    finally:
+        if transport is not None:
+            transport.close()
+    return out.getvalue().splitlines(), report
+
+
+def context(item: int, device: str = "dev-a", run: str = "run-1", at: float = 0.0) -> ItemContext:
+    return ItemContext(device_id=device, run_id=run, item=item, capture_time=at, on_server=False)
+
+
+def run_all(pipeline: Pipeline, item: int, **kw: Any) -> Outcome:
+    """One item through all the tasks, exactly as the framework runs them."""
+    return run_tasks(pipeline, 0, len(pipeline), None, context(item, **kw))
+
+
+def install(name: str, **attrs: Any) -> str:
+    """A pipeline module made of ``attrs`` (``tasks=[...]``), importable as ``name``."""
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    sys.modules[name] = module
+    return name
+
+
+def state(
+    item: int, value: Any, next_task: int = 1, device: str = "d1", **fields: Any
+) -> pb.TaskState:
+    """A TaskState for the counter pipeline; ``fields`` override or add message fields."""
+    pipeline = load_pipeline(COUNTER)
+    msg = pb.TaskState(
+        pipeline=fields.pop("pipeline", pipeline.name),
+        fingerprint=fields.pop("fingerprint", pipeline.fingerprint),
+        device_id=device,
+        run_id=fields.pop("run_id", "r1"),
+        item=item,
+        next_task=next_task,
+        **fields,
+    )
+    msg.args.CopyFrom(encode(value))
+    return msg
+
+
+def exchange(stub: pb_grpc.OffloadStub, states: list[pb.TaskState]) -> list[pb.ItemResult]:
+    return list(stub.ExecuteRemaining(iter(states), timeout=10))
+
+
+def assert_same(a: Any, b: Any) -> None:
+    """Equal values of the same types all the way down (arrays: dtype, shape; NaN equals NaN)."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    elif isinstance(a, np.generic):
+        assert a.dtype == b.dtype and (a == b or (np.isnan(a) and np.isnan(b)))
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, float) and math.isnan(a):  # NaN equals nothing, itself included
+        assert math.isnan(b)
+    else:
+        assert a == b
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` passes (a deadline, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def offload(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m *args`` from the repository, in the tests' environment (``ENV``)."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def cli_output(tmp_path: Path, name: str, *args: str) -> list[str]:
+    """The output lines of ``python -m offload.client *args``, which must succeed."""
+    out = tmp_path / f"{name}.jsonl"
+    result = offload("offload.client", "--output", str(out), "--device-id", "cli", *args)
+    assert result.returncode == 0, result.stderr
+    return out.read_text().splitlines()
+
+
+def self_signed_certificate(directory: Path, name: str, *also: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``name`` (and ``also``: "IP:127.0.0.1", ...) and its key,
+    made by the openssl command."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"),
+            *("-addext", "subjectAltName=" + ",".join([f"DNS:{name}", *also])),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@dataclass
+class Pki:
+    """The files of the ``pki`` fixture (conftest.py)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    device_cert: Path  # names "device-7"
+    device_key: Path
+    rogue_ca: Path  # a CA the server does not trust...
+    rogue_cert: Path  # ...and a certificate it signed for "device-7"
+    rogue_key: Path

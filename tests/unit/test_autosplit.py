@@ -1,0 +1,129 @@
+"""Automatic mode's control, driven by a scripted policy with the times passed in."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import pytest
+
+from offload import ClientConfig, ConfigError
+from offload._device.autosplit import SIZE_SAMPLE_EVERY, AutoSplit
+from offload._device.scheduler import Decision, Measurements
+from offload._device.telemetry import Telemetry
+
+TASKS = 6
+PERIOD = 1.0
+
+
+class Script:
+    """A policy that answers with the next of its decisions, and notes what it was shown."""
+
+    def __init__(self, decisions: Iterable[Decision]) -> None:
+        self.decisions = list(decisions)
+        self.seen: list[Measurements] = []
+
+    def decide(self, m: Measurements) -> Decision:
+        self.seen.append(m)
+        return self.decisions.pop(0)
+
+
+def auto(*decisions: Decision, split: int = 2) -> tuple[AutoSplit, Script, Telemetry]:
+    script = Script(decisions)
+    telemetry = Telemetry(TASKS, window=4)
+    config = ClientConfig(pipeline="tests.apps.stages", fps=10.0, control_period=PERIOD)
+    return AutoSplit(script, telemetry, config, split), script, telemetry
+
+
+def test_the_split_changes_when_the_policy_says_and_only_once_a_period() -> None:
+    control, script, _ = auto(Decision(2, "stay"), Decision(4, "split 2 -> 4: faster"))
+    assert control.split_for(0, 10.0) == 2  # the first item starts the first period
+    assert control.split_for(1, 10.9) == 2 and not script.seen
+    assert control.split_for(2, 11.0) == 2  # a period: asked, and told to stay
+    assert control.split_for(3, 11.5) == 2 and len(script.seen) == 1
+    assert control.split_for(4, 12.0) == 4
+    assert control.split == 4 and len(script.seen) == 2
+    assert control.history == [
+        {"seconds": 2.0, "from": 2, "to": 4, "reason": "split 2 -> 4: faster"}
+    ]
+    assert [(p["seconds"], p["split"], p["settled"]) for p in control.periods] == [
+        (1.0, 2, True),
+        (2.0, 2, True),
+    ]
+    assert [m.split for m in script.seen] == [2, 2]
+    report = control.report()
+    assert report["final_split"] == 4 and report["history"] == control.history
+
+
+def test_the_period_after_a_change_is_not_settled() -> None:
+    control, script, _ = auto(Decision(3, "to 3"), Decision(3, "stay"), Decision(3, "stay"))
+    for item, now in enumerate((0.0, 1.0, 2.0, 3.0)):
+        control.split_for(item, now)
+    assert [m.settled for m in script.seen] == [True, False, True]
+
+
+def test_a_probe_holds_until_its_items_have_finished() -> None:
+    probe = Decision(1, "probe: server times unknown", hold_items=3)
+    control, script, telemetry = auto(probe, Decision(2, "back"))
+    control.split_for(0, 0.0)
+    assert control.split_for(5, 1.0) == 1  # the probe, decided at item 5: items 5, 6, 7
+    for _ in range(7):
+        telemetry.finished(True)
+    # A period has passed but the probe's items have not all finished: no new decision.
+    assert control.split_for(6, 2.5) == 1 and len(script.seen) == 1
+    telemetry.finished(True)  # the eighth item: 5 + 3 finished in all
+    assert control.split_for(7, 2.6) == 2 and len(script.seen) == 2
+
+
+def test_a_probe_holds_two_periods_at_most() -> None:
+    probe = Decision(1, "probe: server times unknown", hold_items=3)
+    control, script, _ = auto(probe, Decision(2, "back"))
+    control.split_for(0, 0.0)
+    control.split_for(1, 1.0)
+    assert control.split_for(2, 2.99) == 1 and len(script.seen) == 1  # nothing finished yet
+    assert control.split_for(3, 3.0) == 2 and len(script.seen) == 2
+
+
+def test_every_cut_is_measured_now_and_then_and_throughout_a_probe() -> None:
+    control, _, telemetry = auto(Decision(3, "probe", hold_items=50), split=4)
+    limits = ClientConfig().limits
+    assert control.size_sampler(1, limits) is None
+    sample = control.size_sampler(SIZE_SAMPLE_EVERY, limits)
+    assert sample is not None
+    sample(0, b"x" * 100)  # the cut after task 0 (K=1), not the one in use (K=4)
+    sample(3, b"x" * 100)  # the cut in use: measured when sent, not here
+    cuts = telemetry.snapshot(4, 1.0, True).cut_bytes
+    assert cuts[1] > 100 and math.isnan(cuts[4])
+    control.split_for(0, 0.0)
+    control.split_for(1, 1.0)  # the probe begins
+    assert control.size_sampler(11, limits) is not None
+
+
+def test_a_policy_that_chooses_a_split_without_the_server_is_refused() -> None:
+    control, _, _ = auto(Decision(TASKS, "all here"))
+    control.split_for(0, 0.0)
+    with pytest.raises(ConfigError, match=f"the split policy chose {TASKS}.*1..{TASKS - 1}"):
+        control.split_for(1, 1.0)
+
+
+def test_the_unreachable_target_is_said_once_and_withdrawn_once(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = Decision(1, "no split meets the target", infeasible=True, rate=6.4, measured=True)
+    probe = Decision(3, "probe", hold_items=1)  # no figure: neither a verdict nor a withdrawal
+    met = Decision(2, "K=2 measured 18.2/s meets the target", rate=18.2, measured=True)
+    decisions = (short, short, short, probe, short, short, met, met, short, short)
+    control, _, _ = auto(*decisions)
+    caplog.set_level(logging.INFO, logger="offload.client")
+    for item, now in enumerate(float(t) for t in range(len(decisions) + 1)):
+        control.split_for(item, 2 * now)  # two periods apart: past any probe's hold
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [w.split()[0] for w in warnings] == [
+        "event=target-unreachable",
+        "event=target-met",
+        "event=target-unreachable",
+    ], warnings
+    assert "target=10 " in warnings[0] and "rate=6.4 basis=measured" in warnings[0]
+    assert 'msg="target met again at K=2"' in warnings[1]
+    assert capsys.readouterr() == ("", "")  # logged only, never printed
