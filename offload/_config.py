@@ -123,7 +123,7 @@ WHEN_FULL = ("block", "drop-oldest", "reject-new")
 
 @dataclass(frozen=True)
 class LinkConfig:
-    """How the device rides out a flaky link or a restarting server (``offload/_device/link.py``)."""
+    """How the device rides out a flaky link or a restarting server (``_device/link.py``)."""
 
     # Items waiting for the server while it is away (cut at the split, encoded). Beyond this,
     # ``when_full``: "block" capture (lossless, right for files), "drop-oldest" (right for live
