@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import NoReturn
 
 PREFIX = "OFFLOAD_"
@@ -122,3 +124,9 @@ def with_variables(message: str, origins: Mapping[str, str]) -> str:
         if re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", message)
     ]
     return f"{message} (from {', '.join(named)} in the environment)" if named else message
+
+
+def invoked_as(module: str) -> str:
+    """The name the user typed: a console script (``offload-client``), else ``python -m module``."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name and not name.endswith(".py") and name != "-c" else f"python -m {module}"

@@ -24,7 +24,13 @@ from ._device.emulation import LinkEmulator, LinkSpec
 from ._device.progress import live_progress
 from ._device.report import format_summary
 from ._device.transport import GrpcTransport, client_options
-from ._env import OneLineParser, apply_env_defaults, from_environment, with_variables
+from ._env import (
+    OneLineParser,
+    apply_env_defaults,
+    from_environment,
+    invoked_as,
+    with_variables,
+)
 from ._logging import add_log_level_option
 from ._logging import setup as setup_logging
 from ._pipeline import Pipeline, load_pipeline
@@ -33,7 +39,6 @@ from .exceptions import ConfigError, OffloadError
 
 log = logging.getLogger("offload.client")
 
-MODULE_PROG = "python -m offload.client"
 EXAMPLES = [
     ("--frames 100", "client-only: all tasks on this device"),
     ("--local-tasks 3 --frames 300", "tasks 0-2 here, the rest on an embedded server"),
@@ -48,17 +53,11 @@ EXAMPLES = [
 ]
 
 
-def invoked_as() -> str:
-    """The name the user typed: the console script ``offload-client``, or ``python -m ...``."""
-    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return name if name and not name.endswith(".py") and name != "-c" else MODULE_PROG
-
-
 def build_parser(
     environ: Mapping[str, str] | None = None, prog: str | None = None
 ) -> argparse.ArgumentParser:
     """The client's options; each can also be set as ``OFFLOAD_<OPTION>`` (see ``_env``)."""
-    prog = prog or invoked_as()
+    prog = prog or invoked_as("offload.client")
     examples = "\n".join(f"  {prog} {args}\n      {what}" for args, what in EXAMPLES)
     parser = OneLineParser(
         prog=prog,

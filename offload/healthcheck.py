@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import grpc
 
 from ._config import ClientSecurity
-from ._env import apply_env_defaults
+from ._env import apply_env_defaults, invoked_as
 from ._extras import server_extra
 from ._security import channel_credentials
 from ._wire import SERVICE_NAME
@@ -38,7 +38,7 @@ def default_address(environ: Mapping[str, str]) -> str:
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m offload.healthcheck",
+        prog=invoked_as("offload.healthcheck"),
         description="Ask an offload server's gRPC health service; exit 0 when SERVING.",
     )
     parser.add_argument(

@@ -15,7 +15,13 @@ from ._cloud.allocator import keep_large_buffers
 from ._cloud.prefork import reserve_port, run_processes
 from ._cloud.serve import grpc_address, serve
 from ._config import Limits, ServerConfig, ServerSecurity
-from ._env import OneLineParser, apply_env_defaults, from_environment, with_variables
+from ._env import (
+    OneLineParser,
+    apply_env_defaults,
+    from_environment,
+    invoked_as,
+    with_variables,
+)
 from ._logging import add_log_level_option
 from ._logging import setup as setup_logging
 from ._pipeline import load_pipeline
@@ -28,16 +34,16 @@ ACTIONS = frozenset({"print_fingerprint"})
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The server's options; each can also be set as ``OFFLOAD_<OPTION>`` (see ``_env``)."""
+    prog = invoked_as("offload.server")
     parser = OneLineParser(
-        prog="python -m offload.server",
+        prog=prog,
         description="Run the remaining tasks of items that devices stream to this server.\n"
         "Every option can also be set in the environment, named in [brackets].",
         epilog="examples:\n"
-        "  python -m offload.server                      # ball tracking on 0.0.0.0:50051\n"
-        "  python -m offload.server --port 6000 --pipeline mypkg.pipeline\n"
-        "  OFFLOAD_METRICS_PORT=9464 python -m offload.server   # with Prometheus metrics\n"
-        "  python -m offload.server --print-fingerprint  # what a client in another language "
-        "sends\n",
+        f"  {prog}                      # ball tracking on 0.0.0.0:50051\n"
+        f"  {prog} --port 6000 --pipeline mypkg.pipeline\n"
+        f"  OFFLOAD_METRICS_PORT=9464 {prog}   # with Prometheus metrics\n"
+        f"  {prog} --print-fingerprint  # what a client in another language sends\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

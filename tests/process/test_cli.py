@@ -243,17 +243,30 @@ def test_help_shows_examples() -> None:
     assert "'synthetic:SEED'" in result.stdout
 
 
-def test_help_names_the_command_as_it_was_called() -> None:
-    assert offload("offload.client", "--help").stdout.startswith("usage: python -m offload.client")
+@pytest.mark.parametrize(
+    ("module", "script"),
+    [("offload.client", "offload-client"), ("offload.server", "offload-server")],
+)
+def test_help_names_the_command_as_it_was_called(module: str, script: str) -> None:
+    assert offload(module, "--help").stdout.startswith(f"usage: python -m {module}")
+    path = Path(sys.executable).with_name(script)
+    if not path.exists():
+        pytest.skip(f"the console script is not installed next to {sys.executable}")
+    result = subprocess.run(
+        [str(path), "--help"], env=ENV, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.startswith(f"usage: {script} ")
+    assert "python -m" not in result.stdout
+
+
+def test_the_help_examples_name_the_command_as_it_was_called() -> None:
     script = Path(sys.executable).with_name("offload-client")
     if not script.exists():
         pytest.skip(f"the console script is not installed next to {sys.executable}")
     result = subprocess.run(
         [str(script), "--help"], env=ENV, capture_output=True, text=True, timeout=60, check=True
     )
-    assert result.stdout.startswith("usage: offload-client ")
     assert "  offload-client --local-tasks 3" in result.stdout
-    assert "python -m" not in result.stdout
 
 
 def test_a_refused_connection_is_noticed_at_once_and_said_once(tmp_path: Path) -> None:
