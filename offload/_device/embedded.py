@@ -81,12 +81,13 @@ class EmbeddedServer:
         announced = line[0].strip() if line else ""
         if not announced.startswith("listening on "):
             exited = bool(line)
-            self.stop()
+            self._end()
             cause = self._last_stderr_line() or (
                 f"exit code {self.process.returncode}" if exited else "no answer"
             )
             cause = cause.removeprefix("error: ")
             when = "failed to start" if exited else f"did not start within {startup_timeout:.0f} s"
+            self.stop()
             raise ServerError(
                 f"the embedded server {when}: {cause}. Fix that, or start "
                 "`python -m offload.server` yourself and pass --server"
@@ -113,14 +114,18 @@ class EmbeddedServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (it finishes its streams), then SIGKILL after ``timeout`` seconds."""
+        self._end(timeout)
+        for stream in (self.process.stdout, None if self._stderr else self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+    def _end(self, timeout: float = 10.0) -> None:
         if self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
     def __enter__(self) -> EmbeddedServer:
         return self
