@@ -29,6 +29,7 @@ from offload import (
     encode,
     load_pipeline,
 )
+from offload._device.embedded import EmbeddedServer
 from offload._pipeline import Outcome, run_tasks
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
@@ -167,6 +168,28 @@ def offload(
         text=True,
         timeout=timeout,
         check=False,
+    )
+
+
+def spawn_server(
+    *options: str,
+    pipeline: str | None = None,
+    port: int = 0,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    relay_log: bool = True,
+) -> EmbeddedServer:
+    """``python -m offload.server --host 127.0.0.1 --port PORT --announce *options`` in the tests'
+    environment (``ENV``), once it has announced its port. ``relay_log=False``: its stderr is
+    left in ``.process.stderr`` for the test to read."""
+    return EmbeddedServer(
+        pipeline,
+        options=options,
+        port=port,
+        env={**ENV, **(env or {})},
+        cwd=cwd,
+        relay_log=relay_log,
+        startup_timeout=60,
     )
 
 

@@ -20,7 +20,7 @@ from offload import ClientConfig, ClientSecurity, ConfigError, Limits, LinkConfi
 from offload._env import option_actions
 from offload.client import build_parser
 
-from ..helpers import ENV, ROOT, WEBCAM_CLIP, cli_output, free_port, offload
+from ..helpers import ENV, ROOT, WEBCAM_CLIP, cli_output, free_port, offload, spawn_server
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -36,30 +36,10 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 @pytest.fixture
 def server_process() -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``python -m offload.server`` on 127.0.0.1, port 0, as a user would start it."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "offload.server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--announce",
-        ],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("listening on 127.0.0.1:"), line
-    yield process, int(line.rsplit(":", 1)[1])
-    if process.poll() is None:
-        process.kill()
-    process.communicate(timeout=10)
+    server = spawn_server(relay_log=False)
+    yield server.process, server.port
+    server.kill()
+    server.stop()
 
 
 @pytest.mark.parametrize("k", ["0", "8", "-1"])

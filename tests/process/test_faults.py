@@ -10,11 +10,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,57 +37,32 @@ from offload import (
     load_pipeline,
     serve,
 )
+from offload._device.embedded import EmbeddedServer
 from offload._device.emulation import LinkEmulator, LinkSpec
 from offload._device.ledger import Ledger
 from offload._device.link import Pending
 from offload._pipeline import fingerprint
 from tests.apps import gate, tally
 
-from ..helpers import ROOT, run_split, wait_until
+from ..helpers import free_port, run_split, spawn_server, wait_until
 
 STATELESS = "tests.apps.ball_stateless"
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def server_processes() -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """Start ``python -m offload.server`` processes on a given loopback port."""
-    started: list[subprocess.Popen[str]] = []
+    started: list[EmbeddedServer] = []
 
     def start(port: int, pipeline: str = STATELESS) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "offload.server", "--host", "127.0.0.1"),
-                *("--port", str(port), "--pipeline", pipeline, "--announce"),
-                *("--log-level", "WARNING"),
-            ],
-            cwd=ROOT,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        started.append(process)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on 127.0.0.1:"), line
-        return process
+        started.append(spawn_server("--log-level", "WARNING", pipeline=pipeline, port=port))
+        return started[-1].process
 
     yield start
-    for process in started:
-        with suppress(ProcessLookupError):
-            process.send_signal(signal.SIGCONT)
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
+    for server in started:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.stop()
 
 
 class ClientThread:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -21,26 +19,16 @@ import numpy as np
 from offload import Client, ClientConfig, GrpcTransport, load_pipeline
 from tests.apps.load import payload
 
-from ..helpers import ROOT
+from ..helpers import spawn_server
 
 DEVICES = 16
 SECONDS = float(os.environ.get("OFFLOAD_LOAD_SECONDS", "20"))
 
 
 def test_sixteen_devices_for_twenty_seconds_every_item_answered() -> None:
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "offload.server", "--host", "127.0.0.1", "--port", "0"),
-            *("--pipeline", "tests.apps.load", "--announce", "--log-level", "WARNING"),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child = spawn_server("--log-level", "WARNING", pipeline="tests.apps.load")
+    server, port = child.process, child.port
     try:
-        assert server.stdout is not None
-        port = int(server.stdout.readline().rsplit(":", 1)[1])
         pipeline = load_pipeline("tests.apps.load")
         stop = threading.Event()
         outputs: dict[str, io.StringIO] = {}
@@ -66,8 +54,7 @@ def test_sixteen_devices_for_twenty_seconds_every_item_answered() -> None:
         elapsed = time.monotonic() - began
         assert server.poll() is None, "the server died under load"
     finally:
-        server.terminate()
-        server.wait(15)
+        child.stop(15)
     assert sorted(reports) == [f"load-{i:02d}" for i in range(DEVICES)]
     total = 0
     for name, report in reports.items():

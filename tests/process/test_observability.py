@@ -35,7 +35,7 @@ from offload.server import build_parser
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-from ..helpers import COUNTER, ROOT, self_signed_certificate, state
+from ..helpers import COUNTER, ROOT, self_signed_certificate, spawn_server, state
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -377,17 +377,9 @@ def logfmt(line: str) -> dict[str, str]:
 
 
 def test_server_logs_one_logfmt_line_per_event() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "offload.server", "--pipeline", COUNTER],
-        env={**ENV, "OFFLOAD_HOST": "127.0.0.1", "OFFLOAD_PORT": "0", "OFFLOAD_ANNOUNCE": "1"},
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = spawn_server(pipeline=COUNTER, relay_log=False)
+    process, port = server.process, server.port
     try:
-        assert process.stdout is not None
-        port = int(process.stdout.readline().rsplit(":", 1)[1])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.OffloadStub(channel)
             device = 'kitchen pi "2"'  # spaces and quotes must not break the fields

@@ -25,7 +25,7 @@ from offload import (
 )
 from offload._pipeline import run_tasks
 
-from ..helpers import CTX, GOOD_TASKS, ROOT, install, run_split
+from ..helpers import CTX, GOOD_TASKS, ROOT, install, run_split, spawn_server
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -71,23 +71,10 @@ def pump_server(module_dir: Callable[..., Path], tmp_path: Path) -> Iterator[int
     """``offload.server`` in a process of its own, running pump from its own folder."""
     module_dir("pump", PUMP.format(factor=2), tmp_path / "server")
     sys.modules.pop("pump", None)
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "offload.server", "--pipeline", "pump"),
-            *("--host", "127.0.0.1", "--port", "0", "--announce", "--log-level", "WARNING"),
-        ],
-        cwd=tmp_path / "server",
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("listening on 127.0.0.1:"), line
-    yield int(line.rsplit(":", 1)[1])
-    process.kill()
-    process.communicate(timeout=10)
+    server = spawn_server("--log-level", "WARNING", pipeline="pump", cwd=tmp_path / "server")
+    yield server.port
+    server.kill()
+    server.stop()
 
 
 def load_pump(module_dir: Callable[..., Path], folder: Path, factor: int) -> Any:

@@ -18,10 +18,11 @@ import grpc
 import pytest
 
 from offload import ConfigError, ServerConfig, _extras, serve
+from offload._device.embedded import EmbeddedServer
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-from ..helpers import COUNTER, ROOT, self_signed_certificate, state
+from ..helpers import COUNTER, ROOT, self_signed_certificate, spawn_server, state
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -83,24 +84,15 @@ def one_line(stderr: str) -> str:
 @pytest.fixture
 def running_server() -> Iterator[Callable[..., tuple[subprocess.Popen[str], int]]]:
     """Start ``python -m offload.server`` processes on 127.0.0.1; all stopped afterwards."""
-    started: list[subprocess.Popen[str]] = []
+    started: list[EmbeddedServer] = []
 
     def start(*args: str) -> tuple[subprocess.Popen[str], int]:
-        process = server("--host", "127.0.0.1", *args)
-        started.append(process)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on 127.0.0.1:"), line
-        return process, int(line.rsplit(":", 1)[1])
+        started.append(spawn_server(*args))
+        return started[-1].process, started[-1].port
 
     yield start
-    for process in started:
-        process.send_signal(signal.SIGTERM)  # a group of processes stops with its parent
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate(timeout=10)
+    for server in started:
+        server.stop(30)  # SIGTERM: a group of processes stops with its parent
 
 
 def test_a_second_server_on_a_port_in_use_fails_at_once_saying_so(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import platform
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from offload import ServerConfig, serve
 from offload._cloud.allocator import keep_large_buffers
 
-from ..helpers import ENV, ROOT, cli_output, offload
+from ..helpers import cli_output, offload, spawn_server
 
 
 def listening_ports(process: psutil.Process) -> set[int]:
@@ -25,22 +24,9 @@ def listening_ports(process: psutil.Process) -> set[int]:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT load balancing is Linux's")
 def test_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "offload.server", "--host", "127.0.0.1", "--port", "0"),
-            *("--processes", "2", "--announce"),
-        ],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server = spawn_server("--processes", "2")
+    process, port = server.process, server.port
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on 127.0.0.1:"), line
-        port = int(line.rsplit(":", 1)[1])
         children = psutil.Process(process.pid).children()
         assert len(children) == 2
         # Both serve the one port (the kernel spreads connections); the parent only supervises.
@@ -64,9 +50,8 @@ def test_processes_share_the_port_and_stop_together(tmp_path: Path) -> None:
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert not alive
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
+        server.kill()
+        server.stop()
 
 
 def test_processes_must_be_positive() -> None:
@@ -109,20 +94,9 @@ def test_a_busy_port_is_a_clear_error_with_processes() -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
 def test_the_processes_stop_when_their_parent_is_killed() -> None:
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "offload.server", "--host", "127.0.0.1", "--port", "0"),
-            *("--processes", "2", "--announce"),
-        ],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    server = spawn_server("--processes", "2")
+    process = server.process
     try:
-        assert process.stdout is not None
-        assert process.stdout.readline().startswith("listening on 127.0.0.1:")
         children = psutil.Process(process.pid).children()
         assert len(children) == 2
         process.kill()  # no chance to forward anything
@@ -130,9 +104,8 @@ def test_the_processes_stop_when_their_parent_is_killed() -> None:
         _gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, "the children went on serving without their parent"
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate(timeout=10)
+        server.kill()
+        server.stop()
 
 
 def test_allocator_tuning_applies_where_glibc_is() -> None:
