@@ -40,6 +40,16 @@ def status_code(name: str) -> grpc.StatusCode:
     return grpc.StatusCode[name]
 
 
+# A refusal for size: no retry helps, so the device stops and says which option to raise. gRPC's
+# own wording (beyond twice the limit) and the server's (between one and two times it).
+TOO_LARGE = ("larger than max", "more than this server's --max-message-bytes")
+
+
+def too_large(details: str) -> bool:
+    """Whether a RESOURCE_EXHAUSTED says a message was too large (not that the server is full)."""
+    return any(mark in details for mark in TOO_LARGE)
+
+
 _HINTS = {
     "RESOURCE_EXHAUSTED": "if a message was too large, raise --max-message-bytes on the client "
     "and the server (both must allow the largest item and result); if the server has too many "

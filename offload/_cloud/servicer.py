@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from .._logging import quote
 from .._security import peer_device_id
-from .._wire import METHOD_NAME, SERVICE_NAME, status_code
+from .._wire import METHOD_NAME, SERVICE_NAME, TOO_LARGE, status_code
 from ..v1 import offload_pb2 as pb
 from .executor import RemoteExecutor, RequestRejected
 
@@ -298,8 +298,8 @@ class OffloadServicer:
             # gRPC lets messages up to twice the limit through (server_options) so that the
             # refusal can say which option to raise; its own text does not.
             message = (
-                f"message {index} of the stream is {len(data)} bytes, more than this server's "
-                f"--max-message-bytes {limit}: raise it on the server and on the client"
+                f"message {index} of the stream is {len(data)} bytes, {TOO_LARGE[1]} {limit}: "
+                "raise it on the server and on the client"
             )
             log.warning(
                 "event=reject peer=%s code=RESOURCE_EXHAUSTED reason=%s",

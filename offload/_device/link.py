@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from .._config import LinkConfig
 from .._logging import quote
+from .._wire import too_large
 from ..exceptions import OffloadError, ServerError
 from ..v1 import offload_pb2 as pb
 from .pending import Pending, PendingTable
@@ -56,7 +57,7 @@ FATAL_CODES = frozenset(
 
 def is_fatal(error: ServerError) -> bool:
     if error.code == "RESOURCE_EXHAUSTED":  # too many streams is transient; too large is not
-        return "larger than max" in str(error)
+        return too_large(str(error))
     return error.code in FATAL_CODES
 
 
