@@ -59,6 +59,11 @@ class Client:
     ) -> None:
         check_split(pipeline, config.local_tasks)
         check_auto(pipeline, config)
+        if policy is not None and config.fps is None:
+            raise ConfigError(
+                "a split policy is asked only in automatic mode: set the target "
+                "(ClientConfig.fps, --fps), or leave the policy out"
+            )
         n = len(pipeline.tasks)
         self._split = starting_split(pipeline, config)
         needs_server = self._split < n

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from offload import ClientConfig, ConfigError
+from offload import Client, ClientConfig, ConfigError, ModelPolicy, load_pipeline
 from offload._device.autosplit import SIZE_SAMPLE_EVERY, AutoSplit
 from offload._device.scheduler import Decision, Measurements
 from offload._device.telemetry import Telemetry
@@ -127,3 +127,9 @@ def test_the_unreachable_target_is_said_once_and_withdrawn_once(
     assert "target=10 " in warnings[0] and "rate=6.4 basis=measured" in warnings[0]
     assert 'msg="target met again at K=2"' in warnings[1]
     assert capsys.readouterr() == ("", "")  # logged only, never printed
+
+
+def test_a_policy_without_a_target_is_refused_rather_than_ignored() -> None:
+    pipeline = load_pipeline("tests.apps.counter")
+    with pytest.raises(ConfigError, match=r"only in automatic mode: set the target"):
+        Client(pipeline, ClientConfig(pipeline=pipeline.name), policy=ModelPolicy(10.0))
