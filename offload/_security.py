@@ -188,9 +188,28 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     )
 
 
+# What gRPC names every SAN it does not expose (otherName, RegisteredID, DirectoryName...):
+# shared by every such certificate, so never an identity.
+_OTHER_SAN = "other types of SAN"
+
+
 def peer_device_id(context: grpc.ServicerContext) -> str | None:
-    """The device id its client certificate proves (SAN, else CN), or None without mTLS."""
-    identities = context.peer_identities()
-    if not identities:
+    """The device id its client certificate proves, or None without a client certificate.
+
+    The first SAN gRPC exposes (DNS, URI, IP, email), else the CN; a certificate naming neither
+    is refused (UNAUTHENTICATED): gRPC's placeholder for other SAN types is the same for every
+    such certificate, so two devices would share one identity.
+    """
+    auth = context.auth_context()
+    if not auth.get("x509_pem_cert") and not context.peer_identities():
         return None
-    return bytes(identities[0]).decode("utf-8", "replace")
+    for key in ("x509_subject_alternative_name", "x509_common_name"):
+        for value in auth.get(key, ()):
+            name = bytes(value).decode("utf-8", "replace")
+            if name and name != _OTHER_SAN:
+                return name
+    context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "the client certificate names no usable device id: give it a DNS, URI or IP SAN or a CN",
+    )
+    raise AssertionError("unreachable")  # pragma: no cover - abort raises

@@ -136,14 +136,14 @@ class Client:
             run_id=self.run_id,
             split=self.split,
             server=getattr(self.transport, "target", None),
-            error=str(self.error) if self.error else None,
+            error=str(self.error) if self.error else self.recorder.write_error,
             link=self.link.report() if self.link is not None else None,
             scheduler=self.auto.report() if self.auto is not None else None,
         )
 
     def _capture_loop(self) -> None:
         item = 0
-        while not self._stop.is_set() and self.error is None:
+        while not self._stop.is_set() and self.error is None and not self.recorder.write_error:
             if self.config.frames is not None and item >= self.config.frames:
                 break
             split = (

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -151,7 +152,7 @@ class Link:
             (self._pump, "offload-send"),
             (self._work_locally, "offload-local"),
         ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread = threading.Thread(target=self._guarded(target, name), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         return reached
@@ -403,6 +404,31 @@ class Link:
                     self.stats.ran_locally += 1
                     self._space.notify_all()
 
+    def _guarded(self, target: Callable[[], None], name: str) -> Callable[[], None]:
+        """``target``, which ends the run with an error if it raises: a dead thread of the link
+        would leave its items pending, and the run waiting for them, forever."""
+
+        def run() -> None:
+            try:
+                target()
+            except Exception as exc:
+                self._fail(_failure(f"the device's {name} thread failed", exc))
+
+        return run
+
+    def _fail(self, error: ServerError) -> None:
+        """End the run: a failure on this device that no retry can fix."""
+        with self._lock:
+            if self._error is None:
+                self._error = error
+                self._event(f"failed: {error}")
+                log.error("event=link-failed msg=%s", quote(str(error)))
+            stream, self._stream = self._stream, None
+            self._went_down()
+            self._wake_all()
+        if stream is not None:
+            stream.cancel()
+
     def _read(self, stream: Stream, generation: int) -> None:
         error: ServerError | None = None
         try:
@@ -432,6 +458,10 @@ class Link:
             error = exc
         except OffloadError as exc:  # an answer that cannot be decoded
             error = ServerError(f"bad answer from the server: {exc}", "INVALID_ARGUMENT")
+        except Exception as exc:  # handling an answer failed here (a bug, NumPy...): no retry
+            self._fail(_failure("the device failed handling the server's answers", exc))
+            stream.cancel()
+            return
         self._broken(stream, generation, error)
 
     def _broken(self, stream: Stream, generation: int, error: ServerError | None) -> None:
@@ -488,3 +518,8 @@ class Link:
                 log.info("event=refused target=%s retry_in=%g", target, self._pause())
             self._wake_all()
         stream.cancel()
+
+
+def _failure(what: str, exc: Exception) -> ServerError:
+    detail = " ".join(str(exc).split()) or "no message"
+    return ServerError(f"{what}: {type(exc).__name__}: {detail}", "INTERNAL")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -12,7 +13,10 @@ from typing import IO, Any
 import numpy as np
 
 from .._config import ClientConfig
+from .._logging import quote
 from .._pipeline import Pipeline
+
+log = logging.getLogger("offload.client")
 
 
 def to_json(value: Any) -> Any:
@@ -75,6 +79,8 @@ class Recorder:
     device_tasks: dict[int, TaskStats] = field(default_factory=dict)
     server_tasks: dict[int, TaskStats] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # Why the output stopped being written (a full disk...): the run stops, and says so.
+    write_error: str | None = None
     first_capture: float | None = None
     last_finish: float | None = None
     _pending_lines: dict[int, str] = field(default_factory=dict)
@@ -157,10 +163,23 @@ class Recorder:
                 # Items can end out of order (filtered on the device while earlier ones are on
                 # the server): hold lines until every earlier item has been written.
                 self._pending_lines[item] = line
-                while self._next_line in self._pending_lines:
-                    self.output.write(self._pending_lines.pop(self._next_line) + "\n")
+                while self._next_line in self._pending_lines and self.write_error is None:
+                    try:
+                        self.output.write(self._pending_lines.pop(self._next_line) + "\n")
+                    except (OSError, ValueError) as exc:  # ValueError: a closed file
+                        self.write_error = self._cannot_write(exc)
+                        log.error("event=output-failed msg=%s", quote(self.write_error))
                     self._next_line += 1
         return True
+
+    def _cannot_write(self, exc: Exception) -> str:
+        name = getattr(self.output, "name", None)
+        what = f"--output {name}" if isinstance(name, str) else "the output"
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return (
+            f"{what}: cannot write item {self._next_line}'s line ({why}): the run stopped; "
+            "free space on its disk or give another file"
+        )
 
     def end_unfinished(self, reason: str) -> int:
         """End every captured item that has not ended as not_run, saying ``reason``."""

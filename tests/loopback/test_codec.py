@@ -7,10 +7,13 @@ import io
 import json
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from typing import Any
 
+import grpc
 import numpy as np
+import pytest
 
 from offload import (
     Client,
@@ -19,10 +22,12 @@ from offload import (
     Pipeline,
     RunningServer,
     current_item,
+    encode,
     load_pipeline,
 )
+from offload.v1 import offload_pb2 as pb
 
-from ..helpers import free_port, run_split
+from ..helpers import COUNTER, free_port, run_split, state
 
 UNSENDABLE = [{"s": {1, 2}}, 2**70, np.array(["a"]), {3: "x"}]
 SUPPORTED = "None, bool, int, float, str, bytes, numpy arrays and scalars, list, tuple, dict[str]"
@@ -112,3 +117,68 @@ def test_each_type_is_written_to_output_in_its_documented_json_form_whatever_the
     runs = every_way(pipeline, start_server(pipeline).port, 1)
     expected = [f'{{"item":0,"status":"completed","result":{EVERY_TYPE_JSON}}}']
     assert runs == dict.fromkeys(runs, expected)
+
+
+def _huge_empty() -> pb.Value:
+    """An empty array whose other dimensions multiply past what NumPy can index: no data."""
+    value = encode(np.zeros((0, 1), np.uint8))
+    del value.array.shape[:]
+    value.array.shape.extend([0, 2**24, 2**24, 2**24])
+    return value
+
+
+def test_the_server_refuses_an_empty_array_with_huge_dimensions_as_invalid_argument(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(COUNTER)
+    message = state(0, 1)
+    message.args.CopyFrom(_huge_empty())
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.stream_stream(
+            "/offload.v1.Offload/ExecuteRemaining",
+            request_serializer=pb.TaskState.SerializeToString,
+            response_deserializer=pb.ItemResult.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(iter([message]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    details = err.value.details() or ""
+    assert ".shape" in details and "larger than NumPy can index" in details
+    assert "\n" not in details
+
+
+class _HostileServicer:
+    """Answers every item COMPLETED with an empty array of huge dimensions."""
+
+    def __call__(self, requests: Iterator[pb.TaskState], _context: Any) -> Iterator[pb.ItemResult]:
+        for request in requests:
+            yield pb.ItemResult(
+                item=request.item, status=pb.ItemResult.COMPLETED, output=_huge_empty()
+            )
+
+
+def test_the_device_refuses_an_answer_with_an_empty_array_of_huge_dimensions() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handler = grpc.stream_stream_rpc_method_handler(
+        _HostileServicer(),
+        request_deserializer=pb.TaskState.FromString,
+        response_serializer=pb.ItemResult.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("offload.v1.Offload", {"ExecuteRemaining": handler})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    pipeline = load_pipeline(COUNTER)
+    config = ClientConfig(pipeline=COUNTER, local_tasks=1, frames=3)
+    transport = GrpcTransport.from_config(config, f"127.0.0.1:{port}")
+    output = io.StringIO()
+    try:
+        report = Client(pipeline, config, transport, output).run()
+    finally:
+        transport.close()
+        server.stop(0)
+    assert report["error"] is not None
+    assert "INVALID_ARGUMENT" in report["error"] or "bad answer" in report["error"]
+    assert ".shape" in report["error"] and "larger than NumPy can index" in report["error"]
+    assert "\n" not in report["error"]

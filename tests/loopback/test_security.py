@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offload import (
@@ -259,3 +265,125 @@ def test_the_transport_says_at_once_why_it_cannot_reach_the_server(
         assert elapsed < connect_timeout / 2
     finally:
         transport.close()
+
+
+def _cert_pems(
+    tmp: Path, name: str, sans: list[x509.GeneralName], cn: str | None
+) -> tuple[str, str]:
+    """A client certificate (with ``sans``, first first) signed by the CA in ``tmp``; its
+    certificate and key files. The CA is made on first use."""
+    ca_key_path, ca_path = tmp / "other-ca.key", tmp / "other-ca.pem"
+    if not ca_path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other CA")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(datetime.datetime(2020, 1, 1))
+            .not_valid_after(datetime.datetime(2100, 1, 1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        ca_key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []
+    names.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, "devices"))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(names))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime(2020, 1, 1))
+        .not_valid_after(datetime.datetime(2100, 1, 1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / f"{name}.pem", tmp / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)
+
+
+UPN = x509.ObjectIdentifier("1.3.6.1.4.1.311.20.2.3")
+
+
+def _upn(name: str) -> x509.OtherName:
+    # A DER UTF8String: tag 0x0c, then the length.
+    return x509.OtherName(UPN, b"\x0c" + bytes([len(name)]) + name.encode())
+
+
+def test_mutual_tls_never_gives_two_devices_the_placeholder_of_other_san_types(
+    start_server: Callable[..., RunningServer], pki: Pki, tmp_path: Path
+) -> None:
+    # gRPC names an otherName, RegisteredID or DirectoryName SAN "other types of SAN": devices
+    # whose first SAN is one of those must be told apart by a later SAN or the CN, or refused.
+    certs = {
+        "upn-then-dns": _cert_pems(
+            tmp_path, "a", [_upn("a@corp"), x509.DNSName("cam-a.example")], None
+        ),
+        "rid-then-uri": _cert_pems(
+            tmp_path,
+            "b",
+            [
+                x509.RegisteredID(x509.ObjectIdentifier("1.2.3.4")),
+                x509.UniformResourceIdentifier("spiffe://corp/cam-b"),
+            ],
+            None,
+        ),
+        "dirname-then-cn": _cert_pems(
+            tmp_path,
+            "c",
+            [x509.DirectoryName(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))],
+            "cam-c",
+        ),
+        "upn-only": _cert_pems(tmp_path, "d", [_upn("d@corp")], None),
+        "upn-only-too": _cert_pems(tmp_path, "e", [_upn("e@corp")], None),
+    }
+    server = start_server(
+        COUNTER,
+        security=ServerSecurity(
+            tls_cert=str(pki.server_cert),
+            tls_key=str(pki.server_key),
+            tls_client_ca=str(tmp_path / "other-ca.pem"),
+        ),
+    )
+    seen = {}
+    for which, (cert, key) in certs.items():
+        security = ClientSecurity(tls_ca=str(pki.ca), tls_cert=cert, tls_key=key)
+        if which.startswith("upn-only"):
+            with pytest.raises(grpc.RpcError) as err:
+                exchange(server.port, security, [state(0, 1, device="claimed")])
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+            details = err.value.details() or ""
+            assert "certificate" in details and "\n" not in details
+            continue
+        answers = exchange(server.port, security, [state(0, 1, device="claimed")])
+        seen[which] = decode(answers[0].output)["device"]
+    assert seen == {
+        "upn-then-dns": "cam-a.example",
+        "rid-then-uri": "spiffe://corp/cam-b",
+        "dirname-then-cn": "cam-c",
+    }

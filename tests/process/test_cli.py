@@ -512,3 +512,18 @@ def test_ctrl_c_stops_the_client_cleanly_with_a_summary(tmp_path: Path) -> None:
     # Nothing lost: every captured item ended and has its line, in order.
     assert len(lines) == report["items"]["captured"] > 0
     assert [json.loads(line)["item"] for line in lines] == list(range(len(lines)))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a disk always full)")
+def test_a_full_output_disk_ends_the_run_with_one_line_naming_the_file() -> None:
+    # Against the embedded server: answers are written by the link's reader thread.
+    result = offload(
+        "offload.client",
+        *("--local-tasks", "2", "--frames", "100000", "--output", "/dev/full"),
+        timeout=100,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "--output /dev/full" in errors[0] and "No space left on device" in errors[0]
