@@ -69,13 +69,20 @@ arrays = st.builds(
     st.lists(st.integers(0, 4), max_size=3),
     st.integers(0, 2**32 - 1),
 )
+
+
+def containers(inner: st.SearchStrategy[Any], size: int) -> st.SearchStrategy[Any]:
+    """Lists, tuples and str-keyed dicts of ``inner``: the codec's containers."""
+    return (
+        st.lists(inner, max_size=size)
+        | st.lists(inner, max_size=size).map(tuple)
+        | st.dictionaries(st.text(max_size=8), inner, max_size=size)
+    )
+
+
 values = st.recursive(
     scalars | arrays,
-    lambda inner: (
-        st.lists(inner, max_size=4)
-        | st.lists(inner, max_size=4).map(tuple)
-        | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
+    lambda inner: containers(inner, 4),
     max_leaves=12,
 )
 
@@ -103,11 +110,7 @@ every_value = st.recursive(
     | st.floats()
     | every_array
     | every_array.filter(lambda a: a.size > 0).map(lambda a: a.reshape(-1)[0]),  # NumPy scalars
-    lambda inner: (
-        st.lists(inner, max_size=3)
-        | st.lists(inner, max_size=3).map(tuple)
-        | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
+    lambda inner: containers(inner, 3),
     max_leaves=8,
 )
 

@@ -8,7 +8,7 @@ import io
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 from offload import Client, ClientConfig, GrpcTransport, RunningServer, load_pipeline
 from offload._device.ledger import Ledger
@@ -76,19 +76,26 @@ def bound(per_item: float, items: int) -> float:
     return 10.0 + 50 * per_item * items
 
 
-def test_a_full_output_disk_ends_the_run_with_an_error_naming_the_file(
-    start_server: Callable[..., RunningServer],
-) -> None:
-    server = start_server(COUNTER)
+def run_until_it_fails(
+    server: RunningServer, make: type[Client], ends_after: int, output: IO[str] | None = None
+) -> dict[str, Any]:
+    """Run ``make`` for FRAMES items against ``server``, bounded by the time of ``ends_after``
+    items (measured first) plus a window: the failure must end the run long before FRAMES."""
     per_item = item_seconds(server, ClientConfig(pipeline=COUNTER, local_tasks=1, frames=20))
     config = ClientConfig(pipeline=COUNTER, local_tasks=1, frames=FRAMES)
     transport = GrpcTransport.from_config(config, f"127.0.0.1:{server.port}")
-    output = FullDisk(lines=5)
     try:
-        client = Client(load_pipeline(COUNTER), config, transport, output)
-        report = run_bounded(client, bound(per_item, 5 + config.window))
+        client = make(load_pipeline(COUNTER), config, transport, output)
+        return run_bounded(client, bound(per_item, ends_after + config.window))
     finally:
         transport.close()
+
+
+def test_a_full_output_disk_ends_the_run_with_an_error_naming_the_file(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    output = FullDisk(lines=5)
+    report = run_until_it_fails(start_server(COUNTER), Client, 5, output)
     error = report["error"]
     assert error is not None and "\n" not in error
     assert "--output /mnt/full/results.jsonl" in error and "No space left on device" in error
@@ -112,15 +119,7 @@ class BrokenClient(Client):
 def test_an_answer_the_device_fails_to_handle_ends_the_run_with_an_error(
     start_server: Callable[..., RunningServer],
 ) -> None:
-    server = start_server(COUNTER)
-    per_item = item_seconds(server, ClientConfig(pipeline=COUNTER, local_tasks=1, frames=20))
-    config = ClientConfig(pipeline=COUNTER, local_tasks=1, frames=FRAMES)
-    transport = GrpcTransport.from_config(config, f"127.0.0.1:{server.port}")
-    try:
-        client = BrokenClient(load_pipeline(COUNTER), config, transport)
-        report = run_bounded(client, bound(per_item, 3 + config.window))
-    finally:
-        transport.close()
+    report = run_until_it_fails(start_server(COUNTER), BrokenClient, 3)
     error = report["error"]
     assert error is not None and "\n" not in error
     assert "RuntimeError: cannot handle this answer" in error
