@@ -128,7 +128,7 @@ def kinds(frame: np.ndarray) -> tuple[bool, dict[str, Any]]:
     if item == 2:
         raise ValueError(f"item {item} fails on purpose")
     pixel = frame[0, 0]
-    return True, {
+    values = {
         "none": None,
         "bools": (True, False),
         "ints": [0, -(2**63), 2**63 - 1, int(pixel[0])],
@@ -149,6 +149,7 @@ def kinds(frame: np.ndarray) -> tuple[bool, dict[str, Any]]:
         "bool-array": frame[:2, :2, 0] > 120,
         "nested": {"list": [[], {}, ()], "map": {"x": [1, {"y": None}]}},
     }
+    return True, values
 
 
 def test_cpp_client_decodes_every_kind_of_value_as_the_python_device_prints_it(
