@@ -480,14 +480,16 @@ int main(int argc, char** argv) {
   for (int d : {kHeight, kWidth, 3}) array->add_shape(d);
 
   // The server answers in item order, one answer per item: write up to the window, then read one.
-  while (open && (next < static_cast<uint64_t>(o.frames) || !in_flight.empty())) {
+  // The stream is half-closed after the last frame (at once when there are none).
+  while (open) {
     while (open && next < static_cast<uint64_t>(o.frames) &&
            in_flight.size() < static_cast<size_t>(o.window)) {
       const uint64_t item = next++;
       array->set_data(synthetic_frame(item));
       if (!o.save_frames.empty()) {
         std::string path = o.save_frames + "/frame-" + std::to_string(item) + ".bgr";
-        std::ofstream(path, std::ios::binary) << array->data();
+        std::ofstream file(path, std::ios::binary);
+        if (!(file << array->data())) fail("--save-frames: cannot write " + path);
       }
       state.set_item(item);
       state.set_capture_time(unix_seconds());
@@ -498,11 +500,13 @@ int main(int argc, char** argv) {
       stream->WritesDone();
       writes_done = true;
     }
+    if (in_flight.empty()) break;
     pb::ItemResult answer;
     if (!stream->Read(&answer)) break;
     auto sent = in_flight.find(answer.item());
     std::string status = pb::ItemResult::Status_Name(answer.status());
     std::transform(status.begin(), status.end(), status.begin(), ::tolower);
+    if (counts.count(status) == 0) status = "failed";  // unknown to this client, as in Python
     ++counts[status];
     std::ostringstream line;
     auto [cx, cy] = ball_centre(answer.item());

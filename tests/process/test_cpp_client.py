@@ -204,6 +204,17 @@ def test_cpp_client_reports_a_refused_stream_in_one_line(
     assert line.startswith("error: server answered FAILED_PRECONDITION: pipeline mismatch")
 
 
+def test_cpp_client_with_no_frames_to_send_closes_the_stream_and_ends(
+    cpp_client: Path, start_server: Callable[..., RunningServer]
+) -> None:
+    server = start_server()
+    fp = load_pipeline("examples.ball_tracking").fingerprint
+    result = run_cpp(cpp_client, server.port, "--fingerprint", fp, "--frames", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "0 frames to" in result.stderr and "0 completed, 0 filtered, 0 failed" in result.stderr
+
+
 def test_cpp_client_reports_a_server_that_does_not_answer_in_one_line(cpp_client: Path) -> None:
     port = free_port()
     result = run_cpp(cpp_client, port, "--fingerprint", "0000000000000000")
