@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,15 @@ import pytest
 from examples.ball_tracking import reset_state
 from offload import Pipeline, RunningServer, ServerSecurity, current_item, load_pipeline
 
-from ..helpers import ROOT, Pki, assert_same, free_port, run_split
+from ..helpers import (
+    ROOT,
+    Pki,
+    assert_same,
+    documented_block,
+    free_port,
+    run_documented,
+    run_split,
+)
 
 BINARY = ROOT / "build" / "cpp" / "offload-client"
 TOOLS = ("protoc", "grpc_cpp_plugin", "pkg-config", "g++", "make")
@@ -247,25 +253,11 @@ def test_cpp_client_usage_errors_are_one_line_and_exit_2(
 def test_the_documented_cpp_steps_run_as_written_from_the_repository_root(
     cpp_client: Path, start_server: Callable[..., RunningServer]
 ) -> None:
-    """docs/clients.md's C++ commands, run as one script from the root, with this test's server
-    on port 0 for the `python -m offload.server &` line; `python` is this venv's."""
-    section = (ROOT / "docs" / "clients.md").read_text().split("## C++", 1)[1]
-    block = re.search(r"```sh\n(.*?)```", section.split("\n## ", 1)[0], re.S)
-    assert block is not None, "docs/clients.md: no sh block in the C++ section"
-    script, started = re.subn(r"^python -m offload\.server &.*\n", "", block.group(1), flags=re.M)
-    assert started == 1
+    """docs/clients.md's C++ commands, run as one script from the root."""
+    script = documented_block("C++")
+    assert "\npython -m offload.server &" in script
     server = start_server()
-    script = script.replace("127.0.0.1:50051", f"127.0.0.1:{server.port}")
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-    result = subprocess.run(
-        ["bash", "-e", "-c", script],
-        cwd=ROOT,
-        env={**os.environ, "PATH": path},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = run_documented(script, server.port, ROOT, 600)  # (it runs `make cpp-client`)
     assert result.returncode == 0, result.stderr
     answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [a["status"] for a in answers] == ["completed"] * 10

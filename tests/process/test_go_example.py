@@ -4,10 +4,7 @@ a real server exactly as the section writes it."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +12,7 @@ import pytest
 
 from offload import RunningServer
 
-from ..helpers import ROOT
+from ..helpers import ROOT, documented_block, run_documented
 
 TOOLS = ("go", "protoc", "protoc-gen-go", "protoc-gen-go-grpc")
 GOCODE = Path("/usr/share/gocode/src")
@@ -23,11 +20,6 @@ PACKAGES = (
     "golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev "
     "golang-google-protobuf-dev protoc-gen-go protoc-gen-go-grpc"
 )
-
-
-def go_section() -> str:
-    text = (ROOT / "docs" / "clients.md").read_text()
-    return text.split("\n## Go\n", 1)[1].split("\n## ", 1)[0]
 
 
 @pytest.mark.timeout(600)  # the first build compiles grpc-go from Debian's sources (~20 s of CPU)
@@ -41,31 +33,19 @@ def test_the_documented_go_device_builds_and_the_server_finds_its_ball(
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI installs it (.ci/run)")
         pytest.skip(reason)
-    section = go_section()
-    script = re.search(r"```sh\n(.*?)```", section, re.S)
-    program = re.search(r"```go\n(.*?)```", section, re.S)
-    assert script is not None and program is not None, "docs/clients.md: Go sh and go blocks"
     app = tmp_path / "src" / "example.com" / "yourapp"
     app.mkdir(parents=True)
-    (app / "main.go").write_text(program.group(1))
+    (app / "main.go").write_text(documented_block("Go", "go"))
     (app / "protos").symlink_to(ROOT / "protos")
     server = start_server()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "GO"))},
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "PYTHONPATH": str(ROOT),  # `python -m offload.server --print-fingerprint`: this tree's
-        "GOPATH": str(tmp_path),
-        "GOCACHE": str(ROOT / "build" / "go-cache"),  # kept between runs, like build/cpp
-    }
-    commands = script.group(1).replace("127.0.0.1:50051", f"127.0.0.1:{server.port}")
-    result = subprocess.run(
-        ["bash", "-e", "-c", commands],
-        cwd=app,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-        check=False,
+    result = run_documented(
+        documented_block("Go"),
+        server.port,
+        app,
+        540,
+        PYTHONPATH=str(ROOT),  # for `python -m offload.server --print-fingerprint`: this tree's
+        GOPATH=str(tmp_path),
+        GOCACHE=str(ROOT / "build" / "go-cache"),  # kept between runs, like build/cpp
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["COMPLETED ball at 250 180"]
