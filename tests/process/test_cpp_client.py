@@ -33,6 +33,9 @@ BINARY = ROOT / "build" / "cpp" / "offload-client"
 TOOLS = ("protoc", "grpc_cpp_plugin", "pkg-config", "g++", "make")
 PACKAGES = "libgrpc++-dev protobuf-compiler-grpc pkg-config g++ make"
 SHAPE = (375, 500, 3)
+# The first test may build the client (make cpp-client: ~20 s of CPU, minutes on a loaded
+# machine); every subprocess below has its own timeout.
+pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
