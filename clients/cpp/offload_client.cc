@@ -53,7 +53,7 @@ const char* const kUsage = R"(usage: offload-client --fingerprint FP [options]
   --token TOKEN            the server's token (default $OFFLOAD_TOKEN)
   --tls                    use TLS with the system's root certificates
   --tls-ca PEM             use TLS, trusting this CA
-  --connect-timeout S      seconds to wait for the health check (default 10)
+  --connect-timeout S      seconds the health check may take (default 10)
   --max-message-bytes N    largest message sent or received (default 16777216, the server's)
   --save-frames DIR        also write each frame sent as DIR/frame-<item>.bgr (raw C-order bytes)
 )";
@@ -394,7 +394,7 @@ void authorise(grpc::ClientContext& context, const Options& o) {
 // grpc.health.v1.Health/Check for the offload service, through gRPC's generic stub: the two
 // tiny messages (HealthCheckRequest{service = 1}, HealthCheckResponse{status = 1}) are built and
 // read with protobuf's UnknownFieldSet rather than a second schema. 1 is SERVING.
-void check_health(grpc::Channel& channel, const Options& o) {
+void check_health(const std::shared_ptr<grpc::Channel>& channel, const Options& o) {
   google::protobuf::UnknownFieldSet request_fields;
   request_fields.AddLengthDelimited(1, kService);
   std::string request_bytes;
@@ -406,7 +406,7 @@ void check_health(grpc::Channel& channel, const Options& o) {
   authorise(context, o);
   context.set_deadline(std::chrono::system_clock::now() +
                        std::chrono::milliseconds(static_cast<long>(o.connect_timeout * 1000)));
-  grpc::GenericStub stub(std::shared_ptr<grpc::Channel>(&channel, [](grpc::Channel*) {}));
+  grpc::GenericStub stub(channel);
   std::promise<grpc::Status> done;
   stub.UnaryCall(&context, kHealthCheck, grpc::StubOptions(), &request, &response,
                  [&done](grpc::Status status) { done.set_value(std::move(status)); });
@@ -428,8 +428,9 @@ void check_health(grpc::Channel& channel, const Options& o) {
     }
   }
   if (serving != 1) {
-    fail("the server at " + o.server + " is not serving " + kService + " (health status " +
-         std::to_string(serving) + "): wait for it to start, or check its log");
+    static const char* const kStatuses[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
+    fail("the server at " + o.server + " is not serving " + kService + " (health: " +
+         (serving < 4 ? kStatuses[serving] : "UNKNOWN") + "): it may be stopping; check its log");
   }
 }
 
@@ -456,7 +457,7 @@ double unix_seconds() {
 int main(int argc, char** argv) {
   const Options o = parse(argc, argv);
   auto channel = connect(o);
-  check_health(*channel, o);
+  check_health(channel, o);
 
   auto stub = pb::Offload::NewStub(channel);
   grpc::ClientContext context;

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 
 from examples.ball_tracking import reset_state
 from offload import Pipeline, RunningServer, ServerSecurity, current_item, load_pipeline
@@ -211,6 +212,20 @@ def test_cpp_client_reports_a_refused_stream_in_one_line(
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: server answered FAILED_PRECONDITION: pipeline mismatch")
+
+
+def test_cpp_client_asks_the_health_service_first_and_stops_when_not_serving(
+    cpp_client: Path, start_server: Callable[..., RunningServer]
+) -> None:
+    server = start_server()
+    server.health.set("offload.v1.Offload", health_pb2.HealthCheckResponse.NOT_SERVING)
+    fp = load_pipeline("examples.ball_tracking").fingerprint
+    result = run_cpp(cpp_client, server.port, "--fingerprint", fp, "--frames", "1")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: the server at 127.0.0.1:{server.port} is not serving")
+    assert "offload.v1.Offload (health: NOT_SERVING)" in line
 
 
 def test_cpp_client_with_no_frames_to_send_closes_the_stream_and_ends(
