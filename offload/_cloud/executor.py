@@ -25,6 +25,8 @@ log = logging.getLogger("offload.server")
 # A task's error text is kept whole up to this many characters: one that echoes its input
 # would otherwise make every answer (and every remembered answer) as large as that input.
 MAX_ERROR_CHARS = 4096
+# A device and a run id are keys of state kept for 10 000 runs and devices, and logged.
+MAX_ID_CHARS = 256
 
 
 class RequestRejected(Exception):
@@ -130,6 +132,13 @@ class RemoteExecutor:
             )
         if not state.device_id:
             raise RequestRejected("INVALID_ARGUMENT", "device_id is empty")
+        for name in ("device_id", "run_id"):
+            size = len(getattr(state, name))
+            if size > MAX_ID_CHARS:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT",
+                    f"{name} is {size} characters: give at most {MAX_ID_CHARS}",
+                )
 
     def execute(self, state: pb.TaskState) -> pb.ItemResult:
         """The answer to one item; raises ``RequestRejected`` for an item it will not run."""
