@@ -38,6 +38,13 @@ class AioServicer(pb_grpc.OffloadServicer):
             except RequestRejected as exc:
                 await context.abort(exc.code, str(exc))
 
+    async def ExecuteBatches(
+        self, request_iterator: AsyncIterator[pb.TaskBatch], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ResultBatch]:
+        """Not served here: devices fall back to ``ExecuteRemaining``, as with an older server."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ExecuteBatches is not served here")
+        yield pb.ResultBatch()  # pragma: no cover - abort raises; this makes a generator
+
 
 async def _serve(pipeline_path: str, threads: int) -> None:
     config = ServerConfig(pipeline=pipeline_path, host="127.0.0.1", port=0)

@@ -17,6 +17,9 @@ from .v1 import offload_pb2 as pb
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Offload"].full_name  # "offload.v1.Offload"
 METHOD_NAME = "ExecuteRemaining"
 METHOD = f"/{SERVICE_NAME}/{METHOD_NAME}"
+# Several items per message each way (``_batch.py``); an older server has only METHOD.
+BATCH_METHOD_NAME = "ExecuteBatches"
+BATCH_METHOD = f"/{SERVICE_NAME}/{BATCH_METHOD_NAME}"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 HEALTH_CHECK = f"/{HEALTH_SERVICE_NAME}/Check"
 

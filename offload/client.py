@@ -23,7 +23,7 @@ from ._device.embedded import EmbeddedServer
 from ._device.emulation import LinkEmulator, LinkSpec
 from ._device.progress import live_progress
 from ._device.report import format_summary
-from ._device.transport import GrpcTransport, client_options
+from ._device.transport import Batching, GrpcTransport, client_options
 from ._env import (
     OneLineParser,
     apply_env_defaults,
@@ -189,6 +189,29 @@ def build_parser(
     security.add_argument(
         "--token", help="the server's token (prefer the environment: arguments show in ps)"
     )
+    batching = parser.add_argument_group("batching (several items per message, like Kafka's)")
+    batching.add_argument(
+        "--batch-items",
+        type=int,
+        default=ClientConfig.batch_items,
+        metavar="N",
+        help="most items in one message (default %(default)s; 1 = one item per message)",
+    )
+    batching.add_argument(
+        "--batch-bytes",
+        type=int,
+        default=ClientConfig.batch_bytes,
+        metavar="BYTES",
+        help="most bytes in one message of several items (default %(default)s)",
+    )
+    batching.add_argument(
+        "--linger-ms",
+        type=float,
+        default=ClientConfig.linger_ms,
+        metavar="MS",
+        help="wait up to this long for more items to fill a message (default %(default)s: "
+        "send what is ready, adding no latency; 25 trades latency for less cloud CPU)",
+    )
     add_log_level_option(parser, "WARNING")
     return apply_env_defaults(parser, environ)
 
@@ -247,6 +270,9 @@ def _config(args: argparse.Namespace) -> ClientConfig:
             tls_key=args.tls_key,
             token=args.token,
         ),
+        batch_items=args.batch_items,
+        batch_bytes=args.batch_bytes,
+        linger_ms=args.linger_ms,
     )
 
 
@@ -275,7 +301,13 @@ def _connect(
         target = emulator.target
     # The embedded server is a plaintext child on loopback: credentials are for --server.
     security = config.security if args.server else ClientSecurity()
-    transport = GrpcTransport(target, client_options(config), config.connect_timeout, security)
+    transport = GrpcTransport(
+        target,
+        client_options(config),
+        config.connect_timeout,
+        security,
+        Batching.from_config(config),
+    )
     stack.callback(transport.close)
     # Unreachable is said by the link, once, with gRPC's reason: refused, TLS on one side...
     return transport

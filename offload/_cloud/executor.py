@@ -27,6 +27,8 @@ log = logging.getLogger("offload.server")
 MAX_ERROR_CHARS = 4096
 # A device and a run id are keys of state kept for 10 000 runs and devices, and logged.
 MAX_ID_CHARS = 256
+# Appended to a remembered answer's encoding, this sets its ``duplicate`` (a later field wins).
+DUPLICATE = pb.ItemResult(duplicate=True).SerializeToString()
 
 
 class RequestRejected(Exception):
@@ -142,12 +144,16 @@ class RemoteExecutor:
 
     def execute(self, state: pb.TaskState) -> pb.ItemResult:
         """The answer to one item; raises ``RequestRejected`` for an item it will not run."""
-        result = self._answer(state)
+        return self.execute_encoded(state)[0]
+
+    def execute_encoded(self, state: pb.TaskState) -> tuple[pb.ItemResult, bytes]:
+        """The answer and its encoding, made once: remembered, and sent as it is."""
+        result, data = self._answer(state)
         for listener in self._listeners:
             listener(state, result)
-        return result
+        return result, data
 
-    def _answer(self, state: pb.TaskState) -> pb.ItemResult:
+    def _answer(self, state: pb.TaskState) -> tuple[pb.ItemResult, bytes]:
         self.validate(state)
         answers = self._answers_for(state.device_id, state.run_id)
         # Holding the run's lock while running keeps one device run's items in order even if it
@@ -157,9 +163,9 @@ class RemoteExecutor:
             if replay is not None:
                 result = pb.ItemResult.FromString(replay)
                 result.duplicate = True
-                return result
+                return result, replay + DUPLICATE
             if state.item <= answers.highest:
-                return pb.ItemResult(
+                forgotten = pb.ItemResult(
                     item=state.item,
                     status=pb.ItemResult.FAILED,
                     task=state.next_task,
@@ -169,6 +175,7 @@ class RemoteExecutor:
                     f"dedup_bytes={self.config.dedup_bytes})",
                     duplicate=True,
                 )
+                return forgotten, forgotten.SerializeToString()
             result = self._run(state)
             kept = result.SerializeToString()
             answers.answers[state.item] = kept
@@ -184,7 +191,7 @@ class RemoteExecutor:
                 size -= len(answers.answers.popitem(last=False)[1])
             answers.size += size
         self._account((state.device_id, state.run_id), answers, delta, size)
-        return result
+        return result, kept
 
     def _run(self, state: pb.TaskState) -> pb.ItemResult:
         cpu_began = time.thread_time()

@@ -2,8 +2,8 @@
 
 Two hooks, neither inside the service code: ``ServerMetrics.observe`` listens to the executor
 (``RemoteExecutor.add_listener``) and sees every answer it gives; ``StreamMetrics`` (a gRPC
-server interceptor) sees the ``ExecuteRemaining`` streams and the messages crossing them,
-however the service is registered.
+server interceptor) sees the ``ExecuteRemaining`` and ``ExecuteBatches`` streams and the
+messages crossing them, however the service is registered.
 Each server has its own registry: several servers in one process (tests) never clash.
 
 Metrics (``device`` is capped at ``max_devices`` label values; later devices count as "other",
@@ -13,8 +13,8 @@ so that a fleet of thousands of devices cannot blow up Prometheus' memory):
     offload_task_seconds{task,name}          histogram of server wall time per task
     offload_item_cpu_seconds                 histogram of server CPU seconds per item
     offload_active_streams                   device streams open now
-    offload_received_bytes_total             TaskState bytes received
-    offload_sent_bytes_total                 ItemResult bytes sent
+    offload_received_bytes_total             TaskState (and TaskBatch) bytes received
+    offload_sent_bytes_total                 ItemResult (and ResultBatch) bytes sent
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .._pipeline import Pipeline
-from .._wire import METHOD, status_name
+from .._wire import BATCH_METHOD, METHOD, status_name
 from ..exceptions import ConfigError
 from ..v1 import offload_pb2 as pb
 
 OTHER_DEVICES = "other"
+_STREAMS = (METHOD, BATCH_METHOD)
 # Ball-tracking tasks take 0.1-20 ms on a server core; the default buckets start at 5 ms.
 TASK_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
@@ -131,7 +132,7 @@ class StreamMetrics(grpc.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
-        if handler is None or details.method != METHOD or handler.stream_stream is None:
+        if handler is None or details.method not in _STREAMS or handler.stream_stream is None:
             return handler
         inner = handler.stream_stream
         metrics = self.metrics

@@ -8,13 +8,15 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from .. import _batch
 from .._logging import quote
 from .._security import peer_device_id
-from .._wire import METHOD_NAME, SERVICE_NAME, TOO_LARGE, status_code
+from .._wire import BATCH_METHOD_NAME, METHOD_NAME, SERVICE_NAME, TOO_LARGE, status_code
 from ..v1 import offload_pb2 as pb
 from .executor import MAX_ID_CHARS, RemoteExecutor, RequestRejected
 
@@ -169,7 +171,10 @@ class OffloadServicer:
             request_deserializer=None,
             response_serializer=pb.ItemResult.SerializeToString,
         )
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, {METHOD_NAME: method})
+        batches = grpc.stream_stream_rpc_method_handler(self.ExecuteBatches)  # bytes each way
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME, {METHOD_NAME: method, BATCH_METHOD_NAME: batches}
+        )
 
     def close(self) -> None:
         self._closed.set()
@@ -261,6 +266,123 @@ class OffloadServicer:
                 log.info(
                     "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
                 )
+
+    def ExecuteBatches(
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        """``ExecuteRemaining`` with several items per message each way.
+
+        A batch is one hand-over from the read-ahead thread and is answered by as few
+        ResultBatches as the message limit allows; each item is parsed, checked and run as it
+        would be alone, and its answer encoded once (by the executor, which remembers it).
+        """
+        peer = context.peer()
+        proven = peer_device_id(context)
+        device = None
+        count = 0
+        watch = _Watch(context)
+        with self._lock:
+            open_streams = len(self._watches)
+            full = open_streams >= self._stream_limit
+            if not full:
+                self._watches[id(watch)] = watch
+        if full:
+            self._refuse_full(request_iterator, context, proven, open_streams)
+        limit = self.executor.config.limits.max_message_bytes
+        try:
+            for data, arrived in _read_ahead(request_iterator, context, self._draining):
+                watch.busy = True
+                answers: list[bytes] = []
+                size = 0
+                for item in self._split(data, count, context, peer):
+                    state = self._parse(item, count, context, peer)
+                    device = self._claim(state, proven, device, peer)
+                    _, answer = self._execute(state, context, peer)
+                    answer = _batch.stamped(answer, arrived, time.monotonic() - arrived)
+                    grown = size + _batch.framing(len(answer)) + len(answer)
+                    if answers and grown > limit:
+                        yield _batch.join(answers)
+                        answers, grown = [], grown - size
+                    answers.append(answer)
+                    size = grown
+                    count += 1
+                watch.busy = False
+                yield _batch.join(answers)
+                watch.last_activity = time.monotonic()
+                if self._draining.is_set():
+                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        finally:
+            with self._lock:
+                del self._watches[id(watch)]
+            if device is not None:
+                log.info(
+                    "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
+                )
+
+    def _split(
+        self, data: bytes, index: int, context: grpc.ServicerContext, peer: str
+    ) -> list[bytes]:
+        """The items of a TaskBatch; a batch of several counts whole against the message limit
+        (a batch of one is its item, checked as such)."""
+        try:
+            items = _batch.split(data)
+        except _batch.BatchError as exc:
+            self._reject(
+                context,
+                peer,
+                "INVALID_ARGUMENT",
+                f"a batch after item {index} is not an offload.v1.TaskBatch: {exc}",
+            )
+        limit = self.executor.config.limits.max_message_bytes
+        if len(items) > 1 and len(data) > limit:
+            self._reject(
+                context,
+                peer,
+                "RESOURCE_EXHAUSTED",
+                f"a batch of {len(items)} items after item {index} is {len(data)} bytes, "
+                f"{TOO_LARGE[1]} {limit}: send fewer items per message (--batch-bytes), or "
+                "raise it on the server and on the client",
+            )
+        return items
+
+    def _reject(
+        self, context: grpc.ServicerContext, peer: str, code: str, message: str
+    ) -> NoReturn:
+        log.warning("event=reject peer=%s code=%s reason=%s", quote(peer), code, quote(message))
+        context.abort(status_code(code), message)
+        raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+    def _claim(self, state: pb.TaskState, proven: str | None, device: str | None, peer: str) -> str:
+        """The stream's device: the certificate's over the message's claim; logged once."""
+        if proven is not None and state.device_id != proven:
+            if device is None:
+                log.warning(
+                    "event=device-id-override claimed=%s certificate=%s peer=%s",
+                    quote(state.device_id[:MAX_ID_CHARS]),
+                    quote(proven),
+                    quote(peer),
+                )
+            state.device_id = proven
+        if device is None:
+            device = state.device_id[:MAX_ID_CHARS]
+            log.info("event=connect device=%s peer=%s", quote(device), quote(peer))
+        return device
+
+    def _execute(
+        self, state: pb.TaskState, context: grpc.ServicerContext, peer: str
+    ) -> tuple[pb.ItemResult, bytes]:
+        try:
+            return self.executor.execute_encoded(state)
+        except RequestRejected as exc:
+            log.warning(
+                "event=reject device=%s peer=%s code=%s reason=%s",
+                quote(state.device_id[:MAX_ID_CHARS]),
+                quote(peer),
+                exc.code,
+                quote(exc),
+            )
+            context.abort(status_code(exc.code), str(exc))
+            raise  # pragma: no cover - abort raises
 
     def _refuse_full(
         self,

@@ -74,6 +74,11 @@ class Telemetry:
         # Server arrival minus device send time: a constant clock offset plus the time in transit.
         self._transit: deque[float] = deque(maxlen=_TRANSIT_SAMPLES)
         self._previous: tuple[int, float, float] | None = None  # item, sent, server arrival
+        # The latest message's bytes so far (a batch's items share their arrival time), and
+        # whether it made a bandwidth sample (the latest), over which gap.
+        self._message_bytes = 0
+        self._message_sampled = False
+        self._message_gap = 0.0
         self._completed = 0
         self._finished = 0
         self._period_finished = 0
@@ -112,7 +117,15 @@ class Telemetry:
             previous, self._previous = self._previous, (item, sent, server_arrival)
             if server_arrival > 0:
                 self._transit.append(server_arrival - sent)
-            if previous is not None and previous[0] == item - 1 and server_arrival > 0:
+            follows = previous is not None and previous[0] == item - 1 and server_arrival > 0
+            if follows and previous is not None and server_arrival == previous[2]:
+                # In the same message (a batch) as the item before: the link carried their bytes
+                # together, so the message's sample, if it made one, counts them all.
+                self._message_bytes += size_up
+                if self._message_sampled:
+                    self._bandwidth[-1] = self._message_bytes / self._message_gap
+            elif follows and previous is not None:
+                self._message_bytes, self._message_sampled = size_up, False
                 send_gap = sent - previous[1]
                 arrival_gap = server_arrival - previous[2]
                 # Packet-pair dispersion: when an item was sent while the one before it was still
@@ -123,6 +136,9 @@ class Telemetry:
                 spread = arrival_gap > send_gap and arrival_gap > 0  # cheap: checked first
                 if spread and previous[2] - previous[1] - min(self._transit) > send_gap:
                     self._bandwidth.append(size_up / arrival_gap)
+                    self._message_sampled, self._message_gap = True, arrival_gap
+            else:
+                self._message_bytes, self._message_sampled = size_up, False
             bandwidth = self._bandwidth_estimate()
             transmit = size_up / bandwidth if bandwidth else 0.0
             self._rtt.append(max(0.0, received - sent - server_seconds - transmit))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import queue
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,9 +16,17 @@ from typing import Protocol
 
 import grpc
 
+from .. import _batch
 from .._config import ClientConfig, ClientSecurity
 from .._security import call_metadata, channel_credentials
-from .._wire import HEALTH_CHECK, METHOD, keepalive_options, server_error, size_options
+from .._wire import (
+    BATCH_METHOD,
+    HEALTH_CHECK,
+    METHOD,
+    keepalive_options,
+    server_error,
+    size_options,
+)
 from ..exceptions import ConfigError, ServerError
 from ..v1 import offload_pb2 as pb
 
@@ -233,6 +242,141 @@ class _GrpcStream:
         self._call.cancel()
 
 
+@dataclass(frozen=True)
+class Batching:
+    """Items per message (``ClientConfig.batch_items``, ``batch_bytes``, ``linger_ms``)."""
+
+    items: int = ClientConfig.batch_items
+    max_bytes: int = ClientConfig.batch_bytes
+    linger: float = ClientConfig.linger_ms / 1000  # seconds
+
+    @classmethod
+    def from_config(cls, config: ClientConfig) -> Batching:
+        # A batch of several items is one message: it must fit the message limit too. No more
+        # than the window can come before an answer: lingering for more would only wait.
+        size = min(config.batch_bytes, config.limits.max_message_bytes)
+        return cls(min(config.batch_items, config.window), size, config.linger_ms / 1000)
+
+
+class _BatchStream:
+    """A stream over ``ExecuteBatches``: each message carries the items ready to go (see
+    ``Batching``); answers come batched and are handed out one by one.
+
+    gRPC takes the next message only once the previous one is written, so items queued
+    meanwhile go together: with no linger, batching costs an idle device no latency. A server
+    without the method (UNIMPLEMENTED before any answer) gets the stream's items again over
+    ``ExecuteRemaining``, from ``fallback``; the link sees one stream either way.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        metadata: tuple[tuple[str, str], ...],
+        on_error: Callable[[grpc.RpcError], None],
+        batching: Batching,
+        fallback: Callable[[], Stream],
+    ) -> None:
+        self._on_error = on_error
+        self._batching = batching
+        self._fallback = fallback
+        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._kept: list[bytes] | None = []  # sent before the first answer: resent on fallback
+        self._closed = False
+        self._inner: Stream | None = None
+        method = channel.stream_stream(BATCH_METHOD)  # bytes each way
+        self._call = method(self._requests(), metadata=metadata)
+
+    def _requests(self) -> Iterator[bytes]:
+        items, max_bytes, linger = (
+            self._batching.items,
+            self._batching.max_bytes,
+            self._batching.linger,
+        )
+        carry: object = None
+        while True:
+            first = self._outbox.get() if carry is None else carry
+            if first is _CLOSE:
+                return
+            assert isinstance(first, bytes)
+            batch, size, carry = [first], len(first), None
+            deadline = time.monotonic() + linger
+            while len(batch) < items and size < max_bytes:
+                try:
+                    entry = self._outbox.get_nowait()
+                except queue.Empty:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        break
+                    try:
+                        entry = self._outbox.get(timeout=wait)
+                    except queue.Empty:
+                        break
+                if entry is _CLOSE:
+                    carry = entry
+                    break
+                assert isinstance(entry, bytes)
+                grown = size + _batch.framing(len(entry)) + len(entry)
+                if grown > max_bytes:
+                    carry = entry
+                    break
+                batch.append(entry)
+                size = grown
+            yield _batch.join(batch)
+
+    def send(self, state: pb.TaskState) -> int:
+        return self.send_bytes(state.SerializeToString())
+
+    def send_bytes(self, data: bytes) -> int:
+        with self._lock:
+            if self._inner is not None:
+                return self._inner.send_bytes(data)
+            if self._kept is not None:
+                self._kept.append(data)
+            self._outbox.put(data)
+        return len(data)
+
+    def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
+        try:
+            for data in self._call:
+                with self._lock:
+                    self._kept = None
+                answers = pb.ResultBatch.FromString(data).results
+                share = len(data) // max(1, len(answers))  # each answer's part of the bytes
+                for answer in answers:
+                    yield answer, share
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and self._kept is not None:
+                yield from self._fall_back().results()
+                return
+            self._on_error(exc)
+            raise _server_error(exc) from None
+
+    def _fall_back(self) -> Stream:
+        self._outbox.put(_CLOSE)  # ends the request iterator gRPC no longer reads
+        with self._lock:
+            inner = self._inner = self._fallback()
+            for data in self._kept or ():
+                inner.send_bytes(data)
+            self._kept = None
+            if self._closed:
+                inner.close()
+        return inner
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._inner is not None:
+                self._inner.close()
+                return
+        self._outbox.put(_CLOSE)
+
+    def cancel(self) -> None:
+        with self._lock:
+            inner = self._inner
+        (inner or self._call).cancel()
+
+
 class GrpcTransport:
     """Streams to a real server over one long-lived channel."""
 
@@ -242,9 +386,13 @@ class GrpcTransport:
         options: list[tuple[str, int]],
         connect_timeout: float,
         security: ClientSecurity = ClientSecurity(),
+        batching: Batching = Batching(),
     ) -> None:
         self.target = target
         self.security = security
+        self.batching = batching
+        # Until a server answers ExecuteBatches UNIMPLEMENTED (an older one): then one per message.
+        self.batches = batching.items > 1
         credentials = channel_credentials(security)
         if credentials is None:
             self.channel = grpc.insecure_channel(target, options=options)
@@ -267,7 +415,13 @@ class GrpcTransport:
         target = target or config.server
         if not target:
             raise ConfigError("no server to connect to: give --server HOST:PORT")
-        return cls(target, client_options(config), config.connect_timeout, config.security)
+        return cls(
+            target,
+            client_options(config),
+            config.connect_timeout,
+            config.security,
+            Batching.from_config(config),
+        )
 
     def _ask(self, timeout: float, wait: bool) -> tuple[grpc.StatusCode, str] | None:
         """One health check: None if the server answered (whatever it said), else gRPC's code
@@ -320,6 +474,14 @@ class GrpcTransport:
             self._known_ready = False
 
     def open_stream(self) -> Stream:
+        if self.batches:
+            return _BatchStream(
+                self.channel, self._metadata, self._stream_failed, self.batching, self._unbatched
+            )
+        return _GrpcStream(self.channel, self._metadata, self._stream_failed)
+
+    def _unbatched(self) -> Stream:
+        self.batches = False
         return _GrpcStream(self.channel, self._metadata, self._stream_failed)
 
     def close(self) -> None:

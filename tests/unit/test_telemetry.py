@@ -87,3 +87,21 @@ def test_a_link_that_queues_items_is_measured() -> None:
     )
     assert estimate is not None
     assert estimate == pytest.approx(2.5e6, rel=0.05)
+
+
+def test_a_link_that_carries_batches_is_measured_by_their_bytes() -> None:
+    # Messages of 4 items of 140 kB on a 2.5 MB/s link: a message takes 224 ms, and its items
+    # arrive together. The items of a message are one sample of 560 kB, not four of 140 kB
+    # (which would read the link as four times slower than it is).
+    telemetry = Telemetry(tasks=3, window=8)
+    size, bandwidth, rtt, batch = 140_000, 2.5e6, 0.010, 4
+    link_free = 0.0
+    for message in range(30):
+        first = message * batch
+        sent = [max(0.0, (first + i) * 0.01) for i in range(batch)]
+        link_free = max(sent[-1] + rtt / 2, link_free) + batch * size / bandwidth
+        for i in range(batch):
+            received = link_free + 0.002 + rtt / 2
+            telemetry.answer(first + i, size, sent[i], received, 100.0 + link_free, 0.002, [])
+    estimate = telemetry.snapshot(split=1, period_seconds=1.0, settled=True).bandwidth
+    assert estimate == pytest.approx(bandwidth, rel=0.05)

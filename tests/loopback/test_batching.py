@@ -1,0 +1,160 @@
+"""Several items per message (ExecuteBatches): batched each way, bounded, answered per item,
+exactly once, and a device that meets an older server falls back to one item per message."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+
+from offload import Client, ClientConfig, Limits, RunningServer, _batch, load_pipeline
+from offload._cloud.executor import RemoteExecutor
+from offload._cloud.servicer import OffloadServicer
+from offload._config import ServerConfig
+from offload._device.transport import Batching, GrpcTransport
+from offload._wire import BATCH_METHOD, BATCH_METHOD_NAME, METHOD_NAME, SERVICE_NAME
+from offload.v1 import offload_pb2 as pb
+
+from ..helpers import COUNTER, run_split, state
+
+VIBRATION = "tests.apps.vibration"  # 40 items, the same on every run
+
+
+class _Server:
+    """A real gRPC server around offload's servicer that notes how many items each batch held;
+    ``batches=False`` registers only ExecuteRemaining, as a server from before batching."""
+
+    def __init__(self, batches: bool = True) -> None:
+        self.pipeline = load_pipeline(VIBRATION)
+        self.servicer = OffloadServicer(RemoteExecutor(self.pipeline, ServerConfig()))
+        self.batches: list[int] = []  # items per TaskBatch received
+        methods = {
+            METHOD_NAME: grpc.stream_stream_rpc_method_handler(
+                self.servicer.ExecuteRemaining,
+                response_serializer=pb.ItemResult.SerializeToString,
+            )
+        }
+        if batches:
+            methods[BATCH_METHOD_NAME] = grpc.stream_stream_rpc_method_handler(self._counted)
+        self.server = grpc.server(futures.ThreadPoolExecutor(8))
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, methods),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _counted(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        def noted() -> Iterator[bytes]:
+            for data in requests:
+                self.batches.append(len(_batch.split(data)))
+                yield data
+
+        return self.servicer.ExecuteBatches(noted(), context)
+
+    def stop(self) -> None:
+        self.server.stop(None)
+        self.servicer.close()
+
+
+@pytest.fixture
+def batch_server() -> Iterator[Callable[..., _Server]]:
+    started: list[_Server] = []
+
+    def start(batches: bool = True) -> _Server:
+        started.append(_Server(batches))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_items_that_wait_for_credit_go_together_and_are_answered_one_by_one(
+    batch_server: Callable[..., _Server],
+) -> None:
+    # A window of 4 and a linger longer than any run: each message waits until the window's
+    # 4 items are in it, whatever the machine's speed, and the next 4 wait for their answers.
+    server = batch_server()
+    reference, _ = run_split(server.pipeline, None, source="")
+    lines, _ = run_split(
+        server.pipeline, 1, server.port, source="", window=4, batch_items=8, linger_ms=60_000
+    )
+    assert lines == reference
+    assert server.batches == [4] * 10
+
+
+def test_a_message_holds_no_more_than_batch_bytes(batch_server: Callable[..., _Server]) -> None:
+    # Each item is larger than --batch-bytes: one per message, and no lingering for a second.
+    server = batch_server()
+    lines, _ = run_split(
+        server.pipeline, 1, server.port, source="", window=4, batch_bytes=10, linger_ms=60_000
+    )
+    assert len(lines) == 40
+    assert server.batches == [1] * 40
+
+
+def test_a_device_falls_back_to_one_item_per_message_against_an_older_server(
+    batch_server: Callable[..., _Server],
+) -> None:
+    server = batch_server(batches=False)
+    reference, _ = run_split(server.pipeline, None, source="")
+    transport = GrpcTransport(
+        f"127.0.0.1:{server.port}", [], 10.0, batching=Batching(items=8, max_bytes=1 << 20)
+    )
+    config = ClientConfig(pipeline=VIBRATION, local_tasks=1, device_id="test-device")
+    out = io.StringIO()
+    server.pipeline.set_source("")
+    try:
+        report = Client(server.pipeline, config, transport, out).run()
+    finally:
+        transport.close()
+    assert out.getvalue().splitlines() == reference
+    assert not transport.batches  # found out once; later streams use ExecuteRemaining at once
+    assert report["link"]["disconnects"] == 0 and report["link"]["ran_locally"] == 0
+
+
+def _call(port: int, batches: list[list[pb.TaskState]]) -> list[pb.ResultBatch]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        method = channel.stream_stream(BATCH_METHOD)
+        requests = (_batch.join(s.SerializeToString() for s in batch) for batch in batches)
+        return [pb.ResultBatch.FromString(data) for data in method(requests, timeout=10)]
+
+
+def test_a_resent_item_in_a_batch_gets_its_first_answer_replayed(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(COUNTER)
+    first, again = _call(server.port, [[state(0, 1), state(1, 2)], [state(1, 2), state(2, 3)]])
+    assert [(r.item, r.duplicate) for r in first.results] == [(0, False), (1, False)]
+    assert [(r.item, r.duplicate) for r in again.results] == [(1, True), (2, False)]
+    assert again.results[0].output == first.results[1].output
+    # Every answer is stamped with its own arrival and time on the server.
+    assert all(r.server_receive_time > 0 and r.server_seconds > 0 for r in again.results)
+
+
+def test_a_batch_of_several_items_counts_whole_against_the_message_limit(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(COUNTER, limits=Limits(max_message_bytes=4096))
+    big = [state(i, "x" * 1500) for i in range(3)]  # each fits; together they do not
+    with pytest.raises(grpc.RpcError) as caught:
+        _call(server.port, [big])
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--batch-bytes" in (caught.value.details() or "")
+    (answers,) = _call(server.port, [big[:2]])
+    assert len(answers.results) == 2
+
+
+def test_a_message_that_is_no_batch_is_refused_naming_the_problem(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(COUNTER)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        method = channel.stream_stream(BATCH_METHOD)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(method(iter([b"\x0a\xff\x01abc"]), timeout=10))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not an offload.v1.TaskBatch" in (caught.value.details() or "")
