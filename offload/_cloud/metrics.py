@@ -71,6 +71,8 @@ class ServerMetrics:
             "offload_received_bytes", "TaskState bytes received", registry=r
         )
         self.sent_bytes = Counter("offload_sent_bytes", "ItemResult bytes sent", registry=r)
+        self._task_series: dict[int, Any] = {}  # task: its histogram
+        self._item_series: dict[tuple[str, int], Any] = {}  # (device, status): its counter
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -85,13 +87,28 @@ class ServerMetrics:
         return OTHER_DEVICES
 
     def observe(self, state: pb.TaskState, result: pb.ItemResult) -> None:
-        """Count one answer given to a device (an executor's listener)."""
-        self.items.labels(self.device_label(state.device_id), status_name(result.status)).inc()
+        """Count one answer given to a device (an executor's listener).
+
+        On every answer's path: the labelled series are looked up once each and kept (a
+        ``labels()`` call costs a lock and a key built from strings), so an answer costs a few
+        dictionary hits whatever the number of devices.
+        """
+        key = (state.device_id, result.status)
+        counter = self._item_series.get(key)
+        if counter is None:
+            label = self.device_label(state.device_id)
+            counter = self.items.labels(label, status_name(result.status))
+            if label != OTHER_DEVICES:  # bounded: max_devices devices times the statuses
+                self._item_series[key] = counter
+        counter.inc()
         if result.duplicate:
             return  # a replayed answer: its work was counted when it was done
         for t in result.task_times:
-            name = self._task_names[t.task] if t.task < len(self._task_names) else "?"
-            self.task_seconds.labels(str(t.task), name).observe(t.seconds)
+            series = self._task_series.get(t.task)
+            if series is None:  # at most one per task of the pipeline (and "?")
+                name = self._task_names[t.task] if t.task < len(self._task_names) else "?"
+                series = self._task_series[t.task] = self.task_seconds.labels(str(t.task), name)
+            series.observe(t.seconds)
         self.item_cpu_seconds.observe(result.server_cpu_seconds)
 
     def start_http(self, host: str, port: int) -> int:

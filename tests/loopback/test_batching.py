@@ -158,3 +158,18 @@ def test_a_message_that_is_no_batch_is_refused_naming_the_problem(
             list(method(iter([b"\x0a\xff\x01abc"]), timeout=10))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not an offload.v1.TaskBatch" in (caught.value.details() or "")
+
+
+def test_batches_are_metered_like_single_items(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(COUNTER, metrics_port=0)
+    states = [state(i, i + 1, device="pi-1") for i in range(4)]
+    answers = _call(server.port, [states[:3], states[3:]])
+    assert server.metrics is not None
+    value = server.metrics.registry.get_sample_value
+    assert value("offload_items_total", {"device": "pi-1", "status": "completed"}) == 4
+    sent = sum(len(_batch.join(s.SerializeToString() for s in b)) for b in [states[:3], states[3:]])
+    assert value("offload_received_bytes_total") == sent
+    assert value("offload_sent_bytes_total") == sum(a.ByteSize() for a in answers)
+    assert value("offload_item_cpu_seconds_count") == 4
