@@ -349,6 +349,7 @@ def profile(
                     "--output",
                     str(raw),
                     "--nonblocking",
+                    "--gil",  # the thread holding the GIL: Python's CPU, not its waits
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

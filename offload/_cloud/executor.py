@@ -176,8 +176,7 @@ class RemoteExecutor:
                     duplicate=True,
                 )
                 return forgotten, forgotten.SerializeToString()
-            result = self._run(state)
-            kept = result.SerializeToString()
+            result, kept = self._encoded(self._run(state))
             answers.answers[state.item] = kept
             answers.highest = state.item
             delta, size = 1, len(kept)
@@ -222,17 +221,23 @@ class RemoteExecutor:
             result.error = truncate_error(outcome.error)
         result.task_times.extend(pb.TaskTime(task=i, seconds=s) for i, s in outcome.task_seconds)
         result.server_cpu_seconds = time.thread_time() - cpu_began
+        return result
+
+    def _encoded(self, result: pb.ItemResult) -> tuple[pb.ItemResult, bytes]:
+        """The answer and its encoding, made once (protobuf's ByteSize encodes it too); one too
+        large to send becomes a failure that says so."""
+        encoded = result.SerializeToString()
         limit = self.config.limits.max_message_bytes
-        if result.ByteSize() > limit:
-            size = result.ByteSize()
+        if len(encoded) > limit:
             result.ClearField("output")
             result.status = pb.ItemResult.FAILED
             result.task = len(self.pipeline.tasks) - 1
             result.error = (
-                f"the result is {size} bytes, more than the server's --max-message-bytes {limit}: "
-                "raise it on the server and on the clients (Limits.max_message_bytes)"
+                f"the result is {len(encoded)} bytes, more than the server's --max-message-bytes "
+                f"{limit}: raise it on the server and on the clients (Limits.max_message_bytes)"
             )
-        return result
+            encoded = result.SerializeToString()
+        return result, encoded
 
 
 def truncate_error(text: str) -> str:
