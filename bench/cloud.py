@@ -1,11 +1,12 @@
-"""Cloud CPU per item at every split, three ways on the same items, in one run.
+"""Cloud CPU per item at every split, several ways on the same items, in one run.
 
 ``offload``: offload's server behind its device transport, which batches (``ExecuteBatches``,
-up to 8 items a message, linger 0 unless said); ``offload-linger25`` the same with
-``--linger-ms 25`` (at K = 6); ``seed``: the seed's pickle over TCP (``bench.seed``,
-fire-and-forget, its server running the same remaining tasks); ``floor``: a bare gRPC Python
-server that answers each message of the same batches (the same client stream and batching)
-with one empty answer per item, running no task: what any design on gRPC Python pays.
+up to 8 items a message, linger 0); ``offload-linger25``: the same with ``--linger-ms 25`` (at
+K = 6); ``unbatched``: the same server and transport with one item per message
+(``--batch-items 1``, ``ExecuteRemaining``), the baseline; ``seed``: the seed's pickle over TCP
+(``bench.seed``, fire-and-forget, its server running the same remaining tasks); ``floor``: a
+bare gRPC Python server that answers each message of the same batches (the same client stream
+and batching) with one empty answer per item, running no task: what gRPC Python itself costs.
 
 Each item is the bench pipeline's output of tasks [0, K) on the same frames, cut beforehand, so
 the device side only sends. ``busy``: as fast as a window of 8 allows; ``paced``: one item
@@ -148,9 +149,11 @@ def _states(pipeline: Pipeline, k: int, values: list[Any], run: str) -> list[byt
     return out
 
 
-def _grpc(target: str, payloads: list[bytes], pace: float | None, linger: float) -> None:
+def _grpc(
+    target: str, payloads: list[bytes], pace: float | None, linger: float, batch: int = WINDOW
+) -> None:
     transport = GrpcTransport(
-        target, size_options(LIMIT), 10.0, batching=Batching(WINDOW, 1 << 20, linger)
+        target, size_options(LIMIT), 10.0, batching=Batching(batch, 1 << 20, linger)
     )
     try:
         _through(transport.open_stream(), payloads, pace)
@@ -172,7 +175,7 @@ def _seed(port: int, payloads: list[bytes], pace: float | None) -> None:
 
 
 def _systems(k: int) -> list[str]:
-    return ["offload", "seed", "floor"] + (["offload-linger25"] if k == 6 else [])
+    return ["offload", "unbatched", "seed", "floor"] + (["offload-linger25"] if k == 6 else [])
 
 
 def run(
@@ -190,7 +193,7 @@ def run(
         "seed": seed_server("buffered"),
         "floor": ServerProcess(["-c", _FLOOR]),
     }
-    servers["offload-linger25"] = servers["offload"]
+    servers["offload-linger25"] = servers["unbatched"] = servers["offload"]
     runs: list[dict[str, Any]] = []
     try:
         for rep in range(-1, reps):  # rep -1 warms every server up (OpenCV's first calls)
@@ -215,7 +218,8 @@ def run(
                             _seed(server.port, payloads, rate)
                         else:
                             linger = 0.025 if system == "offload-linger25" else 0.0
-                            _grpc(server.target, payloads, rate, linger)
+                            batch = 1 if system == "unbatched" else WINDOW
+                            _grpc(server.target, payloads, rate, linger, batch)
                         elapsed = time.perf_counter() - began
                         if rep < 0:
                             continue
@@ -256,7 +260,7 @@ def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[system] = round(statistics.median(mine[system, rep] for rep in reps), 4)
             for system in ("offload", "offload-linger25"):
                 if system in row:
-                    for base in ("seed", "floor"):
+                    for base in ("seed", "floor", "unbatched"):
                         ratios = [mine[system, rep] / mine[base, rep] for rep in reps]
                         row[f"{system}/{base}"] = round(statistics.median(ratios), 2)
             rows.append(row)
@@ -264,12 +268,12 @@ def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(data: dict[str, Any]) -> str:
-    header = ["K", "mode", "offload", "seed", "floor", "offload / seed", "offload / floor"]
-    header += ["linger 25", "linger 25 / seed"]
+    header = ["K", "mode", "offload", "unbatched", "seed", "floor", "offload / unbatched"]
+    header += ["offload / seed", "offload / floor", "linger 25", "linger 25 / seed"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in data["rows"]:
-        cells = [row["k"], row["mode"], row["offload"], row["seed"], row["floor"]]
-        cells += [row["offload/seed"], row["offload/floor"]]
+        cells = [row["k"], row["mode"], row["offload"], row["unbatched"], row["seed"]]
+        cells += [row["floor"], row["offload/unbatched"], row["offload/seed"], row["offload/floor"]]
         cells += [row.get("offload-linger25", ""), row.get("offload-linger25/seed", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -279,7 +283,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for axis, mode in zip(axes, ("busy", "paced"), strict=True):
         rows = [r for r in data["rows"] if r["mode"] == mode]
-        for system in ("offload", "seed", "floor"):
+        for system in ("offload", "unbatched", "seed", "floor"):
             axis.plot([r["k"] for r in rows], [r[system] for r in rows], marker="o", label=system)
         linger = [r for r in rows if "offload-linger25" in r]
         axis.plot(
