@@ -6,7 +6,8 @@ K = 6); ``unbatched``: the same server and transport with one item per message
 (``--batch-items 1``, ``ExecuteRemaining``), the baseline; ``seed``: the seed's pickle over TCP
 (``bench.seed``, fire-and-forget, its server running the same remaining tasks); ``floor``: a
 bare gRPC Python server that answers each message of the same batches (the same client stream
-and batching) with one empty answer per item, running no task: what gRPC Python itself costs.
+and batching; ``floor-linger25`` beside ``offload-linger25``) with one empty answer per item,
+running no task: what gRPC Python itself costs.
 
 Each item is the bench pipeline's output of tasks [0, K) on the same frames, cut beforehand, so
 the device side only sends. ``busy``: as fast as a window of 8 allows; ``paced``: one item
@@ -175,7 +176,8 @@ def _seed(port: int, payloads: list[bytes], pace: float | None) -> None:
 
 
 def _systems(k: int) -> list[str]:
-    return ["offload", "unbatched", "seed", "floor"] + (["offload-linger25"] if k == 6 else [])
+    lingering = ["offload-linger25", "floor-linger25"] if k == 6 else []
+    return ["offload", "unbatched", "seed", "floor", *lingering]
 
 
 def run(
@@ -194,6 +196,7 @@ def run(
         "floor": ServerProcess(["-c", _FLOOR]),
     }
     servers["offload-linger25"] = servers["unbatched"] = servers["offload"]
+    servers["floor-linger25"] = servers["floor"]
     runs: list[dict[str, Any]] = []
     try:
         for rep in range(-1, reps):  # rep -1 warms every server up (OpenCV's first calls)
@@ -217,7 +220,7 @@ def run(
                         if system == "seed":
                             _seed(server.port, payloads, rate)
                         else:
-                            linger = 0.025 if system == "offload-linger25" else 0.0
+                            linger = 0.025 if system.endswith("-linger25") else 0.0
                             batch = 1 if system == "unbatched" else WINDOW
                             _grpc(server.target, payloads, rate, linger, batch)
                         elapsed = time.perf_counter() - began
@@ -260,7 +263,9 @@ def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row[system] = round(statistics.median(mine[system, rep] for rep in reps), 4)
             for system in ("offload", "offload-linger25"):
                 if system in row:
-                    for base in ("seed", "floor", "unbatched"):
+                    for base in ("seed", "floor", "unbatched", "floor-linger25"):
+                        if base not in row:
+                            continue
                         ratios = [mine[system, rep] / mine[base, rep] for rep in reps]
                         row[f"{system}/{base}"] = round(statistics.median(ratios), 2)
             rows.append(row)
@@ -270,11 +275,13 @@ def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(data: dict[str, Any]) -> str:
     header = ["K", "mode", "offload", "unbatched", "seed", "floor", "offload / unbatched"]
     header += ["offload / seed", "offload / floor", "linger 25", "linger 25 / seed"]
+    header += ["floor, linger 25", "linger 25 / floor, linger 25"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in data["rows"]:
         cells = [row["k"], row["mode"], row["offload"], row["unbatched"], row["seed"]]
         cells += [row["floor"], row["offload/unbatched"], row["offload/seed"], row["offload/floor"]]
         cells += [row.get("offload-linger25", ""), row.get("offload-linger25/seed", "")]
+        cells += [row.get("floor-linger25", ""), row.get("offload-linger25/floor-linger25", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -421,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     frames = bench_pipeline.render(args.source, 120)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        result = profile(pipeline, frames, max(args.items, 1000), log)
+        result = profile(pipeline, frames, max(args.items, 5000), log)
         result["machine"] = described
         (args.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
         lines = ["| where | µs per item |", "| --- | --- |"]
