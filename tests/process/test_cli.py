@@ -158,6 +158,12 @@ def test_a_server_without_a_split_is_refused_rather_than_ignored() -> None:
             "--window 0: at least 1 item must be in flight (from OFFLOAD_WINDOW in the "
             "environment)",
         ),
+        (
+            "OFFLOAD_LINGER_MS",
+            "-5",
+            "--linger-ms -5: give milliseconds, 0 or more (from OFFLOAD_LINGER_MS in the "
+            "environment)",
+        ),
     ],
 )
 def test_bad_environment_values_are_one_line_naming_the_variable(
@@ -194,6 +200,9 @@ def test_every_client_option_can_come_from_the_environment() -> None:
         "tls_key": ("device.key", "device.key"),
         "token": ("s3cret", "s3cret"),
         "log_level": ("debug", "DEBUG"),
+        "batch_items": ("4", 4),
+        "batch_bytes": ("65536", 65536),
+        "linger_ms": ("25", 25.0),
     }
     dests = {a.dest for a in option_actions(build_parser({}))}
     assert dests == set(values), "a new option needs a line here"
