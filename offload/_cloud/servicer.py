@@ -272,9 +272,9 @@ class OffloadServicer:
     ) -> Iterator[bytes]:
         """``ExecuteRemaining`` with several items per message each way.
 
-        A batch is one hand-over from the read-ahead thread and is answered by as few
-        ResultBatches as the message limit allows; each item is parsed, checked and run as it
-        would be alone, and its answer encoded once (by the executor, which remembers it).
+        A batch is one hand-over from the read-ahead thread; each item is parsed, checked and run
+        as it would be alone, and its answer encoded once (by the executor, which remembers it)
+        and sent at once, framed as a ResultBatch.
         """
         peer = context.peer()
         proven = peer_device_id(context)
@@ -288,29 +288,24 @@ class OffloadServicer:
                 self._watches[id(watch)] = watch
         if full:
             self._refuse_full(request_iterator, context, proven, open_streams)
-        limit = self.executor.config.limits.max_message_bytes
         try:
             for data, arrived in _read_ahead(request_iterator, context, self._draining):
-                watch.busy = True
-                answers: list[bytes] = []
-                size = 0
                 for item in self._split(data, count, context, peer):
+                    watch.busy = True
                     state = self._parse(item, count, context, peer)
                     device = self._claim(state, proven, device, peer)
                     _, answer = self._execute(state, context, peer)
-                    answer = _batch.stamped(answer, arrived, time.monotonic() - arrived)
-                    grown = size + _batch.framing(len(answer)) + len(answer)
-                    if answers and grown > limit:
-                        yield _batch.join(answers)
-                        answers, grown = [], grown - size
-                    answers.append(answer)
-                    size = grown
+                    watch.busy = False
+                    # Each answer goes as soon as it is ready: held for the batch's next items it
+                    # would wait for work of any length (a slow item), and the device counts a
+                    # stall from its latest answer.
+                    yield _batch.join(
+                        (_batch.stamped(answer, arrived, time.monotonic() - arrived),)
+                    )
+                    watch.last_activity = time.monotonic()
                     count += 1
-                watch.busy = False
-                yield _batch.join(answers)
-                watch.last_activity = time.monotonic()
-                if self._draining.is_set():
-                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                    if self._draining.is_set():
+                        context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
             with self._lock:
                 del self._watches[id(watch)]

@@ -116,23 +116,32 @@ def test_a_device_falls_back_to_one_item_per_message_against_an_older_server(
     assert report["link"]["disconnects"] == 0 and report["link"]["ran_locally"] == 0
 
 
-def _call(port: int, batches: list[list[pb.TaskState]]) -> list[pb.ResultBatch]:
+def _call(port: int, batches: list[list[pb.TaskState]]) -> list[pb.ItemResult]:
+    """The answers to these batches, in order."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         method = channel.stream_stream(BATCH_METHOD)
         requests = (_batch.join(s.SerializeToString() for s in batch) for batch in batches)
-        return [pb.ResultBatch.FromString(data) for data in method(requests, timeout=10)]
+        return [
+            answer
+            for data in method(requests, timeout=10)
+            for answer in pb.ResultBatch.FromString(data).results
+        ]
 
 
 def test_a_resent_item_in_a_batch_gets_its_first_answer_replayed(
     start_server: Callable[..., RunningServer],
 ) -> None:
     server = start_server(COUNTER)
-    first, again = _call(server.port, [[state(0, 1), state(1, 2)], [state(1, 2), state(2, 3)]])
-    assert [(r.item, r.duplicate) for r in first.results] == [(0, False), (1, False)]
-    assert [(r.item, r.duplicate) for r in again.results] == [(1, True), (2, False)]
-    assert again.results[0].output == first.results[1].output
+    answers = _call(server.port, [[state(0, 1), state(1, 2)], [state(1, 2), state(2, 3)]])
+    assert [(r.item, r.duplicate) for r in answers] == [
+        (0, False),
+        (1, False),
+        (1, True),
+        (2, False),
+    ]
+    assert answers[2].output == answers[1].output
     # Every answer is stamped with its own arrival and time on the server.
-    assert all(r.server_receive_time > 0 and r.server_seconds > 0 for r in again.results)
+    assert all(r.server_receive_time > 0 and r.server_seconds > 0 for r in answers)
 
 
 def test_a_batch_of_several_items_counts_whole_against_the_message_limit(
@@ -144,8 +153,7 @@ def test_a_batch_of_several_items_counts_whole_against_the_message_limit(
         _call(server.port, [big])
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--batch-bytes" in (caught.value.details() or "")
-    (answers,) = _call(server.port, [big[:2]])
-    assert len(answers.results) == 2
+    assert len(_call(server.port, [big[:2]])) == 2
 
 
 def test_a_message_that_is_no_batch_is_refused_naming_the_problem(
@@ -171,5 +179,7 @@ def test_batches_are_metered_like_single_items(
     assert value("offload_items_total", {"device": "pi-1", "status": "completed"}) == 4
     sent = sum(len(_batch.join(s.SerializeToString() for s in b)) for b in [states[:3], states[3:]])
     assert value("offload_received_bytes_total") == sent
-    assert value("offload_sent_bytes_total") == sum(a.ByteSize() for a in answers)
+    # One answer per message: its bytes and the batch's two bytes of framing.
+    sizes = [a.ByteSize() for a in answers]
+    assert value("offload_sent_bytes_total") == sum(_batch.framing(n) + n for n in sizes)
     assert value("offload_item_cpu_seconds_count") == 4
