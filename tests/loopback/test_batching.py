@@ -179,7 +179,7 @@ def test_batches_are_metered_like_single_items(
     assert value("offload_items_total", {"device": "pi-1", "status": "completed"}) == 4
     sent = sum(len(_batch.join(s.SerializeToString() for s in b)) for b in [states[:3], states[3:]])
     assert value("offload_received_bytes_total") == sent
-    # One answer per message: its bytes and the batch's two bytes of framing.
+    # One answer per message: its bytes and the batch framing (a tag and a length).
     sizes = [a.ByteSize() for a in answers]
     assert value("offload_sent_bytes_total") == sum(_batch.framing(n) + n for n in sizes)
     assert value("offload_item_cpu_seconds_count") == 4
