@@ -223,6 +223,10 @@ class ServerConfig:
     dedup_total: int = 100_000
     # The same in bytes (serialised answers; a task's error text is cut to 4096 characters).
     dedup_bytes: int = 64 * MiB
+    # Bytes of items read and not yet answered, per stream and over all streams: beyond them
+    # the server reads no further (TCP pushes back); a stream holding nothing may read one.
+    read_ahead_bytes: int = 16 * MiB
+    read_ahead_total_bytes: int = 256 * MiB
     limits: Limits = Limits()
     security: ServerSecurity = ServerSecurity()
     keepalive: Keepalive = Keepalive()

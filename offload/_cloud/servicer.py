@@ -29,9 +29,63 @@ class _Watch:
         self.last_activity = time.monotonic()
         self.busy = False  # running an item: not idle, however long the tasks take
         self.dropped = False
+        self.held = 0  # bytes read and not yet answered (under ReadBudget's lock)
+        self.closed = False
 
 
-_READ_AHEAD = 16  # items read and stamped ahead of the one running; then TCP pushes back
+class ReadBudget:
+    """The bytes of items read and not yet answered, per stream and over all streams.
+
+    A stream reads its next message only while it holds less than ``per_stream`` bytes and the
+    server less than ``total``; then TCP pushes back. A stream that holds nothing may always read
+    one, so that honest devices keep being served (an item at a time) while others hold the
+    budget. So a stream holds at most ``per_stream`` plus one message (up to twice
+    ``--max-message-bytes``), and the server ``total`` plus one message per stream.
+    """
+
+    def __init__(self, per_stream: int, total: int) -> None:
+        self.per_stream = per_stream
+        self.total = total
+        self.held = 0
+        self.peak = 0  # the most ever held
+        self.waiting = 0  # streams waiting for room now
+        self._room = threading.Condition()
+
+    def wait_for_room(self, stream: _Watch) -> bool:
+        """Wait until ``stream`` may read its next message; False once the stream has ended."""
+        with self._room:
+            while not stream.closed and stream.context.is_active():
+                if stream.held == 0 or (stream.held < self.per_stream and self.held < self.total):
+                    return True
+                self.waiting += 1
+                self._room.wait(0.25)
+                self.waiting -= 1
+            return False
+
+    def take(self, stream: _Watch, size: int) -> None:
+        with self._room:
+            if not stream.closed:
+                stream.held += size
+                self.held += size
+                self.peak = max(self.peak, self.held)
+
+    def give(self, stream: _Watch, size: int) -> None:
+        with self._room:
+            size = min(size, stream.held)
+            stream.held -= size
+            self.held -= size
+            self._room.notify_all()
+
+    def close(self, stream: _Watch) -> None:
+        """The stream ended: what it still holds (read, never run) is given back."""
+        with self._room:
+            stream.closed = True
+            self.held -= stream.held
+            stream.held = 0
+            self._room.notify_all()
+
+
+_READ_AHEAD = 16  # items read ahead of the one running, whatever their bytes (ReadBudget)
 _END = object()
 # Threads beyond `workers`: health checks, and refusing streams beyond `workers`, still get one.
 SPARE_THREADS = 4
@@ -45,14 +99,19 @@ SHUTTING_DOWN = (
 
 
 def _read_ahead(
-    requests: Iterator[bytes], context: grpc.ServicerContext, draining: threading.Event
+    requests: Iterator[bytes],
+    watch: _Watch,
+    budget: ReadBudget,
+    draining: threading.Event,
 ) -> Iterator[tuple[bytes, float]]:
     """Yield items with the time each finished arriving, read by a thread of its own.
 
     Reading while the previous item runs stamps arrival times that reflect the link rather
-    than the server's pace, which is what lets the device measure its link's bandwidth.
+    than the server's pace, which is what lets the device measure its link's bandwidth. What
+    is read counts against ``budget`` until the answering side gives it back.
     Waiting for an item while the server drains ends the stream UNAVAILABLE.
     """
+    context = watch.context
     inbox: queue.Queue[object] = queue.Queue(maxsize=_READ_AHEAD)
 
     def offer(entry: object) -> bool:
@@ -66,7 +125,11 @@ def _read_ahead(
 
     def read() -> None:
         try:
-            for state in requests:
+            while budget.wait_for_room(watch):
+                state = next(requests, None)
+                if state is None:
+                    break
+                budget.take(watch, len(state))
                 if not offer((state, time.monotonic())):
                     return
         except Exception as exc:  # the stream broke: hand the error to the answering side
@@ -160,6 +223,8 @@ class OffloadServicer:
         self._closed = threading.Event()
         self._draining = threading.Event()
         self._refusals = _RefusalLog(_REFUSAL_LOG_INTERVAL)
+        config = executor.config
+        self.read_budget = ReadBudget(config.read_ahead_bytes, config.read_ahead_total_bytes)
         self._reaper = threading.Thread(target=self._reap, name="offload-reaper", daemon=True)
         self._reaper.start()
 
@@ -220,7 +285,9 @@ class OffloadServicer:
         if full:
             self._refuse_full(request_iterator, context, proven, open_streams)
         try:
-            for data, arrived in _read_ahead(request_iterator, context, self._draining):
+            for data, arrived in _read_ahead(
+                request_iterator, watch, self.read_budget, self._draining
+            ):
                 watch.busy = True
                 state = self._parse(data, count, context, peer)
                 if proven is not None and state.device_id != proven:
@@ -249,12 +316,14 @@ class OffloadServicer:
                 result.server_receive_time = arrived
                 result.server_seconds = time.monotonic() - arrived
                 watch.busy = False
+                self.read_budget.give(watch, len(data))
                 yield result
                 watch.last_activity = time.monotonic()
                 count += 1
                 if self._draining.is_set():
                     context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
+            self.read_budget.close(watch)
             with self._lock:
                 del self._watches[id(watch)]
             if device is not None:

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import importlib
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
-from offload import ItemContext, RunningServer, encode, load_pipeline
+from offload import ItemContext, Limits, RunningServer, encode, load_pipeline
 from offload._cloud.executor import MAX_ERROR_CHARS, MAX_ID_CHARS
 from offload._pipeline import run_tasks
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-from ..helpers import install
+from ..helpers import install, wait_until
 
 # The module, not the package's `tasks` list that shadows it.
 bt = importlib.import_module("examples.ball_tracking.tasks")
@@ -61,7 +62,11 @@ def echoing_state(data: bytes, item: int, run: str = "r") -> pb.TaskState:
 
 def send(port: int, states: list[pb.TaskState]) -> list[pb.ItemResult]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        return list(pb_grpc.OffloadStub(channel).ExecuteRemaining(iter(states), timeout=60))
+        return send_on(channel, states)
+
+
+def send_on(channel: grpc.Channel, states: list[pb.TaskState]) -> list[pb.ItemResult]:
+    return list(pb_grpc.OffloadStub(channel).ExecuteRemaining(iter(states), timeout=60))
 
 
 # --- item 3: remembered answers ---------------------------------------------------------------
@@ -198,3 +203,59 @@ def test_a_device_id_longer_than_the_limit_is_refused_and_logged_short(
     assert f"device_id is {MiB} characters: give at most {MAX_ID_CHARS}" in err.value.details()
     assert server.servicer.executor.remembered_answers == 0
     assert max(len(r.getMessage()) for r in caplog.records) < 2 * MAX_ID_CHARS + 500
+
+
+# --- item 1: read-ahead bounded in bytes ------------------------------------------------------
+
+
+def unread_flood(
+    stub: pb_grpc.OffloadStub, size: int, count: int, release: threading.Event, run: str
+) -> Any:
+    """A stream that sends ``count`` items of ``size`` bytes and never reads an answer: the
+    server's first answer (as large as the item) fills the flow-control window, so its writes
+    block while its reader goes on reading."""
+
+    def requests() -> Iterator[pb.TaskState]:
+        for i in range(count):
+            yield echoing_state(b"x" * size, i, run)
+        release.wait(60)
+
+    return stub.ExecuteRemaining(requests(), timeout=60)
+
+
+def test_items_read_ahead_are_bounded_in_bytes_per_stream_and_in_all(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    limit = 4 * MiB
+    per_stream, total = limit, 2 * limit
+    server = start_server(
+        ECHOING,
+        limits=Limits(max_message_bytes=limit),
+        read_ahead_bytes=per_stream,
+        read_ahead_total_bytes=total,
+    )
+    budget = server.servicer.read_budget
+    release = threading.Event()
+    # Gzip: 40 items of 4 MiB are ~200 kB on the wire, 160 MiB once read.
+    with (
+        grpc.insecure_channel(
+            f"127.0.0.1:{server.port}", compression=grpc.Compression.Gzip
+        ) as attacker,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as honest,
+    ):
+        stub = pb_grpc.OffloadStub(attacker)
+        size = limit - 64 * KiB
+        floods = [unread_flood(stub, size, 40, release, f"flood{i}") for i in range(2)]
+        try:
+            # Both streams stop reading once they hold their share, and the server its total.
+            assert wait_until(lambda: budget.waiting == 2, 30), (budget.held, budget.waiting)
+            # An honest device is still served while the budget is spent.
+            answers = send_on(honest, [echoing_state(b"ok", 0, "honest")])
+            assert answers[0].status == pb.ItemResult.COMPLETED
+        finally:
+            release.set()
+            for call in floods:
+                call.cancel()
+    bound = total + 2 * (2 * limit)  # the total, plus one message per stream
+    assert budget.peak <= bound, (budget.peak, bound)
+    assert wait_until(lambda: budget.held == 0, 10)  # given back when the streams ended

@@ -106,6 +106,8 @@ def test_every_validated_field_has_a_case() -> None:
         (ServerConfig, "max_runs"),
         (ServerConfig, "dedup_total"),
         (ServerConfig, "dedup_bytes"),
+        (ServerConfig, "read_ahead_bytes"),
+        (ServerConfig, "read_ahead_total_bytes"),
         (ServerConfig, "reflection"),
     }
     nested = {"limits", "security", "keepalive", "link"}
