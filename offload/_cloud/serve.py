@@ -193,8 +193,9 @@ def serve(
         executor.add_listener(metrics.observe)
         interceptors.append(StreamMetrics(metrics))
     # The servicer refuses device streams beyond `workers` itself (saying so, and logging it);
+    # as many again may wait for their first item without holding a worker (OffloadServicer);
     # the spare threads answer health checks and those refusals when every worker is busy.
-    threads = config.workers + SPARE_THREADS
+    threads = 2 * config.workers + SPARE_THREADS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offload"),
         interceptors=interceptors,

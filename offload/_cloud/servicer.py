@@ -26,7 +26,10 @@ class _Watch:
 
     def __init__(self, context: grpc.ServicerContext) -> None:
         self.context = context
-        self.last_activity = time.monotonic()
+        self.opened = self.last_activity = time.monotonic()
+        # No item yet: the stream holds a thread but not one of `workers` (a stream of headers
+        # alone must not keep devices out).
+        self.waiting = True
         self.busy = False  # running an item: not idle, however long the tasks take
         self.dropped = False
         self.held = 0  # bytes read and not yet answered (under ReadBudget's lock)
@@ -89,8 +92,6 @@ _READ_AHEAD = 16  # items read ahead of the one running, whatever their bytes (R
 _END = object()
 # Threads beyond `workers`: health checks, and refusing streams beyond `workers`, still get one.
 SPARE_THREADS = 4
-# How long a refused stream may take to send its first item, which names the device for the log.
-_NAME_WAIT = 1.0
 _REFUSAL_LOG_INTERVAL = 10.0  # a device refused again within this is counted, not logged
 SHUTTING_DOWN = (
     "the server is shutting down: reconnect (to another server, or to this one once it is "
@@ -155,33 +156,6 @@ def _read_ahead(
         yield entry  # type: ignore[misc]
 
 
-def _first_message(requests: Iterator[bytes], wait: float) -> bytes | None:
-    """The stream's first message if it arrives within ``wait`` seconds, else None."""
-    box: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
-
-    def read() -> None:
-        try:
-            box.put(next(requests, None))
-        except Exception:  # the stream ended or broke: nothing to name it by
-            box.put(None)
-
-    threading.Thread(target=read, name="offload-refused", daemon=True).start()
-    try:
-        return box.get(timeout=wait)
-    except queue.Empty:
-        return None
-
-
-def _device_of(data: bytes | None) -> str | None:
-    """The device id a stream's first message claims, if it is a TaskState that names one."""
-    if data is None:
-        return None
-    try:
-        return pb.TaskState.FromString(data).device_id or None
-    except DecodeError:
-        return None
-
-
 class _RefusalLog:
     """Which refusals to log: a device's first, then at most one per ``interval`` with the
     number refused meanwhile, so that a device retrying in a loop cannot flood the log."""
@@ -219,6 +193,7 @@ class OffloadServicer:
         self._idle_limit = executor.config.stream_idle_seconds
         self._stream_limit = executor.config.workers
         self._watches: dict[int, _Watch] = {}
+        self._working = 0  # streams that have sent an item: at most `workers`
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._draining = threading.Event()
@@ -277,19 +252,15 @@ class OffloadServicer:
         device = None
         count = 0
         watch = _Watch(context)
-        with self._lock:
-            open_streams = len(self._watches)
-            full = open_streams >= self._stream_limit
-            if not full:
-                self._watches[id(watch)] = watch
-        if full:
-            self._refuse_full(request_iterator, context, proven, open_streams)
+        self._admit_waiting(watch)
         try:
             for data, arrived in _read_ahead(
                 request_iterator, watch, self.read_budget, self._draining
             ):
                 watch.busy = True
                 state = self._parse(data, count, context, peer)
+                if watch.waiting:
+                    self._admit_working(watch, proven or state.device_id[:MAX_ID_CHARS])
                 if proven is not None and state.device_id != proven:
                     if device is None:
                         log.warning(
@@ -326,17 +297,44 @@ class OffloadServicer:
             self.read_budget.close(watch)
             with self._lock:
                 del self._watches[id(watch)]
+                self._working -= not watch.waiting
             if device is not None:
                 log.info(
                     "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
                 )
 
+    def _admit_waiting(self, watch: _Watch) -> None:
+        """Admit a new stream as waiting for its first item; with ``workers`` waiting already,
+        the one that has waited longest is ended (a device sends its first item at once)."""
+        with self._lock:
+            waiting = [w for w in self._watches.values() if w.waiting and not w.dropped]
+            evict = None
+            if len(waiting) >= self._stream_limit:
+                evict = min(waiting, key=lambda w: w.opened)
+                evict.dropped = True
+            self._watches[id(watch)] = watch
+        if evict is not None:
+            log.warning(
+                "event=idle-drop peer=%s idle_s=%.1f reason=%s",
+                quote(evict.context.peer()),
+                time.monotonic() - evict.opened,
+                quote("no item yet, and a newer stream waits for its first"),
+            )
+            evict.context.cancel()
+
+    def _admit_working(self, watch: _Watch, device: str) -> None:
+        """A stream's first item: it takes one of ``workers``, or is refused (naming the device)."""
+        with self._lock:
+            full = self._working >= self._stream_limit
+            if not full:
+                self._working += 1
+                watch.waiting = False
+            working = self._working
+        if full:
+            self._refuse_full(watch.context, device, working)
+
     def _refuse_full(
-        self,
-        requests: Iterator[bytes],
-        context: grpc.ServicerContext,
-        proven: str | None,
-        open_streams: int,
+        self, context: grpc.ServicerContext, device: str | None, open_streams: int
     ) -> None:
         """End a stream beyond ``workers`` with RESOURCE_EXHAUSTED, and log it (rate-limited)."""
         limit = self._stream_limit
@@ -345,7 +343,6 @@ class OffloadServicer:
             f"(--workers {limit}) and has {open_streams} open; retry later, or raise the "
             "server's --workers or add servers"
         )
-        device = proven or _device_of(_first_message(requests, _NAME_WAIT))
         refused = self._refusals.count(device or context.peer())
         if refused:
             log.warning(

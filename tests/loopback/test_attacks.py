@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offload import ItemContext, Limits, RunningServer, encode, load_pipeline
 from offload._cloud.executor import MAX_ERROR_CHARS, MAX_ID_CHARS
@@ -259,3 +260,44 @@ def test_items_read_ahead_are_bounded_in_bytes_per_stream_and_in_all(
     bound = total + 2 * (2 * limit)  # the total, plus one message per stream
     assert budget.peak <= bound, (budget.peak, bound)
     assert wait_until(lambda: budget.held == 0, 10)  # given back when the streams ended
+
+
+# --- item 2: streams that send nothing --------------------------------------------------------
+
+
+def test_streams_of_headers_alone_hold_no_worker_and_health_answers_throughout(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    workers = 4
+    server = start_server(ECHOING, workers=workers)
+    release = threading.Event()
+
+    def nothing() -> Iterator[pb.TaskState]:
+        release.wait(60)
+        yield from ()
+
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as attacker,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as honest,
+    ):
+        stub = pb_grpc.OffloadStub(attacker)
+        health = health_pb2_grpc.HealthStub(honest)
+        request = health_pb2.HealthCheckRequest(service="offload.v1.Offload")
+        idle = [stub.ExecuteRemaining(nothing(), timeout=60) for _ in range(workers)]
+        try:
+            assert wait_until(lambda: server.servicer.active_streams == workers, 10)
+            # As many streams as workers, none of them sending: a device is still served.
+            (answer,) = send_on(honest, [echoing_state(b"ok", 0, "honest")])
+            assert answer.status == pb.ItemResult.COMPLETED
+            # Three times as many: the oldest silent ones make room for newer ones, and
+            # health and devices are answered throughout.
+            idle += [stub.ExecuteRemaining(nothing(), timeout=60) for _ in range(2 * workers)]
+            for i in range(1, 6):
+                check = health.Check(request, timeout=10)
+                assert check.status == health_pb2.HealthCheckResponse.SERVING
+                (answer,) = send_on(honest, [echoing_state(b"ok", i, "honest")])
+                assert answer.status == pb.ItemResult.COMPLETED
+        finally:
+            release.set()
+            for call in idle:
+                call.cancel()
