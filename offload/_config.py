@@ -50,6 +50,9 @@ class Limits:
     max_message_bytes: int = 16 * MiB
     max_depth: int = 32  # nesting of lists / tuples / maps
     max_elements: int = 100_000  # items in one list / tuple / map
+    # Items of every list / tuple / map in one message, counted before it is parsed: parsing
+    # costs ~75 bytes and ~0.4 us of CPU per element, a message may hold 8 million.
+    max_total_elements: int = 100_000
     max_dims: int = 32  # array dimensions (NumPy's own limit is 64)
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
+from .._codec import wire_problem
 from .._logging import quote
 from .._security import peer_device_id
 from .._wire import METHOD_NAME, SERVICE_NAME, TOO_LARGE, status_code
@@ -90,6 +91,7 @@ class ReadBudget:
 
 _READ_AHEAD = 16  # items read ahead of the one running, whatever their bytes (ReadBudget)
 _END = object()
+TASK_STATE_ARGS = pb.TaskState.DESCRIPTOR.fields_by_name["args"].number
 # Threads beyond `workers`: health checks, and refusing streams beyond `workers`, still get one.
 SPARE_THREADS = 4
 _REFUSAL_LOG_INTERVAL = 10.0  # a device refused again within this is counted, not logged
@@ -373,6 +375,13 @@ class OffloadServicer:
                 quote(message),
             )
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        problem = wire_problem(data, TASK_STATE_ARGS, self.executor.config.limits)
+        if problem is not None:
+            message = f"message {index} of the stream has {problem}: refused before parsing"
+            log.warning(
+                "event=reject peer=%s code=INVALID_ARGUMENT reason=%s", quote(peer), quote(message)
+            )
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         try:
             return pb.TaskState.FromString(data)
         except DecodeError as exc:

@@ -17,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offload import ItemContext, Limits, RunningServer, encode, load_pipeline
 from offload._cloud.executor import MAX_ERROR_CHARS, MAX_ID_CHARS
+from offload._cloud.servicer import TASK_STATE_ARGS
+from offload._codec import wire_problem
 from offload._pipeline import run_tasks
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
@@ -25,6 +27,7 @@ from ..helpers import install, wait_until
 
 # The module, not the package's `tasks` list that shadows it.
 bt = importlib.import_module("examples.ball_tracking.tasks")
+METHOD = "/offload.v1.Offload/ExecuteRemaining"
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -301,3 +304,67 @@ def test_streams_of_headers_alone_hold_no_worker_and_health_answers_throughout(
             release.set()
             for call in idle:
                 call.cancel()
+
+
+# --- item 5: elements counted before parsing --------------------------------------------------
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field, written by hand (no message objects: they are what
+    the attack makes expensive)."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out) + bytes([n])
+
+
+def many_lists(lists: int, each: int) -> bytes:
+    """args = [[None] * each] * lists, as wire bytes: 4 bytes per element."""
+    none = field(1, b"")  # Value{none: Nothing{}}
+    inner = field(8, field(1, none) * each)  # Value{list_value: [None] * each}
+    return field(8, field(1, inner) * lists)
+
+
+def raw_state(args: bytes, item: int = 0) -> bytes:
+    head = echoing_state(b"", item)
+    head.ClearField("args")
+    return head.SerializeToString() + field(TASK_STATE_ARGS, args)
+
+
+def test_the_total_of_elements_is_counted_on_the_wire_before_parsing() -> None:
+    limits = Limits()
+    limit = limits.max_total_elements
+    under = many_lists(4, limit // 4 - 1)  # the 4 inner lists are elements of the outer one
+    over = many_lists(4, limit // 4)  # each list within max_elements, the total not
+    assert wire_problem(raw_state(under), TASK_STATE_ARGS, limits) is None
+    problem = wire_problem(raw_state(over), TASK_STATE_ARGS, limits)
+    assert problem is not None and f"more than {limit} elements in all" in problem
+    # Bytes of 0x0A in data (a dark frame) are no elements: walked, skipped, let through.
+    dark = np.full((375, 500, 3), 10, np.uint8)
+    value = encode({"frame": dark, "points": [[1, 2]] * 1000, "n": [None] * 1000})
+    wire = echoing_state(b"", 0)
+    wire.args.CopyFrom(value)
+    assert wire_problem(wire.SerializeToString(), TASK_STATE_ARGS, limits) is None
+    # The count agrees with the parser's on what it lets through.
+    assert pb.TaskState.FromString(raw_state(under)).args.list_value.items[3].list_value.items
+
+
+def test_a_message_of_millions_of_elements_is_refused_before_it_is_parsed(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(ECHOING)
+    attack = raw_state(many_lists(40, 99_999))  # 16 MB: 4 million elements, each list in bounds
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(iter([attack]), timeout=60))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "more than 100000 elements in all" in err.value.details()
+        assert "refused before parsing" in err.value.details()
+        (answer,) = send_on(channel, [echoing_state(b"ok", 0, "honest")])
+        assert answer.status == pb.ItemResult.COMPLETED

@@ -99,6 +99,7 @@ def test_every_validated_field_has_a_case() -> None:
     unchecked = {
         (Limits, "max_depth"),
         (Limits, "max_elements"),
+        (Limits, "max_total_elements"),
         (Limits, "max_dims"),
         (ClientSecurity, "tls"),
         (ClientConfig, "local_tasks"),
