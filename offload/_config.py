@@ -236,6 +236,13 @@ class ServerConfig:
     # A stream that neither sends an item nor takes an answer for this long is dropped, so a
     # stalled device cannot hold one of the `workers` threads forever.
     stream_idle_seconds: float = 120.0
+    # One connection may open this many streams at once (HTTP/2 max concurrent streams): a
+    # device needs one, and a rapid-reset flood (HEADERS + RST_STREAM) is then held to it.
+    streams_per_connection: int = 16
+    # Connections at once; the soft limit on open files is raised to fit at start.
+    max_connections: int = 1000
+    # A connection that has not finished its TLS and HTTP/2 handshake by then is closed.
+    handshake_timeout: float = 10.0
     reflection: bool = True  # gRPC server reflection: grpcurl works without the .proto
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free); None = off
     metrics_max_devices: int = 100  # device label values; more devices are counted as "other"
@@ -259,6 +266,10 @@ class ServerConfig:
             )
         _seconds("--grace", self.grace_seconds, zero=True, name="grace_seconds")
         _seconds("ServerConfig.stream_idle_seconds", self.stream_idle_seconds)
+        _seconds("ServerConfig.handshake_timeout", self.handshake_timeout)
+        for name in ("streams_per_connection", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ServerConfig.{name} {getattr(self, name)}: give 1 or more")
         if self.metrics_max_devices < 0:
             raise ConfigError(
                 f"--metrics-max-devices {self.metrics_max_devices}: give 0 or more (devices "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import socket
 import sys
 from concurrent import futures
@@ -116,7 +117,40 @@ def server_options(config: ServerConfig, share_port: bool = False) -> list[tuple
         # Client pings closer together than this count as strikes; too many: too_many_pings.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
+        # Hostile connections (docs/security.md): streams and connections at once, a deadline
+        # for the handshake (TLS, HTTP/2 preface), a connection without a stream closed like an
+        # idle stream (not before 10 s: a client connects before it streams), and headers (the
+        # token included) of at most 8 KiB, 16 KiB hard.
+        ("grpc.max_concurrent_streams", config.streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
+        ("grpc.max_connection_idle_ms", int(max(config.stream_idle_seconds, 10.0) * 1000)),
+        ("grpc.max_metadata_size", 8 * 1024),
+        ("grpc.absolute_max_metadata_size", 16 * 1024),
     ]
+
+
+def raise_open_files_limit(config: ServerConfig) -> None:
+    """Raise the soft limit on open files to fit ``max_connections`` (and the threads' own), as
+    far as the hard limit allows; say so if it does not (the common soft limit is 1024)."""
+    needed = config.max_connections + 2 * config.workers + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning(
+            "event=open-files-limit soft=%d hard=%d needed=%d reason=%s",
+            target,
+            hard,
+            needed,
+            quote(
+                "the hard limit on open files is below what --workers and "
+                "ServerConfig.max_connections need: raise it (ulimit -Hn, LimitNOFILE=)"
+            ),
+        )
 
 
 @dataclass
@@ -168,6 +202,7 @@ def serve(
     """
     pipeline = pipeline or load_pipeline(config.pipeline)
     limit_task_threads(config.task_threads)
+    raise_open_files_limit(config)
     credentials = server_credentials(config.security)
     token = config.security.token
     if config.metrics_port is not None:

@@ -117,6 +117,14 @@ def _read_ahead(
     context = watch.context
     inbox: queue.Queue[object] = queue.Queue(maxsize=_READ_AHEAD)
 
+    def wake() -> None:  # a cancelled stream frees its thread now, not at the next poll
+        try:
+            inbox.put_nowait(_END)
+        except queue.Full:
+            pass  # the answering side is not waiting
+
+    context.add_callback(wake)
+
     def offer(entry: object) -> bool:
         while context.is_active():
             try:

@@ -4,6 +4,9 @@ checks the bound that holds it, whatever the machine's speed."""
 from __future__ import annotations
 
 import importlib
+import os
+import resource
+import socket
 import statistics
 import threading
 import time
@@ -14,9 +17,12 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hpack import Encoder
+from hyperframe.frame import ContinuationFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
-from offload import ItemContext, Limits, RunningServer, encode, load_pipeline
+from offload import ItemContext, Limits, RunningServer, ServerConfig, encode, load_pipeline
 from offload._cloud.executor import MAX_ERROR_CHARS, MAX_ID_CHARS
+from offload._cloud.serve import raise_open_files_limit
 from offload._cloud.servicer import TASK_STATE_ARGS
 from offload._codec import wire_problem
 from offload._pipeline import run_tasks
@@ -368,3 +374,121 @@ def test_a_message_of_millions_of_elements_is_refused_before_it_is_parsed(
         assert "refused before parsing" in err.value.details()
         (answer,) = send_on(channel, [echoing_state(b"ok", 0, "honest")])
         assert answer.status == pb.ItemResult.COMPLETED
+
+
+# --- items 9, 10, 12: HTTP/2 and connection floods --------------------------------------------
+
+REQUEST_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", METHOD),
+    (":authority", "attacker"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+]
+
+
+def raw_connection(port: int) -> socket.socket:
+    """A TCP connection that has sent the HTTP/2 preface and an empty SETTINGS frame."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
+    return sock
+
+
+def rapid_reset(port: int, stop: threading.Event, opened: list[int]) -> None:
+    """HEADERS then RST_STREAM, 100 streams a write, until ``stop`` (CVE-2023-44487)."""
+    sock, encoder = raw_connection(port), Encoder()
+    stream = 1
+    with sock:
+        while not stop.is_set() and stream < 2**31 - 200:
+            frames = []
+            for _ in range(100):
+                headers = HeadersFrame(stream, encoder.encode(REQUEST_HEADERS))
+                headers.flags.add("END_HEADERS")
+                frames.append(headers.serialize() + RstStreamFrame(stream, 8).serialize())
+                stream += 2
+            try:
+                sock.sendall(b"".join(frames))
+            except OSError:
+                return  # closed by the server: as good
+            opened.append(100)
+
+
+def test_a_rapid_reset_flood_does_not_starve_honest_devices(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(ECHOING)
+    stop, opened = threading.Event(), list[int]()
+    flood = [
+        threading.Thread(target=rapid_reset, args=(server.port, stop, opened)) for _ in range(2)
+    ]
+    for thread in flood:
+        thread.start()
+    try:
+        assert wait_until(lambda: sum(opened) >= 5000, 30)  # the flood is on
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as honest:
+            # Each on a fresh stream, while the flood goes on: before, none got through.
+            for i in range(3):
+                (answer,) = send_on(honest, [echoing_state(b"ok", 0, f"honest{i}")])
+                assert answer.status == pb.ItemResult.COMPLETED
+    finally:
+        stop.set()
+        for thread in flood:
+            thread.join(10)
+
+
+def test_a_continuation_flood_is_cut_off(start_server: Callable[..., RunningServer]) -> None:
+    server = start_server(ECHOING)
+    sock = raw_connection(server.port)
+    # HEADERS without END_HEADERS, then CONTINUATION frames of 16 kB headers, never ending.
+    sock.sendall(HeadersFrame(1, Encoder().encode(REQUEST_HEADERS)).serialize())
+    pad = b"\x00\x05x-pad\x7f\x81\x7f" + b"a" * 16384  # a literal header of 16 kB
+    sent, cut = 0, False
+    with sock:
+        while sent < 256 * MiB:
+            try:
+                sock.sendall(ContinuationFrame(1, pad).serialize())
+            except OSError:
+                cut = True
+                break
+            sent += len(pad)
+    assert cut, f"{sent / MiB:.0f} MiB of headers accepted"
+    assert sent < 64 * MiB
+
+
+def test_connections_that_never_finish_a_handshake_are_closed_and_bounded(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    limit = 8
+    server = start_server(ECHOING, max_connections=limit, handshake_timeout=1.0)
+    before = len(os.listdir("/proc/self/fd"))
+    slow = [
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(3 * limit)
+    ]
+    try:
+        # This process holds the client ends (3 x limit); the server holds at most `limit`.
+        held = len(os.listdir("/proc/self/fd")) - before
+        assert held <= 3 * limit + limit + 4, held
+        # Each is closed by the server: the extra ones at once, the others at the timeout.
+        for sock in slow:
+            while sock.recv(4096):  # the server's SETTINGS, then the end (or a timeout: fails)
+                pass
+    finally:
+        for sock in slow:
+            sock.close()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        (answer,) = send_on(channel, [echoing_state(b"ok", 0, "honest")])
+    assert answer.status == pb.ItemResult.COMPLETED
+
+
+def test_the_open_files_limit_is_raised_to_fit_the_connections() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    config = ServerConfig(max_connections=1000)
+    if hard != resource.RLIM_INFINITY and hard < 1000 + 2 * config.workers + 64:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        raise_open_files_limit(config)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 1000 + 2 * config.workers
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -72,6 +72,9 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ServerConfig, "grace_seconds", math.nan, "--grace nan: give a number of seconds"),
     (ServerConfig, "grace_seconds", -1.0, "--grace -1: give a number of seconds, 0 or more"),
     (ServerConfig, "stream_idle_seconds", 0.0, "ServerConfig.stream_idle_seconds 0"),
+    (ServerConfig, "streams_per_connection", 0, "ServerConfig.streams_per_connection 0"),
+    (ServerConfig, "max_connections", 0, "ServerConfig.max_connections 0: give 1 or more"),
+    (ServerConfig, "handshake_timeout", 0.0, "ServerConfig.handshake_timeout 0"),
     (ServerConfig, "metrics_max_devices", -1, "--metrics-max-devices -1: give 0 or more"),
 ]
 
