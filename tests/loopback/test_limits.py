@@ -184,8 +184,10 @@ def test_a_stalled_stream_is_dropped_and_frees_its_worker(
         try:
             # Both workers are taken; the reaper must free them. (Counted by its log lines: a
             # loaded machine may drop the first before a poll sees both open.)
-            drops = lambda: sum("event=idle-drop" in r.getMessage() for r in caplog.records)  # noqa: E731
-            assert wait_until(lambda: drops() == 2, 10)
+            def dropped() -> bool:
+                return sum("event=idle-drop" in r.getMessage() for r in caplog.records) == 2
+
+            assert wait_until(dropped, 10)
             assert wait_until(lambda: server.servicer.active_streams == 0, 10)
         finally:
             release.set()
