@@ -220,12 +220,15 @@ def serve(
     metrics = None
     executor = RemoteExecutor(pipeline, config)
     # The token is checked first: an unauthenticated call reaches nothing else.
-    interceptors: list[grpc.ServerInterceptor] = [TokenAuth(token)] if token is not None else []
+    auth = TokenAuth(token) if token is not None else None
+    interceptors: list[grpc.ServerInterceptor] = [auth] if auth is not None else []
     if config.metrics_port is not None:
         from .metrics import ServerMetrics, StreamMetrics  # noqa: PLC0415
 
         metrics = ServerMetrics(pipeline, config.metrics_max_devices)
         executor.add_listener(metrics.observe)
+        if auth is not None:
+            auth.add_listener(metrics.unauthenticated.inc)
         interceptors.append(StreamMetrics(metrics))
     # The servicer refuses device streams beyond `workers` itself (saying so, and logging it);
     # as many again may wait for their first item without holding a worker (OffloadServicer);

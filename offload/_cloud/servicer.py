@@ -13,8 +13,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .._codec import wire_problem
-from .._logging import quote
-from .._security import peer_device_id
+from .._logging import RefusalLog, quote
+from .._security import REFUSAL_LOG_INTERVAL, peer_device_id
 from .._wire import METHOD_NAME, SERVICE_NAME, TOO_LARGE, status_code
 from ..v1 import offload_pb2 as pb
 from .executor import MAX_ID_CHARS, RemoteExecutor, RequestRejected
@@ -94,7 +94,6 @@ _END = object()
 TASK_STATE_ARGS = pb.TaskState.DESCRIPTOR.fields_by_name["args"].number
 # Threads beyond `workers`: health checks, and refusing streams beyond `workers`, still get one.
 SPARE_THREADS = 4
-_REFUSAL_LOG_INTERVAL = 10.0  # a device refused again within this is counted, not logged
 SHUTTING_DOWN = (
     "the server is shutting down: reconnect (to another server, or to this one once it is "
     "back) and resend the items it has not answered"
@@ -166,31 +165,6 @@ def _read_ahead(
         yield entry  # type: ignore[misc]
 
 
-class _RefusalLog:
-    """Which refusals to log: a device's first, then at most one per ``interval`` with the
-    number refused meanwhile, so that a device retrying in a loop cannot flood the log."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._seen: dict[str, tuple[float, int]] = {}  # device: (last logged, refused since)
-
-    def count(self, device: str) -> int:
-        """Count a refusal; the refusals to report now (this one included), or 0 for none."""
-        now = time.monotonic()
-        with self._lock:
-            if len(self._seen) > 10_000:  # forget devices quiet for an interval
-                self._seen = {
-                    d: seen for d, seen in self._seen.items() if now - seen[0] < self.interval
-                }
-            logged, since = self._seen.get(device, (-self.interval, 0))
-            if now - logged < self.interval:
-                self._seen[device] = (logged, since + 1)
-                return 0
-            self._seen[device] = (now, 0)
-            return since + 1
-
-
 class OffloadServicer:
     """The gRPC face of ``RemoteExecutor``.
 
@@ -207,7 +181,7 @@ class OffloadServicer:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._draining = threading.Event()
-        self._refusals = _RefusalLog(_REFUSAL_LOG_INTERVAL)
+        self._refusals = RefusalLog(REFUSAL_LOG_INTERVAL)
         config = executor.config
         self.read_budget = ReadBudget(config.read_ahead_bytes, config.read_ahead_total_bytes)
         self._reaper = threading.Thread(target=self._reap, name="offload-reaper", daemon=True)
