@@ -29,7 +29,7 @@ from offload._pipeline import run_tasks
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-from ..helpers import install, wait_until
+from ..helpers import wait_until
 
 # The module, not the package's `tasks` list that shadows it.
 bt = importlib.import_module("examples.ball_tracking.tasks")
@@ -38,22 +38,7 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-def _emit() -> tuple[bool, bytes]:
-    return True, b""
-
-
-def _echo_or_raise(data: bytes) -> tuple[bool, bytes]:
-    """A careless task: its error echoes its whole input; otherwise it passes it on."""
-    if data.startswith(b"!"):
-        raise ValueError(data)
-    return True, data
-
-
-def _answer(data: bytes) -> tuple[bool, dict[str, Any]]:
-    return True, {"data": data}
-
-
-ECHOING = install("attack_echoing", tasks=[_emit, _echo_or_raise, _answer])
+ECHOING = "tests.apps.careless"  # task 1 echoes its input, or raises with it whole
 
 
 def echoing_state(data: bytes, item: int, run: str = "r") -> pb.TaskState:
