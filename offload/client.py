@@ -16,7 +16,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig, field_default
+from ._config import (
+    OUTAGE,
+    WHEN_FULL,
+    ClientConfig,
+    ClientSecurity,
+    Limits,
+    LinkConfig,
+    field_default,
+)
 from ._device.autosplit import check_auto, starting_split
 from ._device.client import Client, check_split
 from ._device.embedded import EmbeddedServer
@@ -101,7 +109,9 @@ def build_parser(
     parser.add_argument(
         "--server",
         metavar="HOST:PORT",
-        help="the server, with --local-tasks (default: start an embedded one on loopback)",
+        help="the server, with --local-tasks (default: start an embedded one on loopback); "
+        "replicas as IP:PORT,IP:PORT or dns:///NAME:PORT (every record of NAME), balanced "
+        "round robin",
     )
     parser.add_argument(
         "--pipeline",
@@ -173,6 +183,26 @@ def build_parser(
         help="after a broken stream, how long unanswered items wait for a reconnect before "
         "running here (default %(default)s)",
     )
+    faults.add_argument(
+        "--outage",
+        choices=OUTAGE,
+        default=LinkConfig.outage,
+        help="while no server answers: run every task here (run-all, default), or all but the "
+        "last and hold the items for the server (hold-last: for a last task that keeps state)",
+    )
+    faults.add_argument(
+        "--buffer-bytes",
+        type=int,
+        default=LinkConfig.buffer_bytes,
+        metavar="BYTES",
+        help="the buffer's bound in bytes of encoded items (default %(default)s)",
+    )
+    faults.add_argument(
+        "--buffer-dir",
+        metavar="DIR",
+        help="with --outage hold-last: keep held items in SQLite in DIR, so that a restart "
+        "resends them",
+    )
     security = parser.add_argument_group("security (with --server)")
     security.add_argument(
         "--tls", action="store_true", help="TLS, trusting the system's root certificates"
@@ -239,6 +269,9 @@ def _config(args: argparse.Namespace) -> ClientConfig:
             when_full=args.when_full,
             item_timeout=args.item_timeout,
             resend_grace=args.resend_grace,
+            outage=args.outage,
+            buffer_bytes=args.buffer_bytes,
+            buffer_dir=args.buffer_dir,
         ),
         security=ClientSecurity(
             tls=args.tls,

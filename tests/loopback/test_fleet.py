@@ -1,0 +1,145 @@
+"""Several replicas: a device given a list of servers fails over to another one at once when its
+stream breaks, resending the unanswered items there. Real servers on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from offload import (
+    Client,
+    ClientConfig,
+    GrpcTransport,
+    LinkConfig,
+    RunningServer,
+    ServerConfig,
+    load_pipeline,
+    serve,
+)
+from tests.apps import tally
+
+from ..helpers import free_port, run_split, wait_until
+
+TALLY = "tests.apps.tally"
+
+
+class DeviceThread:
+    """A real client streaming ``frames`` tally items to ``server`` (a list of replicas)."""
+
+    def __init__(self, server: str, frames: int, **config: Any) -> None:
+        self.config = ClientConfig(
+            pipeline=TALLY, local_tasks=1, frames=frames, server=server, **config
+        )
+        self.transport = GrpcTransport.from_config(self.config)
+        self.out = io.StringIO()
+        self.client = Client(load_pipeline(TALLY), self.config, self.transport, self.out)
+        self.report: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.report = self.client.run()
+        finally:
+            self.transport.close()
+
+    def join(self, timeout: float = 120) -> list[dict[str, Any]]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the device did not finish"
+        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+
+
+def kill(server: RunningServer) -> None:
+    """Cancel every stream at once, as a dead replica's would end (no drain, no grace)."""
+    server.server.stop(None)
+
+
+def test_a_broken_stream_fails_over_to_another_replica_and_resends_its_unanswered_items(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    replicas = [start_server(TALLY) for _ in range(3)]
+    frames = 300
+    hung = 60  # the replica serving the device blocks on this item: it is in flight when killed
+    tally.hang_on_server(hung)
+    try:
+        # Held while no replica answers: an item that ran here would show in ran_locally.
+        device = DeviceThread(
+            ",".join(f"127.0.0.1:{r.port}" for r in replicas),
+            frames,
+            link=LinkConfig(outage="hold-last"),
+        )
+        assert wait_until(lambda: any(r.servicer.active_streams for r in replicas), 30)
+        assert wait_until(lambda: device.client.recorder.answers >= hung - 8, 30)
+        serving = [r for r in replicas if r.servicer.active_streams]
+        assert len(serving) == 1  # one stream, on one replica
+        kill(serving[0])
+    finally:
+        tally.reset()  # the killed replica's hung item ends; its answer has nowhere to go
+    lines = device.join()
+    link = device.report["link"]
+    assert device.report["error"] is None
+    assert [line["item"] for line in lines] == list(range(frames))
+    assert {line["status"] for line in lines} == {"completed"}
+    assert link["ran_locally"] == 0 and link["disconnects"] >= 1 and link["resent"] >= 1
+    # The replicas share tally's module state in this process: the aggregate saw every item, in
+    # item order. (An item the killed replica ran but whose answer it never sent runs again on
+    # the next: that it counts once is the shared state store's part, not the device's.)
+    seen = [line["result"]["seen"] for line in lines]
+    assert seen == sorted(set(seen)) and seen[-1] >= frames
+    assert sum(r.servicer.active_streams for r in replicas) <= 1
+
+
+def test_a_list_with_a_replica_down_from_the_start_streams_to_the_others(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    up = start_server(TALLY)
+    down = start_server(TALLY)
+    kill(down)
+    device = DeviceThread(
+        f"127.0.0.1:{down.port},127.0.0.1:{up.port}", 50, link=LinkConfig(outage="hold-last")
+    )
+    lines = device.join()
+    assert device.report["error"] is None
+    assert [line["status"] for line in lines] == ["completed"] * 50
+    assert device.report["link"]["ran_locally"] == 0
+
+
+def test_a_dns_name_reaches_the_replica_behind_it(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # localhost has records for 127.0.0.1 and, on most machines, ::1: the server binds only the
+    # first, and the device uses whichever record answers.
+    server = start_server(TALLY)
+    device = DeviceThread(f"dns:///localhost:{server.port}", 20)
+    assert [line["status"] for line in device.join()] == ["completed"] * 20
+    assert device.report["link"]["ran_locally"] == 0
+
+
+def client_only(frames: int) -> list[dict[str, Any]]:
+    tally.restart()
+    lines, _ = run_split(load_pipeline(TALLY), None, frames=frames)
+    return [json.loads(line) for line in lines]
+
+
+def test_hold_last_keeps_items_while_no_server_answers_and_the_server_runs_the_last_task() -> None:
+    frames = 30
+    port = free_port()  # nothing listens there yet: the outage
+    tally.restart()
+    device = DeviceThread(f"127.0.0.1:{port}", frames, link=LinkConfig(outage="hold-last"))
+    link = device.client.link
+    assert link is not None
+    # Every item ran its tasks but the last here, and waits: nothing has ended.
+    assert wait_until(lambda: link.stats.held == frames, 60)
+    assert device.out.getvalue() == "" and device.client.recorder.finished_count == 0
+    pipeline = load_pipeline(TALLY)
+    server = serve(ServerConfig(pipeline=TALLY, host="127.0.0.1", port=port), pipeline)
+    try:
+        lines = device.join()
+    finally:
+        server.stop(1.0)
+    assert device.report["error"] is None and device.report["link"]["ran_locally"] == 0
+    # Sent at the last task's cut, each ran its last task once, on the server.
+    assert [line["result"] for line in lines] == [line["result"] for line in client_only(frames)]
