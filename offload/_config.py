@@ -308,6 +308,15 @@ class ServerConfig:
     reflection: bool = True  # gRPC server reflection: grpcurl works without the .proto
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free); None = off
     metrics_max_devices: int = 100  # device label values; more devices are counted as "other"
+    # A connection older than this (gRPC adds +-10% jitter) is sent GOAWAY, so that long-lived
+    # device streams spread over replicas a scale-out added; None = never. Its stream gets
+    # ``max_connection_age_grace`` more seconds, then ends UNAVAILABLE: the device reconnects
+    # (to any replica) and resends what was unanswered.
+    max_connection_age: float | None = 600.0
+    max_connection_age_grace: float = 20.0
+    # Plaintext grpc.health.v1 only, on this port (0 = any free), for Kubernetes' gRPC probes,
+    # which speak no TLS; None = off (health is served on the main port in any case).
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse what no server could mean, naming the command line's option for it."""
@@ -328,6 +337,15 @@ class ServerConfig:
             )
         _seconds("--grace", self.grace_seconds, zero=True, name="grace_seconds")
         _seconds("ServerConfig.stream_idle_seconds", self.stream_idle_seconds)
+        if self.max_connection_age is not None:
+            _seconds("--max-connection-age", self.max_connection_age, name="max_connection_age")
+        _seconds(
+            "--max-connection-age-grace",
+            self.max_connection_age_grace,
+            zero=True,
+            name="max_connection_age_grace",
+        )
+        _port("--health-port", self.health_port)
         if self.metrics_max_devices < 0:
             raise ConfigError(
                 f"--metrics-max-devices {self.metrics_max_devices}: give 0 or more (devices "

@@ -9,19 +9,26 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from offload import (
     Client,
     ClientConfig,
+    ClientSecurity,
     GrpcTransport,
     LinkConfig,
     RunningServer,
     ServerConfig,
+    ServerSecurity,
     load_pipeline,
     serve,
 )
+from offload._wire import METHOD
 from tests.apps import tally
 
-from ..helpers import free_port, run_split, wait_until
+from ..helpers import Pki, free_port, run_split, wait_until
 
 TALLY = "tests.apps.tally"
 
@@ -143,3 +150,58 @@ def test_hold_last_keeps_items_while_no_server_answers_and_the_server_runs_the_l
     assert device.report["error"] is None and device.report["link"]["ran_locally"] == 0
     # Sent at the last task's cut, each ran its last task once, on the server.
     assert [line["result"] for line in lines] == [line["result"] for line in client_only(frames)]
+
+
+def test_a_device_streams_across_connection_age_goaways_and_every_item_is_answered_once(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # A connection lives ~0.5 s (jitter +-10%), its stream 0.2 s more, then ends UNAVAILABLE.
+    server = start_server(TALLY, max_connection_age=0.5, max_connection_age_grace=0.2)
+    tally.restart()
+    device = DeviceThread(f"127.0.0.1:{server.port}", 10**6, link=LinkConfig(outage="hold-last"))
+    link = device.client.link
+    assert link is not None
+    assert wait_until(lambda: link.stats.connects >= 4, 60)
+    device.client.stop()
+    lines = device.join()
+    assert device.report["error"] is None
+    assert device.report["link"]["ran_locally"] == 0 and device.report["link"]["disconnects"] >= 3
+    assert {line["status"] for line in lines} == {"completed"}
+    # One replica: each item ran its last task once (a resent one was replayed, not re-run).
+    assert [line["result"]["seen"] for line in lines] == list(range(1, len(lines) + 1))
+
+
+def health_status(port: int, service: str = "") -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status)
+
+
+def test_the_health_port_serves_grpc_health_alone_in_plaintext_beside_a_tls_listener(
+    start_server: Callable[..., RunningServer], pki: Pki
+) -> None:
+    security = ServerSecurity(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+    server = start_server(TALLY, security=security, health_port=0)
+    assert server.health_port is not None and server.health_port != server.port
+    serving = health_pb2.HealthCheckResponse.SERVING
+    assert health_status(server.health_port) == serving
+    assert health_status(server.health_port, "offload.v1.Offload") == serving
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+        method = channel.stream_stream(METHOD)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(method(iter([b""]), timeout=5))
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # only health is served there
+    # Stopping says NOT_SERVING on the health port while streams drain, then closes it.
+    stopping = threading.Thread(target=server.stop, args=(5.0,))
+    holder = DeviceThread(f"127.0.0.1:{server.port}", 10**6, security=device_tls(pki))
+    assert wait_until(lambda: server.servicer.active_streams == 1, 30)
+    stopping.start()
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    assert wait_until(lambda: health_status(server.health_port or 0) == not_serving, 30)
+    holder.client.stop()
+    stopping.join(30)
+    holder.join()
+
+
+def device_tls(pki: Pki) -> ClientSecurity:
+    return ClientSecurity(tls_ca=str(pki.ca))

@@ -83,6 +83,9 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ServerConfig, "grace_seconds", -1.0, "--grace -1: give a number of seconds, 0 or more"),
     (ServerConfig, "stream_idle_seconds", 0.0, "ServerConfig.stream_idle_seconds 0"),
     (ServerConfig, "metrics_max_devices", -1, "--metrics-max-devices -1: give 0 or more"),
+    (ServerConfig, "max_connection_age", 0.0, "--max-connection-age 0: give a number of seconds"),
+    (ServerConfig, "max_connection_age_grace", -1.0, "--max-connection-age-grace -1: give"),
+    (ServerConfig, "health_port", 70000, "--health-port 70000 is not a port: use 0..65535"),
 ]
 
 
