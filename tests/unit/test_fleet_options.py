@@ -3,6 +3,8 @@ buffer on the client; connection age and the health port on the server."""
 
 from __future__ import annotations
 
+import pytest
+
 from offload import client, server
 
 
@@ -47,3 +49,13 @@ def test_a_connection_age_of_0_is_never_and_the_health_port_reaches_the_server()
     )
     assert (config.max_connection_age, config.max_connection_age_grace) == (None, 3.0)
     assert config.health_port == 8081
+
+
+def test_a_health_port_with_several_processes_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        server.main(["--processes", "2", "--health-port", "8081"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--health-port serves one process's health: use it with --processes 1" in error
