@@ -191,15 +191,28 @@ def test_the_health_port_serves_grpc_health_alone_in_plaintext_beside_a_tls_list
         with pytest.raises(grpc.RpcError) as refused:
             list(method(iter([b""]), timeout=5))
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED  # only health is served there
-    # Stopping says NOT_SERVING on the health port while streams drain, then closes it.
-    stopping = threading.Thread(target=server.stop, args=(5.0,))
-    holder = DeviceThread(f"127.0.0.1:{server.port}", 10**6, security=device_tls(pki))
-    assert wait_until(lambda: server.servicer.active_streams == 1, 30)
-    stopping.start()
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    assert wait_until(lambda: health_status(server.health_port or 0) == not_serving, 30)
-    holder.client.stop()
+    # Stopping says NOT_SERVING on the health port while a stream drains (its item hangs, so
+    # the drain lasts until the item is released), then closes the port.
+    tally.hang_on_server(3)
+    try:
+        holder = DeviceThread(
+            f"127.0.0.1:{server.port}",
+            10,
+            security=device_tls(pki),
+            link=LinkConfig(resend_grace=0.0),
+        )
+        assert wait_until(lambda: holder.client.recorder.answers == 3, 30)
+        stopping = threading.Thread(target=server.stop, args=(30.0,))
+        stopping.start()
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert wait_until(lambda: health_status(server.health_port or 0) == not_serving, 30)
+    finally:
+        tally.reset()
     stopping.join(30)
+    assert not stopping.is_alive()
+    with pytest.raises(grpc.RpcError):
+        health_status(server.health_port)  # closed with the server
+    holder.client.stop()
     holder.join()
 
 
