@@ -196,6 +196,15 @@ def diagnose(
     return ConnectFailure(last)
 
 
+def _tls_name(address: str) -> str | None:
+    """For a list of replicas (``ipv4:``/``ipv6:``), the name their certificates are checked
+    against: the first address (gRPC would check the whole list, which no certificate names)."""
+    scheme, _, rest = address.partition(":")
+    if scheme not in ("ipv4", "ipv6"):
+        return None
+    return rest.split(",")[0].rpartition(":")[0].strip("[]")
+
+
 class _GrpcStream:
     def __init__(
         self,
@@ -260,6 +269,9 @@ class GrpcTransport:
         if credentials is None:
             self.channel = grpc.insecure_channel(address, options=options)
         else:
+            name = _tls_name(address)
+            if name is not None:
+                options = [*options, ("grpc.ssl_target_name_override", name)]
             self.channel = grpc.secure_channel(address, credentials, options=options)
         self._metadata = call_metadata(security)
         self._check = self.channel.unary_unary(HEALTH_CHECK)  # bytes in, bytes out

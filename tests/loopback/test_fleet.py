@@ -218,3 +218,16 @@ def test_the_health_port_serves_grpc_health_alone_in_plaintext_beside_a_tls_list
 
 def device_tls(pki: Pki) -> ClientSecurity:
     return ClientSecurity(tls_ca=str(pki.ca))
+
+
+def test_a_list_of_replicas_speaks_tls_checked_against_the_first_address(
+    start_server: Callable[..., RunningServer], pki: Pki
+) -> None:
+    # The certificate names 127.0.0.1 (and localhost): gRPC alone would check the whole list.
+    security = ServerSecurity(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+    replicas = [start_server(TALLY, security=security) for _ in range(2)]
+    device = DeviceThread(
+        ",".join(f"127.0.0.1:{r.port}" for r in replicas), 20, security=device_tls(pki)
+    )
+    assert [line["status"] for line in device.join()] == ["completed"] * 20
+    assert device.report["link"]["ran_locally"] == 0 and device.report["error"] is None
