@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("offload.server")
+HEALTH_MAX_CALLS = 8  # the plaintext health port (--health-port): calls at once...
+HEALTH_MAX_BYTES = 4096  # ...and the largest request it reads
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -307,10 +309,22 @@ def _health_only(config: ServerConfig, health_servicer: Any) -> tuple[grpc.Serve
     problem = bind_problem(config.host, config.health_port)
     if problem is not None:
         raise ConfigError(problem.replace("--port", "--health-port"))
-    health = grpc.server(futures.ThreadPoolExecutor(max_workers=2), maximum_concurrent_rpcs=8)
-    server_extra("grpc_health.v1.health_pb2_grpc").add_HealthServicer_to_server(
-        health_servicer, health
+    # Probes ask one tiny question at a time: 8 calls at once, 4 kB each, is plenty.
+    health = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        options=[("grpc.max_receive_message_length", HEALTH_MAX_BYTES)],
+        maximum_concurrent_rpcs=HEALTH_MAX_CALLS,
     )
+    stubs = server_extra("grpc_health.v1.health_pb2_grpc")
+
+    class CheckOnly(stubs.HealthServicer):  # type: ignore[misc,name-defined]
+        """Check, as the main port answers it; Watch (a call held open) is left UNIMPLEMENTED,
+        so that no client can hold the calls the probes need."""
+
+        def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+            return health_servicer.Check(request, context)
+
+    stubs.add_HealthServicer_to_server(CheckOnly(), health)
     port = health.add_insecure_port(grpc_address(config.host, config.health_port))
     health.start()
     return health, port

@@ -25,6 +25,7 @@ from offload import (
     load_pipeline,
     serve,
 )
+from offload._cloud.serve import HEALTH_MAX_BYTES
 from offload._wire import METHOD
 from tests.apps import tally
 
@@ -231,3 +232,27 @@ def test_a_list_of_replicas_speaks_tls_checked_against_the_first_address(
     )
     assert [line["status"] for line in device.join()] == ["completed"] * 20
     assert device.report["link"]["ran_locally"] == 0 and device.report["error"] is None
+
+
+def test_the_health_port_refuses_a_request_over_its_bound(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(TALLY, health_port=0)
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+        request = health_pb2.HealthCheckRequest(service="x" * HEALTH_MAX_BYTES)
+        with pytest.raises(grpc.RpcError) as refused:
+            health_pb2_grpc.HealthStub(channel).Check(request, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert health_status(server.health_port or 0) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_health_port_holds_no_watch_open(start_server: Callable[..., RunningServer]) -> None:
+    # A Watch is a call held open: enough of them would leave the probes none.
+    server = start_server(TALLY, health_port=0)
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            next(watch)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
