@@ -4,7 +4,10 @@ Every item handed to the link is *pending* until exactly one of these ends it:
 
 * the server's answer, on whichever stream it arrives (a resent item's replayed answer counts
   once; a late answer for an item already ended elsewhere is ignored);
-* the device running the item's remaining tasks itself, because the server is away;
+* the device running the item's remaining tasks itself, because the server is away (outage
+  mode run-all; with hold-last it runs all but the last and the item waits for a server, held,
+  in the durable buffer too if there is one: it ends only by an answer, or ``failed`` after
+  ``max_sends`` sends without one);
 * a full offline buffer dropping it (``when_full`` drop-oldest / reject-new: counted, reported);
 * a fatal refusal (wrong token, other pipeline): the run stops, and the item is reported
   ``not_run`` with the reason (so is one handed over after it, and each one left by ``abort``).
@@ -83,7 +86,8 @@ class LinkOwner(Protocol):
         ...
 
     def lost(self, pending: Pending, status: str, reason: str) -> None:
-        """``status`` is "dropped" (full buffer) or "not_run" (a fatal refusal, an abort)."""
+        """``status`` is "dropped" (full buffer), "not_run" (a fatal refusal, an abort) or
+        "failed" (hold-last: sent ``max_sends`` times, never answered)."""
         ...
 
 
