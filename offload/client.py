@@ -26,6 +26,7 @@ from ._config import (
     field_default,
 )
 from ._device.autosplit import check_auto, starting_split
+from ._device.buffer import check_folder
 from ._device.client import Client, check_split
 from ._device.embedded import EmbeddedServer
 from ._device.emulation import LinkEmulator, LinkSpec
@@ -340,6 +341,8 @@ def _main(argv: list[str] | None) -> int:
         for option, path in (("--output", args.output), ("--report", args.report)):
             if path is not None:
                 _check_writable(option, path)
+        if args.buffer_dir is not None:
+            check_folder(args.buffer_dir)  # before anything runs: a usage error
         link = LinkSpec.parse(args.emulate_link) if args.emulate_link else None
         if args.server:
             channel_credentials(config.security)  # the PEM files are read (and checked) now

@@ -10,6 +10,7 @@ a fatal refusal) stays, for the next start to resend.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -29,6 +30,17 @@ CREATE TABLE IF NOT EXISTS held (
 """
 
 
+def check_folder(folder: str) -> None:
+    """Refuse a ``--buffer-dir`` that cannot keep items, saying what to do."""
+    if not Path(folder).is_dir():
+        raise ConfigError(
+            f"--buffer-dir {folder}: no such folder; create it (it keeps items held for the "
+            "server across restarts)"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--buffer-dir {folder}: not allowed to write there; give another folder")
+
+
 @dataclass(frozen=True)
 class Held:
     """An item of an earlier run found in the buffer at start."""
@@ -43,13 +55,8 @@ class DurableBuffer:
     """The held items of every run on this device, in ``folder``/held.sqlite3 (thread-safe)."""
 
     def __init__(self, folder: str) -> None:
-        path = Path(folder)
-        if not path.is_dir():
-            raise ConfigError(
-                f"--buffer-dir {folder}: no such folder; create it (it keeps items held for the "
-                "server across restarts)"
-            )
-        self.path = path / FILE_NAME
+        check_folder(folder)
+        self.path = Path(folder) / FILE_NAME
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -111,3 +111,17 @@ def test_a_device_killed_during_an_outage_resends_what_it_held_once_a_server_is_
     assert [line["result"] for line in recovered] == client_only(12, tmp_path)
     assert [line["result"] for line in lines(tmp_path / "second.jsonl")] == client_only(5, tmp_path)
     assert held(folder, 1) + held(folder, 2) == 0  # nothing left behind
+
+
+def test_a_buffer_dir_that_does_not_exist_is_a_usage_error_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    result = offload(
+        "offload.client",
+        *("--local-tasks", "1", "--server", "127.0.0.1:1", "--outage", "hold-last"),
+        *("--buffer-dir", str(missing), "--frames", "1"),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --buffer-dir {missing}: no such folder; create it (it keeps items held for the "
+        "server across restarts)"
+    ]
