@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import socket
 import sys
 from concurrent import futures
@@ -118,6 +119,16 @@ def server_options(config: ServerConfig, share_port: bool = False) -> list[tuple
         # Client pings closer together than this count as strikes; too many: too_many_pings.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
+        # Hostile connections (docs/security.md): streams and connections at once, a deadline
+        # for the handshake (TLS, HTTP/2 preface), a connection without a stream closed like an
+        # idle stream (not before 10 s: a client connects before it streams), and headers (the
+        # token included) of at most 8 KiB, 16 KiB hard.
+        ("grpc.max_concurrent_streams", config.streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
+        ("grpc.max_connection_idle_ms", int(max(config.stream_idle_seconds, 10.0) * 1000)),
+        ("grpc.max_metadata_size", 8 * 1024),
+        ("grpc.absolute_max_metadata_size", 16 * 1024),
         *connection_age_options(config),
     ]
 
@@ -131,6 +142,29 @@ def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
         ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000)),
     ]
+
+
+def raise_open_files_limit(config: ServerConfig) -> None:
+    """Raise the soft limit on open files to fit ``max_connections`` (and the threads' own), as
+    far as the hard limit allows; say so if it does not (the common soft limit is 1024)."""
+    needed = config.max_connections + 2 * config.workers + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning(
+            "event=open-files-limit soft=%d hard=%d needed=%d reason=%s",
+            target,
+            hard,
+            needed,
+            quote(
+                "the hard limit on open files is below what --workers and "
+                "ServerConfig.max_connections need: raise it (ulimit -Hn, LimitNOFILE=)"
+            ),
+        )
 
 
 @dataclass
@@ -186,6 +220,7 @@ def serve(
     """
     pipeline = pipeline or load_pipeline(config.pipeline)
     limit_task_threads(config.task_threads)
+    raise_open_files_limit(config)
     credentials = server_credentials(config.security)
     token = config.security.token
     if config.metrics_port is not None:
@@ -203,16 +238,20 @@ def serve(
     metrics = None
     executor = RemoteExecutor(pipeline, config)
     # The token is checked first: an unauthenticated call reaches nothing else.
-    interceptors: list[grpc.ServerInterceptor] = [TokenAuth(token)] if token is not None else []
+    auth = TokenAuth(token) if token is not None else None
+    interceptors: list[grpc.ServerInterceptor] = [auth] if auth is not None else []
     if config.metrics_port is not None:
         from .metrics import ServerMetrics, StreamMetrics  # noqa: PLC0415
 
         metrics = ServerMetrics(pipeline, config.metrics_max_devices)
         executor.add_listener(metrics.observe)
+        if auth is not None:
+            auth.add_listener(metrics.unauthenticated.inc)
         interceptors.append(StreamMetrics(metrics))
     # The servicer refuses device streams beyond `workers` itself (saying so, and logging it);
+    # as many again may wait for their first item without holding a worker (OffloadServicer);
     # the spare threads answer health checks and those refusals when every worker is busy.
-    threads = config.workers + SPARE_THREADS
+    threads = 2 * config.workers + SPARE_THREADS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offload"),
         interceptors=interceptors,

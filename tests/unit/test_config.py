@@ -82,6 +82,9 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ServerConfig, "grace_seconds", math.nan, "--grace nan: give a number of seconds"),
     (ServerConfig, "grace_seconds", -1.0, "--grace -1: give a number of seconds, 0 or more"),
     (ServerConfig, "stream_idle_seconds", 0.0, "ServerConfig.stream_idle_seconds 0"),
+    (ServerConfig, "streams_per_connection", 0, "ServerConfig.streams_per_connection 0"),
+    (ServerConfig, "max_connections", 0, "ServerConfig.max_connections 0: give 1 or more"),
+    (ServerConfig, "handshake_timeout", 0.0, "ServerConfig.handshake_timeout 0"),
     (ServerConfig, "metrics_max_devices", -1, "--metrics-max-devices -1: give 0 or more"),
     (ServerConfig, "max_connection_age", 0.0, "--max-connection-age 0: give a number of seconds"),
     (ServerConfig, "max_connection_age_grace", -1.0, "--max-connection-age-grace -1: give"),
@@ -112,6 +115,7 @@ def test_every_validated_field_has_a_case() -> None:
     unchecked = {
         (Limits, "max_depth"),
         (Limits, "max_elements"),
+        (Limits, "max_total_elements"),
         (Limits, "max_dims"),
         (ClientSecurity, "tls"),
         (ClientConfig, "local_tasks"),
@@ -119,6 +123,8 @@ def test_every_validated_field_has_a_case() -> None:
         (ServerConfig, "max_runs"),
         (ServerConfig, "dedup_total"),
         (ServerConfig, "dedup_bytes"),
+        (ServerConfig, "read_ahead_bytes"),
+        (ServerConfig, "read_ahead_total_bytes"),
         (ServerConfig, "reflection"),
     }
     nested = {"limits", "security", "keepalive", "link"}
