@@ -79,6 +79,9 @@ def client_options(config: ClientConfig) -> list[tuple[str, int | str]]:
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.min_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", int(config.link.reconnect_backoff_max * 1000)),
+        # A device's own connection: gRPC otherwise shares one among channels of identical
+        # settings, and the server takes a bounded number of streams per connection.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

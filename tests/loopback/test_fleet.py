@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -256,3 +256,28 @@ def test_the_health_port_holds_no_watch_open(start_server: Callable[..., Running
         with pytest.raises(grpc.RpcError) as refused:
             next(watch)
     assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_devices_in_one_process_each_get_a_connection_of_their_own(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # gRPC shares one connection among channels of identical settings unless told otherwise; the
+    # server's streams-per-connection limit would then queue a gateway's (or a test's) devices.
+    server = start_server(TALLY, streams_per_connection=1)
+    config = ClientConfig(pipeline=TALLY, local_tasks=1, server=f"127.0.0.1:{server.port}")
+    transports = [GrpcTransport.from_config(config) for _ in range(3)]
+    stop = threading.Event()
+
+    def quiet() -> Iterator[bytes]:  # headers, then nothing until the test ends
+        stop.wait(30)
+        yield from ()
+
+    calls = [t.channel.stream_stream(METHOD)(quiet()) for t in transports]
+    try:
+        assert wait_until(lambda: server.servicer.active_streams == len(transports), 10)
+    finally:
+        stop.set()
+        for call in calls:
+            call.cancel()
+        for t in transports:
+            t.close()
