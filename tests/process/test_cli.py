@@ -401,14 +401,17 @@ class Lines:
             return "".join(self.lines)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["1-worker", "2-workers"])
 @pytest.mark.parametrize("split", [[], ["--local-tasks", "1"]], ids=["here", "at-the-server"])
-def test_a_second_ctrl_c_stops_at_once_quietly_with_130(tmp_path: Path, split: list[str]) -> None:
+def test_a_second_ctrl_c_stops_at_once_quietly_with_130(
+    tmp_path: Path, split: list[str], workers: str
+) -> None:
     # Task 1 never returns: finishing the item in flight would take forever.
     out = tmp_path / "out.jsonl"
     client = subprocess.Popen(
         [
             *(sys.executable, "-m", "offload.client", "--pipeline", "tests.apps.hang", *split),
-            *("--output", str(out)),
+            *("--output", str(out), "--device-workers", workers),
         ],
         cwd=ROOT,
         env=ENV,
@@ -430,11 +433,14 @@ def test_a_second_ctrl_c_stops_at_once_quietly_with_130(tmp_path: Path, split: l
         client.wait(timeout=10)
     said = err.text()
     assert "Traceback" not in said and "Exception" not in said, said
-    # Items sent to the server end as interrupted. (An item stuck in a task here, inside the
-    # capture loop, is not captured yet: it has no line.)
+    # Items sent to the server end as interrupted, and so do items stuck on a device worker.
+    # (An item stuck in a task inside the capture loop, one worker, is not captured yet: it has
+    # no line.)
     ends = {(e["status"], e["error"]) for e in map(json.loads, out.read_text().splitlines())}
     assert ends == (
-        {("not_run", "the run was interrupted before this item finished")} if split else set()
+        {("not_run", "the run was interrupted before this item finished")}
+        if split or workers != "1"
+        else set()
     )
     if embedded is not None:  # the embedded server went with it
         port = int(embedded.rsplit(":", 1)[1])
@@ -477,7 +483,8 @@ def test_ctrl_c_at_a_terminal_lets_the_embedded_server_finish_the_items_in_fligh
     assert link["disconnects"] == 0 and link["ran_locally"] == 0
 
 
-def test_ctrl_c_stops_the_client_cleanly_with_a_summary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["1-worker", "2-workers"])
+def test_ctrl_c_stops_the_client_cleanly_with_a_summary(tmp_path: Path, workers: str) -> None:
     out = tmp_path / "out.jsonl"
     report_path = tmp_path / "report.json"
     client = subprocess.Popen(
@@ -485,6 +492,8 @@ def test_ctrl_c_stops_the_client_cleanly_with_a_summary(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "offload.client",
+            "--device-workers",
+            workers,
             "--local-tasks",
             "4",
             "--output",
