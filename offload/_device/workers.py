@@ -170,6 +170,11 @@ class DeviceWorkers:
         for _ in self._threads:
             self._jobs.put(None)
 
+    @property
+    def held(self) -> int:
+        """Items on the device's workers now (running, waiting for a turn or a hand-over)."""
+        return self._held
+
     def busy(self) -> WorkerStats:
         with self._lock:
             return WorkerStats(**vars(self.stats))
