@@ -80,12 +80,18 @@ class Turns:
             self._changed.notify_all()
 
 
-def limit_library_threads() -> None:
-    """One OpenCV thread per task: the workers already use the cores, and OpenCV's own pool
-    would make the threads fight over them (as on the server, ServerConfig.task_threads)."""
+def limit_library_threads(threads: int | None = 1) -> int | None:
+    """Cap OpenCV's own thread pool, if the pipeline uses OpenCV; returns the cap it had.
+
+    One OpenCV thread per task: the workers already use the cores, and OpenCV's pool would
+    make them fight over them (as on the server, ServerConfig.task_threads).
+    """
     cv2 = sys.modules.get("cv2")
-    if cv2 is not None:
-        cv2.setNumThreads(1)
+    if cv2 is None or threads is None:
+        return None
+    before: int = cv2.getNumThreads()
+    cv2.setNumThreads(threads)
+    return before
 
 
 class DeviceWorkers:
@@ -119,13 +125,14 @@ class DeviceWorkers:
         self._handing = False
         self._closed = False
         self.error: OffloadError | None = None
+        self._library_threads: int | None = None  # OpenCV's cap before the workers started
         self._threads = [
             threading.Thread(target=self._work, name=f"offload-worker-{i}", daemon=True)
             for i in range(n)
         ]
 
     def start(self) -> None:
-        limit_library_threads()
+        self._library_threads = limit_library_threads()
         for thread in self._threads:
             thread.start()
 
@@ -169,6 +176,7 @@ class DeviceWorkers:
             self._idle.notify_all()
         for _ in self._threads:
             self._jobs.put(None)
+        limit_library_threads(self._library_threads)  # as it was: the process may run on
 
     @property
     def held(self) -> int:
