@@ -536,3 +536,31 @@ def test_a_full_output_disk_ends_the_run_with_one_line_naming_the_file() -> None
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     assert "--output /dev/full" in errors[0] and "No space left on device" in errors[0]
+
+
+def test_device_workers_from_the_environment_give_the_output_of_one_worker(
+    tmp_path: Path,
+) -> None:
+    args = ("--local-tasks", "4", "--frames", "60", "--source", "synthetic:3")
+    one = cli_output(tmp_path, "one", *args)
+    report = tmp_path / "report.json"
+    result = offload(
+        "offload.client",
+        *("--output", str(tmp_path / "two.jsonl"), "--report", str(report), "--device-id", "cli"),
+        *args,
+        env={"OFFLOAD_DEVICE_WORKERS": "2"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "two.jsonl").read_text().splitlines() == one
+    assert json.loads(report.read_text())["device"]["workers"] == 2
+    assert "  device     2 workers, " in result.stdout
+
+
+def test_more_device_workers_than_the_window_is_one_line_naming_both() -> None:
+    line = one_error_line(
+        offload("offload.client", "--local-tasks", "3", "--window", "2", "--device-workers", "3")
+    )
+    assert line == (
+        "error: --device-workers 3 exceeds --window 2: items on the device's workers count "
+        "against it; raise --window or give fewer"
+    )
