@@ -41,6 +41,7 @@ from . import pipeline as bench_pipeline
 from .compare import run_ours
 from .pipeline import Frame
 from .procs import offload_server
+from .report import _table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTEXT = ItemContext("bench", "bench", 0, 0.0, False)
@@ -301,52 +302,63 @@ def scheduler_part(
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Device workers: 1 against 2", "", machine.one_line(results["machine"]), ""]
-    pool = results.get("pool")
-    if pool:
-        lines += [
-            f"## Threads or processes ({pool['items']} items, median of {pool['reps']} "
-            "interleaved runs)",
-            "",
-            "| work | pool | ms/item, 1 | ms/item, 2 | speed-up |",
-            "| --- | --- | ---: | ---: | ---: |",
-        ]
-        for r in pool["rows"]:
-            lines.append(
-                f"| {r['work']} | {r['pool']} | {r['ms_per_item_1']:.2f} | "
-                f"{r['ms_per_item_2']:.2f} | {r['speedup']:.2f}x |"
-            )
-        lines.append("")
-    client = results.get("client")
-    if client:
-        lines += [
-            f"## The client ({client['items']} items, median of {client['reps']} interleaved runs)",
-            "",
-            "| mode | items/s, 1 | items/s, 2 | speed-up (each run) | device CPU ms/item, 1 | "
-            "2 | workers busy, 2 |",
-            "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
-        ]
-        for r in client["rows"]:
-            lines.append(
-                f"| {r['mode']} | {r['per_second_1']:.1f} | {r['per_second_2']:.1f} | "
-                f"{r['speedup_median']:.2f}x ({', '.join(f'{s:.2f}' for s in r['speedups'])}) | "
-                f"{r['cpu_ms_per_item_1']:.2f} | {r['cpu_ms_per_item_2']:.2f} | "
-                f"{r['busy_percent_2']:.0f}% |"
-            )
-        lines.append("")
-    scheduler = results.get("scheduler")
-    if scheduler:
-        lines += [
-            f"## Automatic mode: target {scheduler['target_per_second']:g}/s on a device "
-            f"{scheduler['slowdown']:g}x slower (one worker measured "
-            f"{scheduler['one_worker_k6_measured']:g}/s at K=6 first)",
-            "",
-            "| workers | final split | last periods, items/s |",
-            "| ---: | ---: | --- |",
-        ]
-        for r in scheduler["rows"]:
-            rates = ", ".join(f"{x:.1f}" for x in r["last_periods_per_second"])
-            lines.append(f"| {r['workers']} | {r['final_split']} | {rates} |")
-        lines.append("")
+    pool, client, scheduler = results["pool"], results["client"], results["scheduler"]
+    lines += [
+        f"## Threads or processes ({pool['items']} items, median of {pool['reps']} "
+        "interleaved runs)",
+        "",
+        _table(
+            ["work", "pool", "ms/item, 1", "ms/item, 2", "speed-up"],
+            [
+                [
+                    r["work"],
+                    r["pool"],
+                    f"{r['ms_per_item_1']:.2f}",
+                    f"{r['ms_per_item_2']:.2f}",
+                    f"{r['speedup']:.2f}x",
+                ]
+                for r in pool["rows"]
+            ],
+        ),
+        "",
+        f"## The client ({client['items']} items, median of {client['reps']} interleaved runs)",
+        "",
+        _table(
+            [
+                *("mode", "items/s, 1", "items/s, 2", "speed-up (each run)"),
+                *("device CPU ms/item, 1", "2", "workers busy, 2"),
+            ],
+            [
+                [
+                    r["mode"],
+                    f"{r['per_second_1']:.1f}",
+                    f"{r['per_second_2']:.1f}",
+                    f"{r['speedup_median']:.2f}x ({', '.join(f'{x:.2f}' for x in r['speedups'])})",
+                    f"{r['cpu_ms_per_item_1']:.2f}",
+                    f"{r['cpu_ms_per_item_2']:.2f}",
+                    f"{r['busy_percent_2']:.0f}%",
+                ]
+                for r in client["rows"]
+            ],
+        ),
+        "",
+        f"## Automatic mode: target {scheduler['target_per_second']:g}/s on a device "
+        f"{scheduler['slowdown']:g}x slower (one worker measured "
+        f"{scheduler['one_worker_k6_measured']:g}/s at K=6 first)",
+        "",
+        _table(
+            ["workers", "final split", "last periods, items/s"],
+            [
+                [
+                    r["workers"],
+                    r["final_split"],
+                    ", ".join(f"{x:.1f}" for x in r["last_periods_per_second"]),
+                ]
+                for r in scheduler["rows"]
+            ],
+        ),
+        "",
+    ]
     return "\n".join(lines)
 
 
