@@ -64,3 +64,18 @@ def test_items_reach_the_server_in_item_order_when_a_later_one_finishes_first(
     assert report["error"] is None
     assert arrived == list(range(6))
     assert json.loads(lines[-1])["result"] == list(range(6))
+
+
+def test_automatic_mode_with_two_workers_gives_the_client_only_results_across_split_changes(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    pipeline = load_pipeline(BALL)
+    server = start_server(pipeline)
+    reference, _ = run_split(pipeline, None, source="synthetic", frames=150)
+    # A target nothing meets: the policy probes the far splits and moves between them.
+    lines, report = run_split(
+        pipeline, len(pipeline) - 1, server.port, source="synthetic", frames=150, fps=10_000.0,
+        control_period=0.2, device_workers=2,
+    )  # fmt: skip
+    assert lines == reference
+    assert report["scheduler"]["history"], "the split never changed: nothing was tested"
