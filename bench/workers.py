@@ -363,8 +363,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(out: Path, results: dict[str, Any]) -> None:
-    rows = [(f"{r['work']}\n{r['pool']}", r["speedup"]) for r in results["pool"]["rows"]]
-    rows += [(f"client\n{r['mode']}", r["speedup_median"]) for r in results["client"]["rows"]]
+    def short(text: str) -> str:
+        return text.partition(",")[0].replace("ball tracker tasks 1-5", "tracker 1-5") + (
+            "\n(emulated 8x)" if "emulated" in text else ""
+        )
+
+    rows = [(f"{short(r['work'])}\n{r['pool']}", r["speedup"]) for r in results["pool"]["rows"]]
+    rows += [
+        (f"client\n{short(r['mode'])}", r["speedup_median"]) for r in results["client"]["rows"]
+    ]
     figure, axes = plt.subplots(figsize=(9, 4))
     axes.bar([name for name, _ in rows], [s for _, s in rows], color="tab:blue")
     axes.axhline(1.0, color="grey", linewidth=0.8)
