@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from offload import Client, ClientConfig, load_pipeline, stateful
+from offload import Client, ClientConfig, LinkConfig, load_pipeline, stateful
 from offload._device.ledger import Ledger
 from offload._device.report import format_summary
 from offload._pipeline import Outcome
 from offload.exceptions import OffloadError, PipelineError
+from offload.testing import InProcessTransport, RemoteExecutor
 
 from ..helpers import install
 
@@ -172,3 +173,17 @@ def test_an_outcome_from_the_workers_keeps_every_tasks_time() -> None:
     name = install("tests_workers_times", tasks=[source(3), lambda n: (True, n), middle, finish])
     Times(load_pipeline(name), ClientConfig(pipeline=name, device_workers=2), None).run()
     assert [[t for t, _ in o.task_seconds] for o in seen] == [[1, 2, 3]] * 3
+
+
+def test_items_on_the_workers_count_against_the_window_and_the_buffer() -> None:
+    name = install("tests_workers_bound", tasks=[source(1), lambda n: (True, n), finish])
+    pipeline = load_pipeline(name)
+    config = ClientConfig(
+        pipeline=name, local_tasks=1, window=8, link=LinkConfig(buffer=32), device_workers=3
+    )
+    client = Client(pipeline, config, InProcessTransport(RemoteExecutor(pipeline)))
+    assert client.link is not None and client.workers is not None
+    # 3 items on the device (the one being captured among them) and 6 in flight: 9 at most,
+    # as with one worker (8 in flight, 1 being captured); 30 offline, as 32 + 1.
+    assert (client.workers.n, client.link._pending.window, client.link.config.buffer) == (3, 6, 30)
+    assert client.run()["items"]["completed"] == 1
