@@ -194,6 +194,7 @@ def test_every_client_option_can_come_from_the_environment() -> None:
         "tls_key": ("device.key", "device.key"),
         "token": ("s3cret", "s3cret"),
         "log_level": ("debug", "DEBUG"),
+        "device_workers": ("2", 2),
     }
     dests = {a.dest for a in option_actions(build_parser({}))}
     assert dests == set(values), "a new option needs a line here"
