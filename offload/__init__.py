@@ -26,7 +26,7 @@ from ._config import (
 from ._device.client import Client, run_client
 from ._device.scheduler import Decision, Measurements, ModelPolicy, Prediction, SplitPolicy
 from ._device.transport import GrpcTransport, Stream, Transport
-from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline
+from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline, stateful
 from .exceptions import (
     CodecError,
     ConfigError,
@@ -70,6 +70,7 @@ __all__ = [
     "load_pipeline",
     "run_client",
     "serve",
+    "stateful",
 ]
 
 # Reprs and docs show the public path, not the private module a name lives in.

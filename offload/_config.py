@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import socket
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -256,6 +257,10 @@ class ClientConfig:
     security: ClientSecurity = ClientSecurity()
     keepalive: Keepalive = Keepalive()
     link: LinkConfig = LinkConfig()
+    # Items tasks [1, K) run for at once, on threads (0: one per CPU this process may use). 1 by
+    # default: a seed-format task may keep module state without saying so (``@stateful``), and
+    # running it for two items at once would change its results; several is opt-in.
+    device_workers: int = 1
 
     def __post_init__(self) -> None:
         """Refuse what no run could mean, naming the command line's option for it."""
@@ -281,6 +286,29 @@ class ClientConfig:
             raise ConfigError(
                 f"--emulate-slowdown {self.slowdown:g}: use 1 (off) or more (slowdown)"
             )
+        if self.device_workers < 0:
+            raise ConfigError(
+                f"--device-workers {self.device_workers}: give 1 or more (0: one per CPU)"
+            )
+        if self.local_tasks is not None or self.fps is not None:
+            # Items on the device's workers count against the window and the buffer.
+            for option, bound in (("--window", self.window), ("--buffer", self.link.buffer)):
+                if self.workers > bound:
+                    raise ConfigError(
+                        f"--device-workers {self.workers} exceeds {option} {bound}: items on "
+                        f"the device's workers count against it; raise {option} or give fewer"
+                    )
+
+    @property
+    def workers(self) -> int:
+        """Device workers: ``device_workers``, or one per CPU this process may use if 0."""
+        if self.device_workers:
+            return self.device_workers
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
 
 
 @dataclass(frozen=True)

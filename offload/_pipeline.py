@@ -6,7 +6,9 @@ A pipeline is an ordered list of plain functions (the 2019 "seed" format, kept u
 * every later task receives the previous task's ``args``: a tuple is unpacked into positional
   arguments, ``None`` means no argument, anything else is the single argument;
 * a task returns ``(ok, args)``; ``ok`` False, or a bare ``False``, filters the item (no more work);
-* the last task's ``args`` is the item's result.
+* the last task's ``args`` is the item's result;
+* a task that keeps state across items is marked ``@stateful``: with several device workers it
+  still runs one item at a time, in item order (the last task always does: it aggregates).
 
 ``run_tasks`` is the one code path that executes tasks, used by the client, the server and the
 embedded server alike, so that a result cannot depend on where it was computed.
@@ -55,6 +57,26 @@ _current: contextvars.ContextVar[ItemContext | None] = contextvars.ContextVar(
 )
 
 
+_STATEFUL = "__offload_stateful__"
+
+
+def stateful(task: Task) -> Task:
+    """Mark ``task`` as keeping state across items (a running mean, a tracker, a counter).
+
+    Several device workers (``--device-workers``) run tasks for several items at once; a
+    stateful task still runs for one item at a time, in item order, so its results are those
+    of one worker. Returns the task itself, so it is a decorator.
+    """
+    try:
+        setattr(task, _STATEFUL, True)
+    except (AttributeError, TypeError):  # a builtin or a slotted object takes no attribute
+        raise PipelineError(
+            f"cannot mark {_name(task)} as stateful: it takes no attribute; wrap it in a "
+            "function and mark that"
+        ) from None
+    return task
+
+
 def current_item() -> ItemContext:
     """The item the calling task is processing: its device, run, sequence number, capture time.
 
@@ -80,6 +102,13 @@ class Pipeline:
 
     def __len__(self) -> int:
         return len(self.tasks)
+
+    @property
+    def serial_tasks(self) -> frozenset[int]:
+        """Tasks that run for one item at a time, in item order: those marked ``@stateful``,
+        and the last (it aggregates across items)."""
+        marked = (i for i, t in enumerate(self.tasks) if getattr(t, _STATEFUL, False) is True)
+        return frozenset(marked) | {len(self.tasks) - 1}
 
     def task_name(self, index: int) -> str:
         return _name(self.tasks[index])

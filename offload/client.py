@@ -137,6 +137,14 @@ def build_parser(
         default=field_default(ClientConfig, "device_id"),
         help="name this device reports (default: the host name)",
     )
+    parser.add_argument(
+        "--device-workers",
+        type=int,
+        default=ClientConfig.device_workers,
+        metavar="N",
+        help="run tasks [1, K) for up to N items at once on threads, results still in item order "
+        "(default %(default)s; 0: one per CPU); @stateful tasks still run one item at a time",
+    )
     parser.add_argument("--output", metavar="FILE", help="one JSON line per item, in item order")
     parser.add_argument("--report", metavar="FILE", help="write the summary as JSON")
     parser.add_argument(
@@ -264,6 +272,7 @@ def _config(args: argparse.Namespace) -> ClientConfig:
         fps=args.fps,
         control_period=args.control_period,
         slowdown=args.emulate_slowdown,
+        device_workers=args.device_workers,
         limits=Limits(max_message_bytes=args.max_message_bytes),
         link=LinkConfig(
             buffer=args.buffer,

@@ -127,6 +127,10 @@ class AutoSplit:
                 "settled": self._settled,
                 "device_cpu_percent": measurements.device_cpu_percent,
                 "device_memory_percent": round(measurements.device_memory_percent, 2),
+                # Items the device's workers were measured to run at once (None: not yet).
+                "device_parallelism": None
+                if math.isnan(measurements.device_parallelism)
+                else round(measurements.device_parallelism, 2),
             }
         )
         return decision

@@ -13,12 +13,13 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
 from typing import IO, Any
 
 from .._codec import check_size, encode_into
 from .._config import ClientConfig
 from .._logging import quote
-from .._pipeline import ItemContext, Pipeline, Status, run_tasks
+from .._pipeline import ItemContext, Outcome, Pipeline, Status, run_tasks
 from ..exceptions import ConfigError, OffloadError, ServerError
 from ..v1 import offload_pb2 as pb
 from .autosplit import AutoSplit, check_auto, starting_split
@@ -26,10 +27,11 @@ from .buffer import DurableBuffer
 from .emulation import SlowDevice
 from .ledger import Ledger, Recovered
 from .link import Link, Pending
-from .report import Recorder, run_report
+from .report import DeviceUsage, Recorder, run_report
 from .scheduler import ModelPolicy, SplitPolicy
 from .telemetry import Telemetry
 from .transport import Transport
+from .workers import DeviceWorkers, Job
 
 log = logging.getLogger("offload.client")
 RECOVERED_FILE = "recovered.jsonl"  # in --buffer-dir: the ends of earlier runs' held items
@@ -76,7 +78,10 @@ class Client:
         self.config = config
         self.transport = transport if needs_server else None
         self.run_id = uuid.uuid4().hex
-        self.telemetry = Telemetry(n, config.window)
+        # Items on the device's workers count against the link's window and buffer.
+        extra = config.workers - 1
+        window = config.window - extra
+        self.telemetry = Telemetry(n, window, config.workers, pipeline.serial_tasks)
         self.recorder = Recorder(pipeline, output)
         self._stop = stop or threading.Event()
         self.device = SlowDevice(config.slowdown)  # its sleep debt lasts the run
@@ -100,8 +105,8 @@ class Client:
             if self.transport is None
             else Link(
                 self.transport,
-                config.link,
-                config.window,
+                replace(config.link, buffer=config.link.buffer - extra),
+                window,
                 self.ledger,
                 self._hold_at,
                 self.store,
@@ -110,6 +115,13 @@ class Client:
         )
         self.recovering: list[Link] = []  # for earlier runs' items found in the durable buffer
         self._recovered: Recovered | None = None
+        self.workers = (
+            DeviceWorkers(config.workers, pipeline, self.device, self._encode, self._hand_over)
+            if config.workers > 1
+            else None
+        )
+        self.telemetry.watch(self.workers.busy if self.workers is not None else None)
+        self.usage = DeviceUsage(config.workers)
 
     @property
     def split(self) -> int:
@@ -122,11 +134,16 @@ class Client:
 
     def run(self) -> dict[str, Any]:
         """Capture and process until the source ends, ``frames`` is reached or ``stop()``."""
+        self.usage.start()
         if self.link is not None:
             self.link.start()  # it says so if the server does not answer yet
+        if self.workers is not None:
+            self.workers.start()
         try:
             self._recover()
             self._capture_loop()
+            if self.workers is not None:
+                self.workers.drain()
             self.device.pay(everything=True)  # the sleep the last items still owe
             if self.link is not None:
                 self.link.finish()
@@ -138,6 +155,8 @@ class Client:
                 if isinstance(exc, KeyboardInterrupt)
                 else f"the run stopped before this item finished: {type(exc).__name__}: {exc}"
             )
+            if self.workers is not None:
+                self.workers.close()
             for each in [self.link, *self.recovering]:
                 if each is not None:
                     each.abort(why)
@@ -145,6 +164,8 @@ class Client:
             raise
         finally:
             self._close_buffer()
+        if self.workers is not None:
+            self.workers.close()
         # Nothing is left unless a LinkOwner call failed; an item never goes missing.
         self.recorder.end_unfinished("the run ended before this item finished")
         return self.report()
@@ -167,6 +188,7 @@ class Client:
             error=str(self.error) if self.error else self.recorder.write_error,
             link=link,
             scheduler=self.auto.report() if self.auto is not None else None,
+            device=self.usage.report(self.workers.busy() if self.workers is not None else None),
         )
 
     def _recover(self) -> None:
@@ -210,9 +232,12 @@ class Client:
 
     def _capture_loop(self) -> None:
         item = 0
+        workers = self.workers
         while not self._stop.is_set() and self.error is None and not self.recorder.write_error:
             if self.config.frames is not None and item >= self.config.frames:
                 break
+            if workers is not None and not workers.acquire(self._stop):
+                break  # stopped (or a worker failed) while every worker was busy
             split = (
                 self.split if self.auto is None else self.auto.split_for(item, time.perf_counter())
             )
@@ -220,38 +245,66 @@ class Client:
             began = time.perf_counter()
             context = ItemContext(self.config.device_id, self.run_id, item, capture_time, False)
             sizes = self.auto.size_sampler(item, self.config.limits) if self.auto else None
+            # With workers, task 0 here and the rest on a worker; else all of [0, split) here.
+            stop = split if workers is None else 1
             outcome = run_tasks(
-                self.pipeline, 0, split, None, context, pace=self.device, on_output=sizes
+                self.pipeline, 0, stop, None, context, pace=self.device, on_output=sizes
             )
-            if outcome.task == 0 and outcome.status is Status.FILTERED:
-                log.info("event=end-of-stream items=%d", item)
-                break
-            if outcome.task == 0 and outcome.status is Status.FAILED:
-                raise OffloadError(f"capture (task 0) failed: {outcome.error}")
+            if outcome.task == 0 and outcome.status is not Status.CONTINUE:
+                if workers is not None:
+                    workers.release()
+                if outcome.status is Status.FILTERED:
+                    log.info("event=end-of-stream items=%d", item)
+                    break
+                if outcome.status is Status.FAILED:
+                    raise OffloadError(f"capture (task 0) failed: {outcome.error}")
             self.ledger.captured(item, began, outcome.task_seconds)
-            if outcome.status is Status.CONTINUE:
+            if workers is not None:
+                workers.submit(Job(item, split, outcome.value, context, began, sizes))
+            elif outcome.status is Status.CONTINUE:
                 self._send(item, split, outcome.value, capture_time, began)
             else:
                 self.ledger.ended_here(item, outcome, began)
             item += 1
+        if workers is not None and workers.error is not None:
+            raise workers.error
 
-    def _send(self, item: int, split: int, args: Any, capture_time: float, began: float) -> None:
-        assert self.link is not None
+    def _encode(self, job: Job, args: Any) -> bytes | str:
+        """The item's TaskState at the cut, or why it cannot be sent."""
         state = pb.TaskState(
             pipeline=self.pipeline.name,
             fingerprint=self.pipeline.fingerprint,
             device_id=self.config.device_id,
             run_id=self.run_id,
-            item=item,
-            next_task=split,
-            capture_time=capture_time,
+            item=job.item,
+            next_task=job.split,
+            capture_time=job.context.capture_time,
         )
         try:
             encode_into(state.args, args, self.config.limits)
             data = state.SerializeToString()
-            check_size(data, self.config.limits, f"item {item}")
+            check_size(data, self.config.limits, f"item {job.item}")
         except OffloadError as exc:
-            self.ledger.failed(item, split - 1, f"cannot send: {exc}", began)
+            return f"cannot send: {exc}"
+        return data
+
+    def _hand_over(self, job: Job, outcome: Outcome, data: bytes | str | None) -> None:
+        """A worker is done with ``job``: send it, or end it here (called in item order)."""
+        self.ledger.worker_times(job.item, outcome.task_seconds)
+        if isinstance(data, bytes):
+            assert self.link is not None
+            self.link.submit(Pending(job.item, job.split, data, job.began))
+        elif data is not None:
+            self.ledger.failed(job.item, job.split - 1, data, job.began)
+        else:
+            self.ledger.ended_here(job.item, outcome, job.began)
+
+    def _send(self, item: int, split: int, args: Any, capture_time: float, began: float) -> None:
+        assert self.link is not None
+        context = ItemContext(self.config.device_id, self.run_id, item, capture_time, False)
+        data = self._encode(Job(item, split, args, context, began), args)
+        if isinstance(data, str):
+            self.ledger.failed(item, split - 1, data, began)
             return
         self.link.submit(Pending(item, split, data, began))
 

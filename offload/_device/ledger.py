@@ -57,6 +57,11 @@ class Ledger:
         self.recorder.device_times(timings)
         self.telemetry.device_times(item, timings)
 
+    def worker_times(self, item: int, timings: list[tuple[int, float]]) -> None:
+        """``item`` ran more tasks here, on a device worker, in ``timings``."""
+        self.recorder.device_times(timings)
+        self.telemetry.device_times(item, timings)
+
     def ended_here(self, item: int, outcome: Outcome, began: float) -> bool:
         """``item`` ended on the device (completed, filtered or failed) before the split."""
         outcome = self._as_if_sent(outcome)

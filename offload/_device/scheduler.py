@@ -3,7 +3,10 @@
 The model (Neurosurgeon-like, re-decided continuously like Odessa): items are pipelined, so the
 throughput of split K is bounded by the slowest of
 
-* the device:  1 / (sum of device times of tasks [0, K)),
+* the device:  1 / (sum of device times of tasks [0, K)); with N device workers, task 0 runs on
+  its own thread and tasks [1, K) for P items at once, P the parallelism measured (1 until
+  measured, at most N), and each stateful task for one item at a time:
+  1 / max(time of task 0, (sum of times of tasks [1, K)) / P, time of each stateful task),
 * the link:    bandwidth / (bytes an item carries when cut after task K-1),
 * the server:  workers / (sum of server times of tasks [K, N)),
 * the window:  W / (time one item holds a credit: RTT + transmission + server time).
@@ -40,6 +43,11 @@ class Measurements:
     server_workers: int = 1  # items of one device stream the server runs at once
     device_cpu_percent: float = UNKNOWN
     device_memory_percent: float = UNKNOWN
+    device_workers: int = 1  # items the device runs tasks [1, K) for at once (--device-workers)
+    # Items the workers were measured to run at once while they were the bottleneck (NaN: not
+    # yet measured, taken as 1): contention for the cores is in the task times measured there.
+    device_parallelism: float = UNKNOWN
+    serial_tasks: tuple[int, ...] = ()  # tasks run for one item at a time (@stateful, the last)
 
     @property
     def tasks(self) -> int:
@@ -73,7 +81,7 @@ class SplitPolicy(Protocol):
 
 def predict(m: Measurements, k: int) -> Prediction:
     """Predicted throughput of completed items at split ``k`` (tasks [0, k) on the device)."""
-    device = sum(m.device_seconds[:k])
+    device = _device_seconds(m, k)
     server = sum(m.server_seconds[k:])
     cut = m.cut_bytes[k] if k < m.tasks else 0.0
     transmit = cut / m.bandwidth if m.bandwidth else 0.0
@@ -85,6 +93,17 @@ def predict(m: Measurements, k: int) -> Prediction:
     }
     bottleneck = min(rates, key=lambda name: rates[name])
     return Prediction(k, rates[bottleneck] * m.completed_fraction, bottleneck, rates)
+
+
+def _device_seconds(m: Measurements, k: int) -> float:
+    """Device seconds per item at split ``k``: one worker runs them in turn; several run task 0
+    on the capture thread while tasks [1, k) run for P items at once (see the module doc)."""
+    if m.device_workers <= 1 or any(math.isnan(t) for t in m.device_seconds[:k]):
+        return sum(m.device_seconds[:k])  # (NaN if one is unknown)
+    parallel = 1.0 if math.isnan(m.device_parallelism) else m.device_parallelism
+    parallel = min(float(m.device_workers), max(1.0, parallel))
+    serial = [m.device_seconds[t] for t in m.serial_tasks if 1 <= t < k]
+    return max([m.device_seconds[0], sum(m.device_seconds[1:k]) / parallel, *serial])
 
 
 def _with_carried_bandwidth(m: Measurements, observed: float | None) -> Measurements:

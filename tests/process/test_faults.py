@@ -139,20 +139,32 @@ def test_unreachable_at_start_runs_here_then_returns_to_the_split(
 
 
 @pytest.mark.parametrize(
-    ("signum", "resend_grace"),
-    [(signal.SIGKILL, 5.0), (signal.SIGKILL, 0.0), (signal.SIGTERM, 5.0)],
-    ids=["sigkill-resend", "sigkill-run-here", "sigterm-resend"],
+    ("signum", "resend_grace", "workers"),
+    [
+        (signal.SIGKILL, 5.0, 1),
+        (signal.SIGKILL, 0.0, 1),
+        (signal.SIGTERM, 5.0, 1),
+        (signal.SIGKILL, 0.0, 2),
+    ],
+    ids=["sigkill-resend", "sigkill-run-here", "sigterm-resend", "sigkill-run-here-2-workers"],
 )
 def test_a_server_dying_mid_stream_loses_and_duplicates_nothing(
     server_processes: Callable[..., subprocess.Popen[str]],
     signum: signal.Signals,
     resend_grace: float,
+    workers: int,
 ) -> None:
     frames = 300
     expected = reference(frames)
     port = free_port()
     first = server_processes(port)
-    run = ClientThread(STATELESS, port, frames, link=LinkConfig(resend_grace=resend_grace))
+    run = ClientThread(
+        STATELESS,
+        port,
+        frames,
+        link=LinkConfig(resend_grace=resend_grace),
+        device_workers=workers,
+    )
     assert wait_until(lambda: run.finished >= 40, 60)
     first.send_signal(signum)
     assert first.wait(15) == (0 if signum == signal.SIGTERM else -signal.SIGKILL)
@@ -347,11 +359,14 @@ def test_a_fatal_refusal_still_ends_every_captured_item_in_the_output(
     assert all("UNAUTHENTICATED" in r["error"] for r in records)
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 def test_stopping_mid_run_finishes_every_captured_item(
-    start_server: Callable[..., RunningServer],
+    start_server: Callable[..., RunningServer], workers: int
 ) -> None:
     server = start_server("tests.apps.tally")
-    run = ClientThread("tests.apps.tally", server.port, 1_000_000, local_tasks=1)
+    run = ClientThread(
+        "tests.apps.tally", server.port, 1_000_000, local_tasks=1, device_workers=workers
+    )
     assert wait_until(lambda: run.finished >= 30, 60)
     run.client.stop()
     lines, report = run.join()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import socket
 from typing import Any
 
@@ -71,6 +72,7 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ClientConfig, "fps", math.nan, "--fps nan"),
     (ClientConfig, "control_period", 0.0, "--control-period 0: give a number of seconds"),
     (ClientConfig, "slowdown", 0.5, "--emulate-slowdown 0.5: use 1 (off) or more (slowdown)"),
+    (ClientConfig, "device_workers", -1, "--device-workers -1: give 1 or more (0: one per CPU)"),
     (ServerConfig, "pipeline", "", "--pipeline is empty"),
     (ServerConfig, "host", "", "--host is empty: give an address"),
     (ServerConfig, "host", "[]", "--host is empty"),
@@ -162,3 +164,16 @@ def test_a_fields_default_reads_its_factory_too() -> None:
 def test_several_replicas_become_one_grpc_target(server: str, target: str) -> None:
     assert ClientConfig(server=server).server == server
     assert grpc_target(server) == target
+
+
+def test_device_workers_count_against_the_window_and_the_buffer_with_a_server() -> None:
+    with pytest.raises(ConfigError, match=r"--device-workers 3 exceeds --window 2: items on"):
+        ClientConfig(local_tasks=2, window=2, device_workers=3)
+    with pytest.raises(ConfigError, match=r"--device-workers 3 exceeds --buffer 2"):
+        ClientConfig(fps=10.0, link=LinkConfig(buffer=2), device_workers=3)
+    # Client-only mode has neither: any number of workers.
+    assert ClientConfig(window=1, device_workers=3).workers == 3
+
+
+def test_zero_device_workers_is_one_per_cpu_this_process_may_use() -> None:
+    assert ClientConfig(device_workers=0).workers == len(os.sched_getaffinity(0))

@@ -11,6 +11,7 @@ PUBLIC = [
     "ModelPolicy", "OffloadError", "Pipeline", "PipelineError", "PipelineMismatch", "Prediction",
     "RunningServer", "ServerConfig", "ServerError", "ServerSecurity", "SplitPolicy", "Stream",
     "Transport", "current_item", "decode", "encode", "load_pipeline", "run_client", "serve",
+    "stateful",
 ]  # fmt: skip
 TESTING = ["InProcessTransport", "RemoteExecutor"]
 

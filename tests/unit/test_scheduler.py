@@ -35,6 +35,8 @@ class World:
     bandwidth: float = 25 * MB  # 200 mbit/s
     rtt: float = 0.03
     noise: float = 0.0
+    workers: int = 1
+    parallelism: float = math.nan  # what the device measured its workers to run at once
     rng: random.Random = random.Random(7)  # noqa: RUF009 - a fixed seed per test module
 
     def truth(self, split: int) -> Measurements:
@@ -47,6 +49,9 @@ class World:
             rtt=self.rtt,
             window=8,
             throughput=math.nan,
+            device_workers=self.workers,
+            device_parallelism=self.parallelism,
+            serial_tasks=(6,),
         )
 
     def measure(self, split: int, settled: bool = True) -> Measurements:
@@ -334,3 +339,31 @@ def test_the_target_warning_is_said_once_withdrawn_once_and_valid_logfmt(
     for record in caplog.records:
         assert LOGFMT.fullmatch(record.getMessage()), record.getMessage()
     assert capsys.readouterr().err == ""  # said through logging only, not printed as well
+
+
+@pytest.mark.parametrize(("target", "one", "two"), [(17, 5, 6), (28, 1, 6)])
+def test_two_device_workers_keep_more_tasks_local_at_the_same_target(
+    target: float, one: int, two: int
+) -> None:
+    # Task 0 runs on the capture thread, tasks [1, K) for 1.8 items at once (as measured).
+    for world, expected in ((World(), one), (World(workers=2, parallelism=1.8), two)):
+        assert oracle(world, target) == expected
+        splits = run(ModelPolicy(target), world, 3, periods=6)
+        assert splits[-1] == expected, (world.workers, splits)
+
+
+def test_the_parallel_rate_is_the_measured_one_never_n_times_one_workers() -> None:
+    measured = World(workers=2, parallelism=1.2).truth(6)
+    rate = 1 / max(DEVICE[0], sum(DEVICE[1:6]) / 1.2)
+    assert predict(measured, 6).throughput == pytest.approx(rate)
+    # Not measured yet: as fast as one worker beside the capture thread, not twice that.
+    unknown = replace(measured, device_parallelism=math.nan)
+    assert predict(unknown, 6).throughput == pytest.approx(1 / max(DEVICE[0], sum(DEVICE[1:6])))
+    # A stateful task runs for one item at a time, however many workers.
+    slow = replace(
+        measured,
+        device_seconds=(0.001, 0.05, *DEVICE[2:]),
+        device_parallelism=2.0,
+        serial_tasks=(1, 6),
+    )
+    assert predict(slow, 6).throughput == pytest.approx(1 / 0.05)
