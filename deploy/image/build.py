@@ -1,0 +1,221 @@
+"""``make image``: build ``localhost/offload-server:<version>`` from Dockerfile.server with buildah.
+
+No Docker daemon: ``buildah bud --isolation chroot --storage-driver vfs`` (as root). The base is
+``--base`` (python:3.11-slim by default) when it is in buildah's storage or can be pulled; where
+it cannot, a stand-in is built from Debian's own packages (``stand-in`` below, docs/deployment.md
+says how it differs). pip inside the build uses this machine's pip settings: they are passed as a
+build secret (never in a layer), and the local directories and files they name (a ``file://``
+index, find-links, a CA bundle) are mounted read-only for the RUN steps only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILDAH = ["buildah", "--storage-driver", "vfs"]
+DEFAULT_BASE = "python:3.11-slim"
+# What the stand-in adds to Debian's minimal base: the interpreter and venv module, and what
+# python:3.11-slim also carries for a network server (CA roots, /etc/services, time zones).
+STAND_IN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "netbase", "tzdata")
+DEFAULT_CACHE = Path("/var/cache/offload-image")
+
+
+def version() -> str:
+    """offload.__version__, read from the file as pyproject.toml does (no import)."""
+    text = (ROOT / "offload" / "__init__.py").read_text()
+    match = re.search(r'^__version__ = "([^"]+)"$', text, re.MULTILINE)
+    if match is None:
+        raise SystemExit("error: no __version__ in offload/__init__.py")
+    return match.group(1)
+
+
+def debian_release() -> str:
+    """This machine's Debian codename (/etc/os-release): the stand-in is the same release."""
+    fields = dict(
+        line.split("=", 1)
+        for line in Path("/etc/os-release").read_text().splitlines()
+        if "=" in line
+    )
+    codename = fields.get("VERSION_CODENAME", "").strip('"')
+    if fields.get("ID", "").strip('"') != "debian" or not codename:
+        raise SystemExit(
+            "error: the stand-in base is built from Debian; this machine is not Debian"
+        )
+    return codename
+
+
+def debian_mirror() -> str:
+    """The Debian archive apt uses here (deb822 or one-line sources), else deb.debian.org."""
+    sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+    for source in sources:
+        text = source.read_text() if source.is_file() else ""
+        for uri in re.findall(r"(?:^URIs:|^deb)\s+(\S+)", text, re.MULTILINE):
+            if uri.rstrip("/").endswith("/debian"):
+                return str(uri)
+    return "http://deb.debian.org/debian"
+
+
+def run(
+    command: list[str], *, capture: bool = False, quiet: bool = False, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``command``, shown first; ``capture``: its stdout is returned, ``quiet``: dropped."""
+    print("+", shlex.join(command), flush=True)
+    stdout = subprocess.PIPE if capture else subprocess.DEVNULL if quiet else None
+    return subprocess.run(command, check=True, text=True, stdout=stdout, cwd=cwd)
+
+
+def image_present(name: str) -> bool:
+    return (
+        subprocess.run(
+            [*BUILDAH, "inspect", "--type", "image", name], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+
+
+def pullable(name: str) -> bool:
+    if image_present(name):
+        return True
+    pulled = subprocess.run(
+        [*BUILDAH, "pull", "--quiet", name], capture_output=True, text=True, check=False
+    )
+    if pulled.returncode != 0:
+        reason = (pulled.stderr.strip().splitlines() or ["no reason given"])[-1]
+        print(f"cannot pull {name} ({reason})", flush=True)
+    return pulled.returncode == 0
+
+
+def stand_in(cache: Path) -> str:
+    """``localhost/offload-base:debian-<release>``: debootstrap --variant=minbase of this
+    machine's Debian release with its Python, committed as an image. The root filesystem's
+    tarball is cached, so that a lost image is rebuilt in seconds, without the archive."""
+    release = debian_release()
+    name = f"localhost/offload-base:debian-{release}"
+    if image_present(name):
+        return name
+    tarball = cache / f"debian-{release}-minbase-python3.tar"
+    if not tarball.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as work:
+            rootfs = Path(work) / "rootfs"
+            run(
+                [
+                    *("debootstrap", "--variant=minbase"),
+                    f"--include={','.join(STAND_IN_PACKAGES)}",
+                    *(release, str(rootfs), debian_mirror()),
+                ],
+                quiet=True,
+            )
+            # What an image needs no copy of: apt's lists and downloaded packages.
+            run(["chroot", str(rootfs), "apt-get", "clean"])
+            for lists in (rootfs / "var/lib/apt/lists").glob("*_*"):
+                lists.unlink()
+            partial = tarball.with_suffix(".partial")
+            run(["tar", "--numeric-owner", "-C", str(rootfs), "-cf", str(partial), "."])
+            partial.rename(tarball)
+    container = run([*BUILDAH, "from", "scratch"], capture=True).stdout.strip()
+    try:
+        run([*BUILDAH, "add", container, str(tarball), "/"])
+        run(
+            [
+                *(*BUILDAH, "config"),
+                *("--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+                *("--env", "LANG=C.UTF-8", "--cmd", "python3"),
+                *("--label", f"org.opencontainers.image.description=Debian {release} minbase"),
+                container,
+            ]
+        )
+        run([*BUILDAH, "commit", "--quiet", "--rm", container, name])
+    except BaseException:
+        subprocess.run([*BUILDAH, "rm", container], capture_output=True, check=False)
+        raise
+    return name
+
+
+def pip_settings(listing: str) -> tuple[str, list[Path]]:
+    """``pip config list`` (files and PIP_* variables, merged) as one pip.conf, and the local
+    paths its values name. The environment's values win over the files', as in pip."""
+    sections: dict[str, dict[str, str]] = {}
+    from_env: dict[str, str] = {}
+    for line in listing.splitlines():
+        match = re.fullmatch(r"(:env:|[\w-]+)\.([\w-]+)='(.*)'", line.strip())
+        if match is None:
+            continue
+        section, key, value = match.groups()
+        if key == "config-file":
+            continue
+        if section == ":env:":
+            from_env[key] = value
+        else:
+            sections.setdefault(section, {})[key] = value
+    sections.setdefault("global", {}).update(from_env)
+    text = "".join(
+        f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+        for section, values in sections.items()
+        if values
+    )
+    paths = []
+    for values in sections.values():
+        for value in values.values():
+            for word in value.split():
+                path = Path(word.removeprefix("file://"))
+                if (word.startswith("file://") or word.startswith("/")) and path.exists():
+                    # A local index's pages link to files beside it (../files/...).
+                    paths.append(path.parent if path.name == "simple" else path)
+    return text, sorted(set(paths))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="make image", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default=DEFAULT_BASE, help="the base image (%(default)s)")
+    parser.add_argument(
+        "--tag",
+        default=f"localhost/offload-server:{version()}",
+        help="the image to build (%(default)s)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("IMAGE_CACHE", DEFAULT_CACHE)),
+        help="where the stand-in's root filesystem tarball is kept (%(default)s)",
+    )
+    args = parser.parse_args()
+    started = time.monotonic()
+    base = args.base
+    if not pullable(base):
+        base = stand_in(args.cache)
+        print(f"base: {base}, a stand-in for {args.base} (docs/deployment.md)", flush=True)
+    listing = run([sys.executable, "-m", "pip", "config", "list"], capture=True).stdout
+    pip_conf, local_paths = pip_settings(listing)
+    with tempfile.NamedTemporaryFile("w", suffix=".conf") as secret:
+        secret.write(pip_conf)
+        secret.flush()
+        run(
+            [
+                *(*BUILDAH, "bud", "--isolation", "chroot", "--layers"),
+                # Docker's format: the OCI one has no HEALTHCHECK (buildah would drop it).
+                *("--format", "docker"),
+                *("-f", "Dockerfile.server", "-t", args.tag),
+                *("--build-arg", f"BASE={base}"),
+                *("--label", f"org.opencontainers.image.base.name={base}"),
+                *("--label", f"org.opencontainers.image.version={version()}"),
+                f"--secret=id=pip.conf,src={secret.name}",
+                *[f"--volume={path}:{path}:ro" for path in local_paths],
+                ".",
+            ],
+            cwd=ROOT,
+        )
+    print(f"built {args.tag} in {time.monotonic() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
