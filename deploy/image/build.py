@@ -11,6 +11,8 @@ index, find-links, a CA bundle) are mounted read-only for the RUN steps only.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -27,6 +29,9 @@ DEFAULT_BASE = "python:3.11-slim"
 # python:3.11-slim also carries for a network server (CA roots, /etc/services, time zones).
 STAND_IN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "netbase", "tzdata")
 DEFAULT_CACHE = Path("/var/cache/offload-image")
+# The label that records what an image was built from: the same inputs, no build (with vfs even
+# a build whose every step is cached copies each layer: minutes).
+INPUTS_LABEL = "org.offload.build-inputs"
 
 
 def version() -> str:
@@ -64,6 +69,50 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
+def dockerignore_patterns() -> list[re.Pattern[str]]:
+    """.dockerignore as regular expressions (Docker's syntax: *, ?, **; no ! exceptions used)."""
+    patterns = []
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("!"):
+            raise SystemExit("error: .dockerignore: exceptions (!) are not handled here")
+        regex = re.escape(line.strip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*")
+        patterns.append(re.compile(regex.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")))
+    return patterns
+
+
+def ignored(relative: Path, patterns: list[re.Pattern[str]]) -> bool:
+    """Docker excludes a path when a pattern matches it or any directory above it."""
+    parts = relative.parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(p.fullmatch(prefix) for p in patterns for prefix in prefixes)
+
+
+def build_inputs(base_id: str, build_args: list[str]) -> str:
+    """A digest of all that the build reads: the base image, the arguments, the build context
+    (every file .dockerignore leaves in, Dockerfile.server included)."""
+    patterns = dockerignore_patterns()
+    digest = hashlib.sha256(json.dumps([base_id, build_args]).encode())
+    for directory, subdirectories, files in os.walk(ROOT):
+        here = Path(directory).relative_to(ROOT)
+        subdirectories[:] = sorted(d for d in subdirectories if not ignored(here / d, patterns))
+        for name in sorted(f for f in files if not ignored(here / f, patterns)):
+            digest.update(f"{here / name}\0".encode() + (ROOT / here / name).read_bytes())
+    return digest.hexdigest()
+
+
+def labels(name: str) -> dict[str, str] | None:
+    """The image's labels, None if there is no such image."""
+    inspected = subprocess.run(
+        [*BUILDAH, "inspect", "--type", "image", name], capture_output=True, text=True, check=False
+    )
+    if inspected.returncode != 0:
+        return None
+    return dict(json.loads(inspected.stdout)["OCIv1"]["config"].get("Labels") or {})
+
+
 def run(
     command: list[str], *, capture: bool = False, quiet: bool = False, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -74,12 +123,13 @@ def run(
 
 
 def image_present(name: str) -> bool:
-    return (
-        subprocess.run(
-            [*BUILDAH, "inspect", "--type", "image", name], capture_output=True, check=False
-        ).returncode
-        == 0
-    )
+    return labels(name) is not None
+
+
+def image_id(name: str) -> str:
+    return run(
+        [*BUILDAH, "inspect", "--type", "image", "--format", "{{.FromImageID}}", name], capture=True
+    ).stdout.strip()
 
 
 def pullable(name: str) -> bool:
@@ -194,6 +244,11 @@ def main() -> None:
     if not pullable(base):
         base = stand_in(args.cache)
         print(f"base: {base}, a stand-in for {args.base} (docs/deployment.md)", flush=True)
+    build_args = [f"BASE={base}"]
+    inputs = build_inputs(image_id(base), build_args)
+    if (labels(args.tag) or {}).get(INPUTS_LABEL) == inputs:
+        print(f"{args.tag} is up to date (built from these very inputs)", flush=True)
+        return
     listing = run([sys.executable, "-m", "pip", "config", "list"], capture=True).stdout
     pip_conf, local_paths = pip_settings(listing)
     with tempfile.NamedTemporaryFile("w", suffix=".conf") as secret:
@@ -205,9 +260,10 @@ def main() -> None:
                 # Docker's format: the OCI one has no HEALTHCHECK (buildah would drop it).
                 *("--format", "docker"),
                 *("-f", "Dockerfile.server", "-t", args.tag),
-                *("--build-arg", f"BASE={base}"),
+                *[f"--build-arg={arg}" for arg in build_args],
                 *("--label", f"org.opencontainers.image.base.name={base}"),
                 *("--label", f"org.opencontainers.image.version={version()}"),
+                *("--label", f"{INPUTS_LABEL}={inputs}"),
                 f"--secret=id=pip.conf,src={secret.name}",
                 *[f"--volume={path}:{path}:ro" for path in local_paths],
                 ".",

@@ -26,6 +26,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+from deploy.image.build import dockerignore_patterns, ignored
 from offload import RunningServer
 from offload._env import env_name, option_actions
 from offload.server import build_parser
@@ -82,26 +83,6 @@ def exec_form(args: str) -> list[str]:
     command = json.loads(args)
     assert isinstance(command, list), f"{args}: use the exec (JSON) form"
     return [str(c) for c in command]
-
-
-def dockerignore_patterns() -> list[re.Pattern[str]]:
-    """.dockerignore as regular expressions (Docker's syntax: *, ?, **; no ! exceptions used)."""
-    patterns = []
-    for raw in (ROOT / ".dockerignore").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        assert not line.startswith("!"), "exceptions are not handled by this test"
-        regex = re.escape(line.strip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*")
-        patterns.append(re.compile(regex.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")))
-    return patterns
-
-
-def ignored(relative: Path, patterns: list[re.Pattern[str]]) -> bool:
-    """Docker excludes a path when a pattern matches it or any directory above it."""
-    parts = relative.parts
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(p.fullmatch(prefix) for p in patterns for prefix in prefixes)
 
 
 def copy_sources(stage: Stage) -> list[tuple[list[str], str]]:
