@@ -256,7 +256,8 @@ def main() -> None:
         secret.flush()
         run(
             [
-                *(*BUILDAH, "bud", "--isolation", "chroot", "--layers"),
+                # --force-rm: a failed step leaves no working container (a layer's copy) behind.
+                *(*BUILDAH, "bud", "--isolation", "chroot", "--layers", "--force-rm"),
                 # Docker's format: the OCI one has no HEALTHCHECK (buildah would drop it).
                 *("--format", "docker"),
                 *("-f", "Dockerfile.server", "-t", args.tag),
@@ -270,6 +271,8 @@ def main() -> None:
             ],
             cwd=ROOT,
         )
+    # Earlier builds' images (untagged, no child) go; this one's steps stay, the next build's cache.
+    subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True, check=False)
     print(f"built {args.tag} in {time.monotonic() - started:.0f} s", flush=True)
 
 
