@@ -94,14 +94,15 @@ clean:
 	rm -rf $(VENV) offload/v1/*_pb2*.py offload/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache \
 		$(NODE_CLIENT)/node_modules build dist *.egg-info
 
-# The server image, built with buildah (no daemon) into its vfs storage; where IMAGE_BASE cannot
-# be pulled, on a stand-in built from Debian's packages (docs/deployment.md#the-server-image).
-IMAGE_BASE ?= python:3.11-slim
+# The server image, built with buildah (no daemon) into its vfs storage; where IMAGE_BASE (default:
+# Dockerfile.server's ARG BASE) cannot be pulled, on a stand-in built from Debian's packages
+# (docs/deployment.md#the-server-image).
+IMAGE_BASE ?=
 IMAGE ?= localhost/offload-server:$(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' offload/__init__.py)
 image: venv
 	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq buildah debootstrap >/dev/null; }
-	$(PY) deploy/image/build.py --base $(IMAGE_BASE) --tag $(IMAGE)
+	$(PY) deploy/image/build.py $(if $(IMAGE_BASE),--base $(IMAGE_BASE)) --tag $(IMAGE)
 
 # tests/image against IMAGE: not collected by `make test` (pyproject.toml's addopts).
 image-test: proto image

@@ -1,7 +1,8 @@
 """``make image``: build ``localhost/offload-server:<version>`` from Dockerfile.server with buildah.
 
 No Docker daemon: ``buildah bud --isolation chroot --storage-driver vfs`` (as root). The base is
-``--base`` (python:3.11-slim by default) when it is in buildah's storage or can be pulled; where
+``--base`` (Dockerfile.server's ``ARG BASE`` by default) when it is in buildah's storage or can be
+pulled; where
 it cannot, a stand-in is built from Debian's own packages (``stand-in`` below, docs/deployment.md
 says how it differs). pip inside the build uses this machine's pip settings: they are passed as a
 build secret (never in a layer), and the local directories and files they name (a ``file://``
@@ -24,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
-DEFAULT_BASE = "python:3.11-slim"
+DOCKERFILE = ROOT / "Dockerfile.server"
 # What the stand-in adds to Debian's minimal base: the interpreter and venv module, and what
 # python:3.11-slim also carries for a network server (CA roots, /etc/services, time zones).
 STAND_IN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "netbase", "tzdata")
@@ -40,6 +41,14 @@ def version() -> str:
     match = re.search(r'^__version__ = "([^"]+)"$', text, re.MULTILINE)
     if match is None:
         raise SystemExit("error: no __version__ in offload/__init__.py")
+    return match.group(1)
+
+
+def default_base() -> str:
+    """Dockerfile.server's own default: ``ARG BASE=...`` before its first FROM."""
+    match = re.search(r"^ARG BASE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    if match is None:
+        raise SystemExit("error: Dockerfile.server has no ARG BASE=... line")
     return match.group(1)
 
 
@@ -226,7 +235,7 @@ def pip_settings(listing: str) -> tuple[str, list[Path]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="make image", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default=DEFAULT_BASE, help="the base image (%(default)s)")
+    parser.add_argument("--base", default=default_base(), help="the base image (%(default)s)")
     parser.add_argument(
         "--tag",
         default=f"localhost/offload-server:{version()}",
@@ -277,4 +286,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except subprocess.CalledProcessError as failed:
+        command = shlex.join(str(word) for word in failed.cmd)
+        message = f"error: {command[:200]} exited {failed.returncode} (its output is above)"
+        raise SystemExit(message) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -168,6 +169,19 @@ def test_the_image_runs_the_server_as_an_unprivileged_user_with_a_healthcheck(
         int(config.env["OFFLOAD_PORT"]),
         int(config.env["OFFLOAD_METRICS_PORT"]),
     }
+
+
+def test_the_image_python_meets_requires_python(container: str) -> None:
+    floor = re.search(r'requires-python = ">=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert floor is not None
+    version = subprocess.run(
+        run_in(container, {}, "python", "-c", "import sys; print(*sys.version_info[:2])"),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert tuple(map(int, version.stdout.split())) >= tuple(map(int, floor.groups()))
 
 
 def test_the_image_is_smaller_than_its_stated_bound(config: ImageConfig) -> None:

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from deploy.image.build import dockerignore_patterns, ignored
+from deploy.image.build import dockerignore_patterns, ignored, pip_settings
 from offload import RunningServer
 from offload._env import env_name, option_actions
 from offload.server import build_parser
@@ -577,3 +577,30 @@ def test_the_fetch_script_writes_the_image_and_the_secrets_for_the_container_use
     finally:
         google.shutdown()
         google.server_close()
+
+
+def test_the_build_passes_pip_its_settings_with_the_environment_first_and_the_paths_they_name(
+    tmp_path: Path,
+) -> None:
+    """``pip config list`` (as ``make image`` reads it) becomes one pip.conf for the build's
+    secret; the local paths it names are what the build mounts (an index: with its files)."""
+    index, wheels = tmp_path / "pypi" / "simple", tmp_path / "wheels"
+    index.mkdir(parents=True)
+    wheels.mkdir()
+    listing = "\n".join(
+        [
+            f"global.extra-index-url='file://{index} https://mirror.example/simple'",
+            "global.find-links='/nowhere/at/all'",
+            "install.no-compile='1'",
+            f":env:.find-links='{wheels}'",
+            ":env:.config-file='/ignored.conf'",
+        ]
+    )
+    text, paths = pip_settings(listing)
+    assert text == (
+        "[global]\n"
+        f"extra-index-url = file://{index} https://mirror.example/simple\n"
+        f"find-links = {wheels}\n"
+        "[install]\nno-compile = 1\n"
+    )
+    assert paths == sorted([tmp_path / "pypi", wheels])
