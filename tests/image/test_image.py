@@ -109,6 +109,14 @@ def run_in(container: str, env: dict[str, str], *command: str) -> list[str]:
     return [*BUILDAH, "run", "--isolation", "chroot", *flags, container, "--", *command]
 
 
+def in_container(
+    container: str, env: dict[str, str], *command: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        run_in(container, env, *command), capture_output=True, text=True, check=False, timeout=120
+    )
+
+
 def start_entry_point(container: str, config: ImageConfig) -> ImageServer:
     """The image's ENTRYPOINT with the image's environment, bound to 127.0.0.1 at free ports."""
     env = {
@@ -174,13 +182,10 @@ def test_the_image_runs_the_server_as_an_unprivileged_user_with_a_healthcheck(
 def test_the_image_python_meets_requires_python(container: str) -> None:
     floor = re.search(r'requires-python = ">=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text())
     assert floor is not None
-    version = subprocess.run(
-        run_in(container, {}, "python", "-c", "import sys; print(*sys.version_info[:2])"),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
+    version = in_container(
+        container, {}, "python", "-c", "import sys; print(*sys.version_info[:2])"
     )
+    assert version.returncode == 0, version.stderr
     assert tuple(map(int, version.stdout.split())) >= tuple(map(int, floor.groups()))
 
 
@@ -198,13 +203,7 @@ def test_the_entry_point_serves_as_the_image_user_and_its_healthcheck_passes(
     serving = health_pb2.HealthCheckResponse.SERVING
     assert health(server.port, "") == health(server.port, "offload.v1.Offload") == serving
     # The HEALTHCHECK command, in the container, with the container's environment.
-    probe = subprocess.run(
-        run_in(container, server.env, *config.healthcheck),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    probe = in_container(container, server.env, *config.healthcheck)
     assert probe.returncode == 0, probe.stderr
     assert "SERVING" in probe.stdout
 
@@ -231,13 +230,7 @@ def test_the_server_stops_on_sigterm_and_the_healthcheck_then_fails(
     server: ImageServer, container: str, config: ImageConfig
 ) -> None:
     assert server.stop() == 0
-    probe = subprocess.run(
-        run_in(container, server.env, *config.healthcheck),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
+    probe = in_container(container, server.env, *config.healthcheck)
     assert probe.returncode == 1, probe
 
 
