@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -125,11 +126,9 @@ def start_entry_point(container: str, config: ImageConfig) -> ImageServer:
         "OFFLOAD_METRICS_PORT": str(free_port()),
         "OFFLOAD_ANNOUNCE": "1",
     }
+    log = tempfile.TemporaryFile("w+")  # the server's log, never a pipe that could fill up
     process = subprocess.Popen(
-        run_in(container, env, *config.entrypoint),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        run_in(container, env, *config.entrypoint), stdout=subprocess.PIPE, stderr=log, text=True
     )
     assert process.stdout is not None
     announced: list[str] = []
@@ -138,8 +137,9 @@ def start_entry_point(container: str, config: ImageConfig) -> ImageServer:
     reader.join(STARTUP_TIMEOUT)
     if not announced or not announced[0].startswith("listening on "):
         process.kill()
-        _, stderr = process.communicate(timeout=60)
-        lines = stderr.strip().splitlines() or ["(nothing on stderr)"]
+        process.communicate(timeout=60)
+        log.seek(0)
+        lines = log.read().strip().splitlines() or ["(nothing on stderr)"]
         raise AssertionError(f"the entry point {config.entrypoint} did not serve: {lines[-1]}")
     port = int(env["OFFLOAD_PORT"])
     (serving,) = [
