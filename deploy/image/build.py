@@ -30,8 +30,8 @@ DOCKERFILE = ROOT / "Dockerfile.server"
 # python:3.11-slim also carries for a network server (CA roots, /etc/services, time zones).
 STAND_IN_PACKAGES = ("python3", "python3-venv", "ca-certificates", "netbase", "tzdata")
 DEFAULT_CACHE = Path("/var/cache/offload-image")
-# The label that records what an image was built from: the same inputs, no build (with vfs even
-# a build whose every step is cached copies each layer: minutes).
+# The label that records what an image was built from: the same inputs, no build (buildah's
+# layer cache is off: with vfs it costs more than it saves).
 INPUTS_LABEL = "org.offload.build-inputs"
 
 
@@ -265,8 +265,9 @@ def main() -> None:
         secret.flush()
         run(
             [
-                # --force-rm: a failed step leaves no working container (a layer's copy) behind.
-                *(*BUILDAH, "bud", "--isolation", "chroot", "--layers", "--force-rm"),
+                # No --layers: with vfs every cached step is a full copy of the file system
+                # (a build took 6 to 10 minutes with them, about 1.5 without).
+                *(*BUILDAH, "bud", "--isolation", "chroot"),
                 # Docker's format: the OCI one has no HEALTHCHECK (buildah would drop it).
                 *("--format", "docker"),
                 *("-f", "Dockerfile.server", "-t", args.tag),
@@ -280,7 +281,7 @@ def main() -> None:
             ],
             cwd=ROOT,
         )
-    # Earlier builds' images (untagged, no child) go; this one's steps stay, the next build's cache.
+    # The image this tag named before is untagged now: it goes (no disk filled build by build).
     subprocess.run([*BUILDAH, "rmi", "--prune"], capture_output=True, check=False)
     print(f"built {args.tag} in {time.monotonic() - started:.0f} s", flush=True)
 
