@@ -2,7 +2,8 @@
 
 Arrays travel as dtype + shape + raw C-order bytes and are rebuilt with ``np.frombuffer``: no
 per-element fields, nothing Python-specific crosses the wire. Decoding validates every length
-against the declared dtype and shape, and every bound in ``Limits``, before allocating anything.
+against the declared dtype and shape, and every bound in ``Limits``, before allocating the value
+(protobuf has parsed the message by then: ``wire_problem`` bounds its elements before that).
 """
 
 from __future__ import annotations
@@ -241,3 +242,90 @@ def _decode_array(array: pb.NDArray, limits: Limits) -> Any:
     # Tasks may draw into their input in place (the seed did): give them a writable array,
     # which costs one copy of the (immutable) bytes protobuf handed us.
     return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+# --- counting elements on the wire, before protobuf parses a message -------------------------
+
+_TOP, _VALUE, _LIST, _MAP, _ENTRY = range(5)
+# (message, field number) -> the kind of the submessage that field holds, where elements are.
+_CHILD = {
+    (_VALUE, 8): _LIST,  # list_value
+    (_VALUE, 9): _LIST,  # tuple_value
+    (_VALUE, 10): _MAP,  # map_value
+    (_LIST, 1): _VALUE,  # items
+    (_MAP, 1): _ENTRY,  # entries
+    (_ENTRY, 2): _VALUE,  # value
+}
+_FIELDS_PER_ELEMENT = 4  # a map entry: its tag, key, value and the value's kind
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise ValueError("varint too long")
+
+
+def wire_problem(data: bytes, value_field: int, limits: Limits) -> str | None:
+    """Why a serialised message (a ``TaskState`` whose ``Value`` is field ``value_field``) holds
+    more elements than ``Limits.max_total_elements``, counted on the wire; None if it does not.
+
+    Parsing allocates an object per element (~75 bytes for 2 on the wire), so the total is
+    counted first. Every element (a list or tuple item, a map entry) starts with the byte 0x0A,
+    so its count bounds theirs at C speed; only a message with more such bytes is walked, skipping
+    bytes and arrays by their length and stopping at the limit, so the walk is bounded too. A
+    message the walk finds malformed is left to the parser, which refuses it as well.
+    """
+    limit = limits.max_total_elements
+    if data.count(b"\n") <= limit:
+        return None
+    elements = fields = 0
+    stack = [(_TOP, len(data))]  # (message kind, where it ends)
+    pos = 0
+    try:
+        while stack:
+            kind, end = stack[-1]
+            if pos >= end:
+                stack.pop()
+                continue
+            key, pos = _varint(data, pos)
+            fields += 1
+            if fields > _FIELDS_PER_ELEMENT * limit + 1024:
+                return f"more than {fields - 1} fields (Limits.max_total_elements {limit})"
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, pos = _varint(data, pos)
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            elif wire == 2:
+                length, pos = _varint(data, pos)
+                if kind == _TOP:
+                    child = _VALUE if number == value_field else None
+                else:
+                    child = _CHILD.get((kind, number))
+                if child is None:
+                    pos += length
+                    continue
+                if kind in (_LIST, _MAP):
+                    elements += 1
+                    if elements > limit:
+                        return (
+                            f"more than {limit} elements in all (lists, tuples and maps; "
+                            "Limits.max_total_elements)"
+                        )
+                if len(stack) > 2 * limits.max_depth + 4:
+                    return f"values nested deeper than {limits.max_depth} levels (Limits.max_depth)"
+                stack.append((child, pos + length))
+            else:  # groups: proto3 has none, and offload's messages never hold one
+                return f"a group (wire type {wire}) at byte {pos}, which no offload message holds"
+    except (IndexError, ValueError):
+        return None  # malformed: the parser says how
+    return None

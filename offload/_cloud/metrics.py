@@ -15,6 +15,7 @@ so that a fleet of thousands of devices cannot blow up Prometheus' memory):
     offload_active_streams                   device streams open now
     offload_received_bytes_total             TaskState bytes received
     offload_sent_bytes_total                 ItemResult bytes sent
+    offload_unauthenticated_total            calls refused for a missing or wrong token
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class ServerMetrics:
             "offload_received_bytes", "TaskState bytes received", registry=r
         )
         self.sent_bytes = Counter("offload_sent_bytes", "ItemResult bytes sent", registry=r)
+        self.unauthenticated = Counter(
+            "offload_unauthenticated", "Calls refused for a missing or wrong token", registry=r
+        )
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 

@@ -12,11 +12,12 @@ from collections.abc import Iterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from .._logging import quote
-from .._security import peer_device_id
+from .._codec import wire_problem
+from .._logging import RefusalLog, quote
+from .._security import REFUSAL_LOG_INTERVAL, peer_device_id
 from .._wire import METHOD_NAME, SERVICE_NAME, TOO_LARGE, status_code
 from ..v1 import offload_pb2 as pb
-from .executor import RemoteExecutor, RequestRejected
+from .executor import MAX_ID_CHARS, RemoteExecutor, RequestRejected
 
 log = logging.getLogger("offload.server")
 
@@ -26,18 +27,73 @@ class _Watch:
 
     def __init__(self, context: grpc.ServicerContext) -> None:
         self.context = context
-        self.last_activity = time.monotonic()
+        self.opened = self.last_activity = time.monotonic()
+        # No item yet: the stream holds a thread but not one of `workers` (a stream of headers
+        # alone must not keep devices out).
+        self.waiting = True
         self.busy = False  # running an item: not idle, however long the tasks take
         self.dropped = False
+        self.held = 0  # bytes read and not yet answered (under ReadBudget's lock)
+        self.closed = False
 
 
-_READ_AHEAD = 16  # items read and stamped ahead of the one running; then TCP pushes back
+class ReadBudget:
+    """The bytes of items read and not yet answered, per stream and over all streams.
+
+    A stream reads its next message only while it holds less than ``per_stream`` bytes and the
+    server less than ``total``; then TCP pushes back. A stream that holds nothing may always read
+    one, so that honest devices keep being served (an item at a time) while others hold the
+    budget. So a stream holds at most ``per_stream`` plus one message (up to twice
+    ``--max-message-bytes``), and the server ``total`` plus one message per stream.
+    """
+
+    def __init__(self, per_stream: int, total: int) -> None:
+        self.per_stream = per_stream
+        self.total = total
+        self.held = 0
+        self.peak = 0  # the most ever held
+        self.waiting = 0  # streams waiting for room now
+        self._room = threading.Condition()
+
+    def wait_for_room(self, stream: _Watch) -> bool:
+        """Wait until ``stream`` may read its next message; False once the stream has ended."""
+        with self._room:
+            while not stream.closed and stream.context.is_active():
+                if stream.held == 0 or (stream.held < self.per_stream and self.held < self.total):
+                    return True
+                self.waiting += 1
+                self._room.wait(0.25)
+                self.waiting -= 1
+            return False
+
+    def take(self, stream: _Watch, size: int) -> None:
+        with self._room:
+            if not stream.closed:
+                stream.held += size
+                self.held += size
+                self.peak = max(self.peak, self.held)
+
+    def give(self, stream: _Watch, size: int) -> None:
+        with self._room:
+            size = min(size, stream.held)
+            stream.held -= size
+            self.held -= size
+            self._room.notify_all()
+
+    def close(self, stream: _Watch) -> None:
+        """The stream ended: what it still holds (read, never run) is given back."""
+        with self._room:
+            stream.closed = True
+            self.held -= stream.held
+            stream.held = 0
+            self._room.notify_all()
+
+
+_READ_AHEAD = 16  # items read ahead of the one running, whatever their bytes (ReadBudget)
 _END = object()
+TASK_STATE_ARGS = pb.TaskState.DESCRIPTOR.fields_by_name["args"].number
 # Threads beyond `workers`: health checks, and refusing streams beyond `workers`, still get one.
 SPARE_THREADS = 4
-# How long a refused stream may take to send its first item, which names the device for the log.
-_NAME_WAIT = 1.0
-_REFUSAL_LOG_INTERVAL = 10.0  # a device refused again within this is counted, not logged
 SHUTTING_DOWN = (
     "the server is shutting down: reconnect (to another server, or to this one once it is "
     "back) and resend the items it has not answered"
@@ -45,15 +101,28 @@ SHUTTING_DOWN = (
 
 
 def _read_ahead(
-    requests: Iterator[bytes], context: grpc.ServicerContext, draining: threading.Event
+    requests: Iterator[bytes],
+    watch: _Watch,
+    budget: ReadBudget,
+    draining: threading.Event,
 ) -> Iterator[tuple[bytes, float]]:
     """Yield items with the time each finished arriving, read by a thread of its own.
 
     Reading while the previous item runs stamps arrival times that reflect the link rather
-    than the server's pace, which is what lets the device measure its link's bandwidth.
+    than the server's pace, which is what lets the device measure its link's bandwidth. What
+    is read counts against ``budget`` until the answering side gives it back.
     Waiting for an item while the server drains ends the stream UNAVAILABLE.
     """
+    context = watch.context
     inbox: queue.Queue[object] = queue.Queue(maxsize=_READ_AHEAD)
+
+    def wake() -> None:  # a cancelled stream frees its thread now, not at the next poll
+        try:
+            inbox.put_nowait(_END)
+        except queue.Full:
+            pass  # the answering side is not waiting
+
+    context.add_callback(wake)
 
     def offer(entry: object) -> bool:
         while context.is_active():
@@ -66,7 +135,11 @@ def _read_ahead(
 
     def read() -> None:
         try:
-            for state in requests:
+            while budget.wait_for_room(watch):
+                state = next(requests, None)
+                if state is None:
+                    break
+                budget.take(watch, len(state))
                 if not offer((state, time.monotonic())):
                     return
         except Exception as exc:  # the stream broke: hand the error to the answering side
@@ -92,58 +165,6 @@ def _read_ahead(
         yield entry  # type: ignore[misc]
 
 
-def _first_message(requests: Iterator[bytes], wait: float) -> bytes | None:
-    """The stream's first message if it arrives within ``wait`` seconds, else None."""
-    box: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
-
-    def read() -> None:
-        try:
-            box.put(next(requests, None))
-        except Exception:  # the stream ended or broke: nothing to name it by
-            box.put(None)
-
-    threading.Thread(target=read, name="offload-refused", daemon=True).start()
-    try:
-        return box.get(timeout=wait)
-    except queue.Empty:
-        return None
-
-
-def _device_of(data: bytes | None) -> str | None:
-    """The device id a stream's first message claims, if it is a TaskState that names one."""
-    if data is None:
-        return None
-    try:
-        return pb.TaskState.FromString(data).device_id or None
-    except DecodeError:
-        return None
-
-
-class _RefusalLog:
-    """Which refusals to log: a device's first, then at most one per ``interval`` with the
-    number refused meanwhile, so that a device retrying in a loop cannot flood the log."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._seen: dict[str, tuple[float, int]] = {}  # device: (last logged, refused since)
-
-    def count(self, device: str) -> int:
-        """Count a refusal; the refusals to report now (this one included), or 0 for none."""
-        now = time.monotonic()
-        with self._lock:
-            if len(self._seen) > 10_000:  # forget devices quiet for an interval
-                self._seen = {
-                    d: seen for d, seen in self._seen.items() if now - seen[0] < self.interval
-                }
-            logged, since = self._seen.get(device, (-self.interval, 0))
-            if now - logged < self.interval:
-                self._seen[device] = (logged, since + 1)
-                return 0
-            self._seen[device] = (now, 0)
-            return since + 1
-
-
 class OffloadServicer:
     """The gRPC face of ``RemoteExecutor``.
 
@@ -156,10 +177,13 @@ class OffloadServicer:
         self._idle_limit = executor.config.stream_idle_seconds
         self._stream_limit = executor.config.workers
         self._watches: dict[int, _Watch] = {}
+        self._working = 0  # streams that have sent an item: at most `workers`
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._draining = threading.Event()
-        self._refusals = _RefusalLog(_REFUSAL_LOG_INTERVAL)
+        self._refusals = RefusalLog(REFUSAL_LOG_INTERVAL)
+        config = executor.config
+        self.read_budget = ReadBudget(config.read_ahead_bytes, config.read_ahead_total_bytes)
         self._reaper = threading.Thread(target=self._reap, name="offload-reaper", daemon=True)
         self._reaper.start()
 
@@ -212,35 +236,33 @@ class OffloadServicer:
         device = None
         count = 0
         watch = _Watch(context)
-        with self._lock:
-            open_streams = len(self._watches)
-            full = open_streams >= self._stream_limit
-            if not full:
-                self._watches[id(watch)] = watch
-        if full:
-            self._refuse_full(request_iterator, context, proven, open_streams)
+        self._admit_waiting(watch)
         try:
-            for data, arrived in _read_ahead(request_iterator, context, self._draining):
+            for data, arrived in _read_ahead(
+                request_iterator, watch, self.read_budget, self._draining
+            ):
                 watch.busy = True
                 state = self._parse(data, count, context, peer)
+                if watch.waiting:
+                    self._admit_working(watch, proven or state.device_id[:MAX_ID_CHARS])
                 if proven is not None and state.device_id != proven:
                     if device is None:
                         log.warning(
                             "event=device-id-override claimed=%s certificate=%s peer=%s",
-                            quote(state.device_id),
+                            quote(state.device_id[:MAX_ID_CHARS]),
                             quote(proven),
                             quote(peer),
                         )
                     state.device_id = proven  # the certificate, not the message, names the device
                 if device is None:
-                    device = state.device_id
+                    device = state.device_id[:MAX_ID_CHARS]  # longer: refused, named in short
                     log.info("event=connect device=%s peer=%s", quote(device), quote(peer))
                 try:
                     result = self.executor.execute(state)
                 except RequestRejected as exc:
                     log.warning(
                         "event=reject device=%s peer=%s code=%s reason=%s",
-                        quote(state.device_id),
+                        quote(state.device_id[:MAX_ID_CHARS]),
                         quote(peer),
                         exc.code,
                         quote(exc),
@@ -249,25 +271,54 @@ class OffloadServicer:
                 result.server_receive_time = arrived
                 result.server_seconds = time.monotonic() - arrived
                 watch.busy = False
+                self.read_budget.give(watch, len(data))
                 yield result
                 watch.last_activity = time.monotonic()
                 count += 1
                 if self._draining.is_set():
                     context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         finally:
+            self.read_budget.close(watch)
             with self._lock:
                 del self._watches[id(watch)]
+                self._working -= not watch.waiting
             if device is not None:
                 log.info(
                     "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
                 )
 
+    def _admit_waiting(self, watch: _Watch) -> None:
+        """Admit a new stream as waiting for its first item; with ``workers`` waiting already,
+        the one that has waited longest is ended (a device sends its first item at once)."""
+        with self._lock:
+            waiting = [w for w in self._watches.values() if w.waiting and not w.dropped]
+            evict = None
+            if len(waiting) >= self._stream_limit:
+                evict = min(waiting, key=lambda w: w.opened)
+                evict.dropped = True
+            self._watches[id(watch)] = watch
+        if evict is not None:
+            log.warning(
+                "event=idle-drop peer=%s idle_s=%.1f reason=%s",
+                quote(evict.context.peer()),
+                time.monotonic() - evict.opened,
+                quote("no item yet, and a newer stream waits for its first"),
+            )
+            evict.context.cancel()
+
+    def _admit_working(self, watch: _Watch, device: str) -> None:
+        """A stream's first item: it takes one of ``workers``, or is refused (naming the device)."""
+        with self._lock:
+            full = self._working >= self._stream_limit
+            if not full:
+                self._working += 1
+                watch.waiting = False
+            working = self._working
+        if full:
+            self._refuse_full(watch.context, device, working)
+
     def _refuse_full(
-        self,
-        requests: Iterator[bytes],
-        context: grpc.ServicerContext,
-        proven: str | None,
-        open_streams: int,
+        self, context: grpc.ServicerContext, device: str | None, open_streams: int
     ) -> None:
         """End a stream beyond ``workers`` with RESOURCE_EXHAUSTED, and log it (rate-limited)."""
         limit = self._stream_limit
@@ -276,7 +327,6 @@ class OffloadServicer:
             f"(--workers {limit}) and has {open_streams} open; retry later, or raise the "
             "server's --workers or add servers"
         )
-        device = proven or _device_of(_first_message(requests, _NAME_WAIT))
         refused = self._refusals.count(device or context.peer())
         if refused:
             log.warning(
@@ -307,6 +357,13 @@ class OffloadServicer:
                 quote(message),
             )
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        problem = wire_problem(data, TASK_STATE_ARGS, self.executor.config.limits)
+        if problem is not None:
+            message = f"message {index} of the stream has {problem}: refused before parsing"
+            log.warning(
+                "event=reject peer=%s code=INVALID_ARGUMENT reason=%s", quote(peer), quote(message)
+            )
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         try:
             return pb.TaskState.FromString(data)
         except DecodeError as exc:
