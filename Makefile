@@ -8,6 +8,7 @@ NODE_CLIENT := clients/node
 NPM := $(shell command -v npm 2>/dev/null)
 
 .PHONY: help venv proto node-deps demo test test-unit check lint lint-docker lint-k8s typecheck bench clean bench-scheduler soak cpp-client
+.PHONY: image image-test
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
@@ -21,6 +22,8 @@ help:
 	@echo "make bench-scheduler   automatic mode against the oracle (minutes; bench/results/)"
 	@echo "make soak              devices stream for SOAK_MINUTES (10): memory, threads, drift"
 	@echo "make cpp-client        build the C++ device client into build/cpp/ (needs libgrpc++-dev)"
+	@echo "make image       build localhost/offload-server:VERSION with buildah (minutes)"
+	@echo "make image-test  run the built image as configured: health, a device, size, user"
 
 # Exact versions from constraints.txt, for the package's build too (pyproject.toml has ranges).
 PIP_INSTALL := $(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt
@@ -102,6 +105,20 @@ check: lint typecheck test
 clean:
 	rm -rf $(VENV) offload/v1/*_pb2*.py offload/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache \
 		$(NODE_CLIENT)/node_modules build dist *.egg-info
+
+# The server image, built with buildah (no daemon) into its vfs storage; where IMAGE_BASE (default:
+# Dockerfile.server's ARG BASE) cannot be pulled, on a stand-in built from Debian's packages
+# (docs/deployment.md#the-server-image).
+IMAGE_BASE ?=
+IMAGE ?= localhost/offload-server:$(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' offload/__init__.py)
+image: venv
+	@command -v buildah >/dev/null && command -v debootstrap >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq buildah debootstrap >/dev/null; }
+	$(PY) deploy/image/build.py $(if $(IMAGE_BASE),--base $(IMAGE_BASE)) --tag $(IMAGE)
+
+# tests/image against IMAGE: not collected by `make test` (pyproject.toml's addopts).
+image-test: proto image
+	IMAGE=$(IMAGE) $(PY) -m pytest -q -p no:cacheprovider tests/image
 
 # The C++ device client (clients/cpp/), generated from the .proto and compiled into build/cpp/;
 # its test (tests/process/test_cpp_client.py) runs this target once per session, a no-op when
