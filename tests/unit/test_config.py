@@ -73,6 +73,17 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ServerConfig, "grace_seconds", -1.0, "--grace -1: give a number of seconds, 0 or more"),
     (ServerConfig, "stream_idle_seconds", 0.0, "ServerConfig.stream_idle_seconds 0"),
     (ServerConfig, "metrics_max_devices", -1, "--metrics-max-devices -1: give 0 or more"),
+    (ServerConfig, "state", "redis", "--state 'redis': give memory or redis://HOST:PORT/DB"),
+    (ServerConfig, "state", "http://cache:6379", "--state 'http://cache:6379': give memory"),
+    (ServerConfig, "state", "redis://cache:port/0", "the port is not a number"),
+    (ServerConfig, "state", "redis://cache:6379/db", "the database is a number (/0)"),
+    (ServerConfig, "state", "redis://:pw@cache:6379/0", "password in OFFLOAD_STATE_PASSWORD"),
+    (ServerConfig, "state_password", "", "--state-password is empty"),
+    (ServerConfig, "state_tls_ca", "ca.pem", "--state-tls-ca needs --state rediss://"),
+    (ServerConfig, "state_timeout", 0.0, "--state-timeout 0: give a number of seconds"),
+    (ServerConfig, "state_ttl", 10.0, "--state-ttl 10: give at least 60 seconds"),
+    (ServerConfig, "state_max_bytes", 100, "--state-max-bytes 100: give 1024 or more"),
+    (ServerConfig, "state_answers", 0, "--state-answers 0: keep at least 1 per run"),
 ]
 
 
