@@ -173,14 +173,16 @@ class RedisStore:
         return self._reachable
 
     def _watch(self) -> None:
-        """Ping the store: at once after a failure, every HEALTH_INTERVAL until it answers."""
-        while not self._closed.wait(HEALTH_INTERVAL):
+        """Ping the store at start and every HEALTH_INTERVAL: health follows the answers."""
+        while True:
             try:
                 self.redis.ping()
             except RedisError as exc:
                 self._set_reachable(False, _reason(exc))
             else:
                 self._set_reachable(True)
+            if self._closed.wait(HEALTH_INTERVAL):
+                return
 
     def _call(self, what: str, call: Callable[[], Any]) -> Any:
         try:

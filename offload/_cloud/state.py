@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .._config import ServerConfig
+from .._extras import server_extra
 from .._state import LOCAL, Changes, MemoryState, State
 from ..exceptions import StateUnavailable as StoreUnavailable
 
@@ -39,6 +40,11 @@ class Store(Protocol):
     name: str  # for messages and logs: "memory", "redis://host:6379/0"
     remembers_answers: bool  # False: the executor remembers them in its process
 
+    @property
+    def reachable(self) -> bool:
+        """False from a failed call until the store answers again."""
+        ...
+
     def state(self, device_id: str) -> State:
         """A fresh ``State`` for one item of ``device_id`` (reads lazily)."""
         ...
@@ -61,6 +67,10 @@ class Store(Protocol):
         """Call ``listener(reachable)`` whenever the store becomes (un)reachable."""
         ...
 
+    def add_error_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(kind)`` for each failed call: "unreachable", "slow" or "refused"."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -68,6 +78,7 @@ class MemoryStore:
     """State in this process (``MemoryState``); the executor remembers the answers."""
 
     remembers_answers = False
+    reachable = True
 
     def __init__(self, states: MemoryState = LOCAL) -> None:
         self.states = states
@@ -96,6 +107,9 @@ class MemoryStore:
     def add_health_listener(self, listener: Callable[[bool], None]) -> None:
         pass  # always reachable
 
+    def add_error_listener(self, listener: Callable[[str], None]) -> None:
+        pass  # never fails
+
     def close(self) -> None:
         pass
 
@@ -105,6 +119,7 @@ def open_store(config: ServerConfig) -> Store:
     if config.state == "memory":
         # The process's own store: in-process servers and seed-format globals behave alike.
         return MemoryStore(LOCAL)
+    server_extra("redis", f"--state {config.state.partition('://')[0]}://")
     from .redis_state import RedisStore  # noqa: PLC0415  (redis-py only when asked for)
 
     return RedisStore(config)
