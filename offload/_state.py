@@ -37,6 +37,7 @@ from .exceptions import CodecError
 MAX_STATE_BYTES = 64 * 1024  # one device's encoded state (ServerConfig.state_max_bytes)
 MAX_INDEXES = 16  # fleet indexes a pipeline may mark
 MAX_PUBLISHED = 8  # published names per device
+MAX_PUBLISHED_BYTES = 32 * 1024 * 1024  # published values in one process (MemoryState)
 _STATE_LIMITS = Limits(max_message_bytes=1024 * 1024 * 1024)  # sizes are checked separately
 
 
@@ -184,12 +185,21 @@ class MemoryState:
     """The in-memory backend: device states, fleet indexes and published values in this process.
 
     Bounded: ``max_devices`` devices (the least recently committed is forgotten first, with its
-    marks and published values), each state at most ``max_state_bytes`` (checked on commit).
+    marks and published values), each state at most ``max_state_bytes`` (checked on commit),
+    published values at most ``max_published_bytes`` in all (the least recently committed
+    devices' go first).
     """
 
-    def __init__(self, max_devices: int = 10_000, max_state_bytes: int = MAX_STATE_BYTES) -> None:
+    def __init__(
+        self,
+        max_devices: int = 10_000,
+        max_state_bytes: int = MAX_STATE_BYTES,
+        max_published_bytes: int = MAX_PUBLISHED_BYTES,
+    ) -> None:
         self.max_devices = max_devices
         self.max_state_bytes = max_state_bytes
+        self.max_published_bytes = max_published_bytes
+        self._published_bytes = 0
         self._lock = threading.Lock()
         self._states: OrderedDict[str, Snapshot] = OrderedDict()
         self._indexes: dict[str, dict[str, float]] = {}
@@ -228,14 +238,25 @@ class MemoryState:
                 scores = self._indexes.setdefault(index, {})
                 scores[device_id] = max(scores.get(device_id, -math.inf), score)
             if changes.published:
-                self._published.setdefault(device_id, {}).update(changes.published)
+                mine = self._published.setdefault(device_id, {})
+                for name, value in changes.published.items():
+                    self._published_bytes += len(value) - len(mine.get(name, b""))
+                    mine[name] = value
             while len(self._states) > self.max_devices:
                 self._forget(next(iter(self._states)))
+            for oldest in list(self._states):
+                if self._published_bytes <= self.max_published_bytes:
+                    break
+                self._unpublish(oldest)
             return True
+
+    def _unpublish(self, device_id: str) -> None:  # holds the lock
+        values = self._published.pop(device_id, {})
+        self._published_bytes -= sum(len(v) for v in values.values())
 
     def _forget(self, device_id: str) -> None:  # holds the lock
         self._states.pop(device_id, None)
-        self._published.pop(device_id, None)
+        self._unpublish(device_id)
         for scores in self._indexes.values():
             scores.pop(device_id, None)
 
@@ -248,6 +269,7 @@ class MemoryState:
             self._states.clear()
             self._indexes.clear()
             self._published.clear()
+            self._published_bytes = 0
 
 
 # The process's own store: client-only runs, the device's fallback and a server without --state.
