@@ -309,6 +309,8 @@ class Relay:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.address = f"127.0.0.1:{self.port}"
+        self._open: list[tuple[int, socket.socket]] = []
+        self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -326,8 +328,19 @@ class Relay:
             if upstream is None:
                 client.close()
                 continue
+            with self._lock:
+                self._open += [(target, client), (target, upstream)]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+    def cut(self, target: int) -> None:
+        """End the connections to ``target`` (a balancer dropping an endpoint that failed)."""
+        with self._lock:
+            cut = [s for t, s in self._open if t == target]
+            self._open = [(t, s) for t, s in self._open if t != target]
+        for s in cut:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self.listener.close()
