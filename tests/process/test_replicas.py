@@ -161,3 +161,5 @@ def test_redis_restarted_mid_run_loses_and_doubles_nothing(
     fleet.redis.restart()  # a clean restart: what it had committed survives
     reports = fleet.wait_for_devices()
     assert_equal_to_client_only(fleet, reports, client_only)
+    # The restart was felt: replicas answered UNAVAILABLE, devices resent to them.
+    assert sum(r["link"]["disconnects"] for r in reports) >= 1
