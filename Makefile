@@ -63,6 +63,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 
 bench: proto $(VENV)/.bench-installed
 	$(PY) -m bench
+	$(PY) -m bench.state
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 # Automatic mode against a static sweep's oracle; writes bench/results/scheduler.{json,md}.
