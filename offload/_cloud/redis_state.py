@@ -127,6 +127,7 @@ class RedisStore:
         self._lock = threading.Lock()
         self._fleet: dict[str, tuple[float, dict[str, float]]] = {}  # index: (read at, scores)
         self._fleet_lock = threading.Lock()
+        self._kept: dict[str, float] = {}  # index: when this replica last trimmed it
         self._reachable = True
         self._listeners: list[Callable[[bool], None]] = []
         self._error_listeners: list[Callable[[str], None]] = []
@@ -271,8 +272,9 @@ class RedisStore:
             for index, score in changes.marks.items():
                 fleet = self._fleet_key(index)
                 pipe.zadd(fleet, {device_id: score}, gt=True)
-                pipe.zremrangebyrank(fleet, 0, -(MAX_FLEET + 1))
-                pipe.pexpire(fleet, self._ttl_ms)
+                if self._due(index):  # the cap and the expiry need renewing once a second
+                    pipe.zremrangebyrank(fleet, 0, -(MAX_FLEET + 1))
+                    pipe.pexpire(fleet, self._ttl_ms)
             return pipe.execute()[0]
 
         reply = self._call("committing the item", run)
@@ -290,6 +292,15 @@ class RedisStore:
         return Outcome(verdict)
 
     # --- fleet indexes -------------------------------------------------------------------------
+
+    def _due(self, index: str) -> bool:
+        """Whether this replica should trim and renew ``index`` now (at most once a second)."""
+        now = time.monotonic()
+        with self._fleet_lock:
+            if now - self._kept.get(index, -math.inf) < FLEET_REFRESH:
+                return False
+            self._kept[index] = now
+            return True
 
     def _scores(self, index: str) -> dict[str, float]:
         now = time.monotonic()
