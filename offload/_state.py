@@ -21,6 +21,7 @@ uses when it runs the last task itself (client-only mode); the Redis backend is 
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import math
 import threading
@@ -181,6 +182,40 @@ def active() -> State | None:
     return _current.get()
 
 
+class ScoreIndex:
+    """Each device's score, and the scores sorted: a count in a range costs O(log devices)."""
+
+    def __init__(self, scores: dict[str, float] | None = None) -> None:
+        self.scores: dict[str, float] = dict(scores or {})
+        self._sorted = sorted(self.scores.values())
+
+    def raise_to(self, device_id: str, score: float) -> None:
+        """Keep the higher of the device's score and ``score``."""
+        old = self.scores.get(device_id)
+        if old is not None:
+            if old >= score:
+                return
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        self.scores[device_id] = score
+        bisect.insort(self._sorted, score)
+
+    def remove(self, device_id: str) -> None:
+        old = self.scores.pop(device_id, None)
+        if old is not None:
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+
+    def count(self, low: float, high: float, device_id: str, own: float | None) -> int:
+        """Scores in ``[low, high]``, with ``device_id``'s taken as at least ``own``."""
+        total = bisect.bisect_right(self._sorted, high) - bisect.bisect_left(self._sorted, low)
+        old = self.scores.get(device_id)
+        mine = old if own is None or (old is not None and old >= own) else own
+        if old is not None and low <= old <= high:
+            total -= 1
+        if mine is not None and low <= mine <= high:
+            total += 1
+        return total
+
+
 class MemoryState:
     """The in-memory backend: device states, fleet indexes and published values in this process.
 
@@ -202,8 +237,8 @@ class MemoryState:
         self._published_bytes = 0
         self._lock = threading.Lock()
         self._states: OrderedDict[str, Snapshot] = OrderedDict()
-        self._indexes: dict[str, dict[str, float]] = {}
-        self._published: dict[str, dict[str, bytes]] = {}
+        self._indexes: dict[str, ScoreIndex] = {}
+        self._published: OrderedDict[str, dict[str, bytes]] = OrderedDict()
 
     def snapshot(self, device_id: str) -> Snapshot:
         with self._lock:
@@ -214,12 +249,17 @@ class MemoryState:
 
     def count(self, index: str, low: float, high: float, device_id: str, own: float | None) -> int:
         with self._lock:
-            scores = self._indexes.get(index, {})
-            mine = scores.get(device_id, -math.inf)
-            if own is not None:
-                mine = max(mine, own)
-            others = sum(1 for d, s in scores.items() if low <= s <= high and d != device_id)
-        return others + (1 if low <= mine <= high else 0)
+            scores = self._indexes.get(index)
+            total = 0 if scores is None else scores.count(low, high, device_id, own)
+            if scores is None and own is not None and low <= own <= high:
+                total = 1
+            if device_id not in self._states and len(self._states) >= self.max_devices:
+                # Committing this item will forget the least recently seen device: not counted.
+                oldest = next(iter(self._states))
+                score = None if scores is None else scores.scores.get(oldest)
+                if score is not None and low <= score <= high:
+                    total -= 1
+            return total
 
     def apply(self, device_id: str, version: int | None, changes: Changes) -> bool:
         """Commit ``changes`` if the device's state is still at ``version`` (None: not read);
@@ -235,19 +275,17 @@ class MemoryState:
             self._states[device_id] = current
             self._states.move_to_end(device_id)
             for index, score in changes.marks.items():
-                scores = self._indexes.setdefault(index, {})
-                scores[device_id] = max(scores.get(device_id, -math.inf), score)
+                self._indexes.setdefault(index, ScoreIndex()).raise_to(device_id, score)
             if changes.published:
                 mine = self._published.setdefault(device_id, {})
+                self._published.move_to_end(device_id)
                 for name, value in changes.published.items():
                     self._published_bytes += len(value) - len(mine.get(name, b""))
                     mine[name] = value
             while len(self._states) > self.max_devices:
                 self._forget(next(iter(self._states)))
-            for oldest in list(self._states):
-                if self._published_bytes <= self.max_published_bytes:
-                    break
-                self._unpublish(oldest)
+            while self._published_bytes > self.max_published_bytes and self._published:
+                self._unpublish(next(iter(self._published)))  # the least recently published
             return True
 
     def _unpublish(self, device_id: str) -> None:  # holds the lock
@@ -258,7 +296,7 @@ class MemoryState:
         self._states.pop(device_id, None)
         self._unpublish(device_id)
         for scores in self._indexes.values():
-            scores.pop(device_id, None)
+            scores.remove(device_id)
 
     def published(self, device_id: str, name: str) -> bytes | None:
         with self._lock:

@@ -41,6 +41,17 @@ TRAIL_LENGTH = 32
 ACTIVE_WINDOW_S = 30.0  # a device is active if its last capture is this close to the item's
 JPEG_QUALITY = 80
 
+# What a real camera never sends is refused (an item from the wire may claim anything): a frame
+# is what capture makes, at most a 1:2 portrait; a snapshot is a JPEG; the frames kept for a
+# viewer are bounded in bytes too. A refusal fails that item, naming what was wrong.
+MAX_FRAME_HEIGHT = 2 * FRAME_WIDTH
+MAX_CONTOURS = 16_384  # an opened mask of the largest frame holds at most ~14 000 blobs
+MAX_SNAPSHOT_BYTES = 512 * 1024  # a JPEG of the largest frame of noise at quality 80 fits
+# Per-device state and snapshots are the store's: in this process, offload._state.LOCAL keeps
+# 10 000 devices, least recently seen first out, and snapshots within 32 MiB in all.
+MAX_DEVICES = LOCAL.max_devices
+MAX_FRAMES_BYTES = LOCAL.max_published_bytes
+
 # --- the source that task 0 reads -----------------------------------------------------------
 
 _source_lock = threading.Lock()
@@ -91,8 +102,26 @@ def capture() -> tuple[bool, Frame | None]:
     return True, resized
 
 
+def _check_image(name: str, image: NDArray[np.generic], channels: int) -> None:
+    """Refuse an image that capture could not have made (its width, height, type, channels)."""
+    want = (FRAME_WIDTH, 3) if channels == 3 else (FRAME_WIDTH,)
+    if (
+        not isinstance(image, np.ndarray)
+        or image.dtype != np.uint8
+        or image.ndim != len(want) + 1
+        or image.shape[1:] != want
+        or not 1 <= image.shape[0] <= MAX_FRAME_HEIGHT
+    ):
+        shape = getattr(image, "shape", type(image).__name__)
+        raise ValueError(
+            f"{name} is {shape} of {getattr(image, 'dtype', '?')}: expected uint8 of "
+            f"(1..{MAX_FRAME_HEIGHT}, {', '.join(map(str, want))}), as capture makes"
+        )
+
+
 def blur_hsv(frame: Frame) -> tuple[bool, tuple[Frame, Frame]]:
     """Task 1: blur away sensor noise, then convert to HSV, where a colour is one hue range."""
+    _check_image("the frame", frame, 3)
     blurred = cv2.GaussianBlur(frame, (11, 11), 0)
     hsv: Frame = np.asarray(cv2.cvtColor(blurred, cv2.COLOR_BGR2HSV), dtype=np.uint8)
     return True, (frame, hsv)
@@ -100,14 +129,31 @@ def blur_hsv(frame: Frame) -> tuple[bool, tuple[Frame, Frame]]:
 
 def mask(frame: Frame, hsv: Frame) -> tuple[bool, tuple[Frame, Mask]]:
     """Task 2: pixels in the ball's colour range, with specks removed (erode) and holes closed."""
-    binary = cv2.inRange(hsv, GREEN_LOWER, GREEN_UPPER)
-    binary = cv2.erode(binary, None, iterations=2)  # type: ignore[call-overload]
-    binary = cv2.dilate(binary, None, iterations=2)  # type: ignore[call-overload]
-    return True, (frame, np.asarray(binary, dtype=np.uint8))
+    _check_image("the frame", frame, 3)
+    _check_image("the HSV frame", hsv, 3)
+    return True, (frame, _open(np.asarray(cv2.inRange(hsv, GREEN_LOWER, GREEN_UPPER), np.uint8)))
+
+
+def _open(binary: Mask) -> Mask:
+    opened = cv2.erode(binary, None, iterations=2)  # type: ignore[call-overload]
+    opened = cv2.dilate(opened, None, iterations=2)  # type: ignore[call-overload]
+    return np.asarray(opened, dtype=np.uint8)
 
 
 def contours(frame: Frame, mask: Mask) -> tuple[bool, tuple[Frame, list[Contour]]]:
-    """Task 3: the outer outlines of the blobs in the mask."""
+    """Task 3: the outer outlines of the blobs in the mask.
+
+    The mask must be one that task 2 could make: opening is idempotent, so opening it again
+    changes nothing (~0.1 ms). This refuses specks, which would make findContours return one
+    outline per pixel (a million from a 4 MiB mask: seconds of CPU and gigabytes).
+    """
+    _check_image("the frame", frame, 3)
+    _check_image("the mask", mask, 1)
+    if mask.shape[0] != frame.shape[0] or not np.array_equal(_open(mask), mask):
+        raise ValueError(
+            "the mask is not one task 2 makes: a mask of the frame's size, with no specks "
+            "that erosion removes"
+        )
     # findContours returned 3 values in OpenCV 3 and 2 since 4; the copy protects the input,
     # which OpenCV < 3.2 modified in place.
     found = cv2.findContours(mask.copy(), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -121,6 +167,8 @@ def enclosing_circle(
     """Task 4: the largest blob's enclosing circle and centroid; filters frames with no ball."""
     if len(contours) == 0:
         return False
+    if len(contours) > MAX_CONTOURS:
+        raise ValueError(f"{len(contours)} outlines: a frame's mask holds at most {MAX_CONTOURS}")
     largest = max(contours, key=cv2.contourArea)
     (x, y), radius = cv2.minEnclosingCircle(largest)
     moments = cv2.moments(largest)
@@ -139,6 +187,7 @@ def draw(
     an item is a ~20 kB snapshot instead of a 560 kB frame, which is what makes cutting after
     this task cheap on a slow link.
     """
+    _check_image("the frame", frame, 3)
     x, y = circle_xy
     cx, cy = centre
     cv2.circle(frame, (int(x), int(y)), int(radius), CIRCLE_COLOUR, 2)
@@ -162,7 +211,17 @@ SNAPSHOT = "snapshot"  # published per device: the latest annotated JPEG
 def aggregate(
     snapshot: bytes, circle_xy: PointIn, radius: float, centre: CentreIn
 ) -> tuple[bool, dict[str, JSONValue]]:
-    """Task 6: the ball's trail per device, items seen, devices active; a JSON-friendly result."""
+    """Task 6: the ball's trail per device, items seen, devices active; a JSON-friendly result.
+
+    O(log devices) per item: the trail, the device's state and the snapshot are bounded, and
+    the store counts devices active in a sorted index.
+    """
+    if not isinstance(snapshot, bytes) or not snapshot.startswith(b"\xff\xd8"):
+        raise ValueError("the snapshot is not a JPEG (draw makes one)")
+    if len(snapshot) > MAX_SNAPSHOT_BYTES:
+        raise ValueError(
+            f"the snapshot is {len(snapshot)} bytes: a frame's JPEG is at most {MAX_SNAPSHOT_BYTES}"
+        )
     ctx = current_item()
     state = current_state()
     cx, cy = (int(v) for v in centre)

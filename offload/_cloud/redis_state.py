@@ -39,7 +39,7 @@ from redis.retry import Retry
 
 from .._config import ServerConfig
 from .._logging import quote
-from .._state import Changes, Snapshot, State
+from .._state import Changes, ScoreIndex, Snapshot, State
 from .state import Outcome, StoreUnavailable, Verdict
 
 log = logging.getLogger("offload.server")
@@ -125,7 +125,7 @@ class RedisStore:
         self._cache: OrderedDict[str, Snapshot] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
-        self._fleet: dict[str, tuple[float, dict[str, float]]] = {}  # index: (read at, scores)
+        self._fleet: dict[str, tuple[float, ScoreIndex]] = {}  # index: (read at, scores)
         self._fleet_lock = threading.Lock()
         self._kept: dict[str, float] = {}  # index: when this replica last trimmed it
         self._reachable = True
@@ -302,7 +302,7 @@ class RedisStore:
             self._kept[index] = now
             return True
 
-    def _scores(self, index: str) -> dict[str, float]:
+    def _scores(self, index: str) -> ScoreIndex:
         now = time.monotonic()
         with self._fleet_lock:
             read = self._fleet.get(index)
@@ -314,18 +314,13 @@ class RedisStore:
             "reading a fleet index",
             lambda: self.redis.zrange(self._fleet_key(index), 0, -1, withscores=True),
         )
-        scores = {bytes(d).decode(errors="replace"): float(s) for d, s in pairs}
+        scores = ScoreIndex({bytes(d).decode(errors="replace"): float(s) for d, s in pairs})
         with self._fleet_lock:
             self._fleet[index] = (now, scores)
         return scores
 
     def count(self, index: str, low: float, high: float, device_id: str, own: float | None) -> int:
-        scores = self._scores(index)
-        mine = scores.get(device_id, -math.inf)
-        if own is not None:
-            mine = max(mine, own)
-        others = sum(1 for d, s in scores.items() if low <= s <= high and d != device_id)
-        return others + (1 if low <= mine <= high else 0)
+        return self._scores(index).count(low, high, device_id, own)
 
     def published(self, device_id: str, name: str) -> bytes | None:
         key = self._device_keys(device_id, "")[0][3]

@@ -118,12 +118,15 @@ def test_current_state_outside_the_last_task_says_where_it_works() -> None:
         current_state()
 
 
+JPEG = b"\xff\xd8 a snapshot"
+
+
 def test_the_ball_trackers_aggregate_is_tested_without_a_server() -> None:
     store = MemoryState()
     for n in range(40):
         ok, result = run_with_state(
-            aggregate, b"jpeg", (1.0, 2.0), 15.0, (n, n), store=store, item=n, capture_time=n
+            aggregate, JPEG, (1.0, 2.0), 15.0, (n, n), store=store, item=n, capture_time=n
         )
         assert ok and result["items_seen"] == n + 1 and result["trail"][-1] == [n, n]
     assert len(result["trail"]) == TRAIL_LENGTH
-    assert store.published("device", SNAPSHOT) == b"jpeg"
+    assert store.published("device", SNAPSHOT) == JPEG
