@@ -15,8 +15,9 @@ keeping the mark of a computation that lost its race changes nothing that matter
 ``count`` from a copy each replica refreshes every ``FLEET_REFRESH`` seconds.
 
 Bounds: a device's state is at most ``state_max_bytes``; each run keeps its last
-``state_answers`` answers; a device keeps at most ``MAX_RUNS`` runs; every key of a device
-expires ``state_ttl`` seconds after its last item; a fleet index keeps ``MAX_FLEET`` devices.
+``state_answers`` answers, at most ``RUN_ANSWER_BYTES`` of them; a device keeps at most
+``MAX_RUNS`` runs; every key of a device expires ``state_ttl`` seconds after its last item; a
+fleet index keeps ``MAX_FLEET`` devices.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .state import Outcome, StoreUnavailable, Verdict
 
 log = logging.getLogger("offload.server")
 
+RUN_ANSWER_BYTES = 4 * 1024 * 1024  # answers kept per device run, serialised (newest always)
 MAX_RUNS = 4  # runs of one device whose answers are kept (a rebooted device may resend its last)
 MAX_FLEET = 10_000  # devices per fleet index; the lowest scores are dropped first
 FLEET_REFRESH = 1.0  # seconds between a replica's reads of the fleet indexes it counts
@@ -53,7 +55,7 @@ CACHE_BYTES = 64 * 1024 * 1024  # device states a replica keeps to skip the read
 # KEYS: 1 state, 2 this run's answers, 3 the device's runs, 4 published values.
 # ARGV: 1 item, 2 answer, 3 version read ('' = not read), 4 has new state ('1'/'0'), 5 new state,
 # 6 ttl ms, 7 answers kept per run, 8 runs kept, 9 run id, 10 now (ms), 11 answers' key prefix,
-# then name, value pairs to publish.
+# 12 bytes of answers kept per run, then name, value pairs to publish.
 COMMIT = """
 local item = tonumber(ARGV[1])
 local given = redis.call('HGET', KEYS[2], ARGV[1])
@@ -69,8 +71,27 @@ if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'v', version, 'd', ARGV[5])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2], 'h', ARGV[1])
-redis.call('HDEL', KEYS[2], tostring(item - tonumber(ARGV[7])))
+-- The run's answers: the last ARGV[7] items, within ARGV[12] bytes (the newest always kept).
+local keep, budget = tonumber(ARGV[7]), tonumber(ARGV[12])
+local size = tonumber(redis.call('HGET', KEYS[2], 'b') or '0') + #ARGV[2]
+local oldest = tonumber(redis.call('HGET', KEYS[2], 'o') or ARGV[1])
+if item - oldest > 2 * keep then  -- a jump (items run on the device): at most keep + 4 fields
+  for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
+    local n = tonumber(f)
+    if n and n < item - keep then
+      size = size - redis.call('HSTRLEN', KEYS[2], f)
+      redis.call('HDEL', KEYS[2], f)
+    end
+  end
+  oldest = item - keep
+end
+while oldest < item and (oldest <= item - keep or size > budget) do
+  local f = string.format('%.0f', oldest)
+  size = size - redis.call('HSTRLEN', KEYS[2], f)
+  redis.call('HDEL', KEYS[2], f)
+  oldest = oldest + 1
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2], 'h', ARGV[1], 'b', size, 'o', oldest)
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
 redis.call('ZADD', KEYS[3], ARGV[10], ARGV[9])
 local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[8])
@@ -82,8 +103,8 @@ if extra > 0 then
   end
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
-if #ARGV > 11 then
-  for i = 12, #ARGV, 2 do redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1]) end
+if #ARGV > 12 then
+  for i = 13, #ARGV, 2 do redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1]) end
   redis.call('PEXPIRE', KEYS[4], ARGV[6])
 end
 return {'committed', tostring(version)}
@@ -262,6 +283,7 @@ class RedisStore:
             run_id,
             int(time.time() * 1000),
             answers_prefix,
+            RUN_ANSWER_BYTES,
         ]
         for name, value in changes.published.items():
             args += [name, value]

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offload import RunningServer, ServerConfig, encode, load_pipeline, serve
+from offload._cloud import redis_state
 from offload._cloud.executor import RemoteExecutor, RequestRejected
 from offload._cloud.redis_state import MAX_RUNS, RedisStore
 from offload._state import Changes, decode_state
@@ -181,7 +182,7 @@ def test_answers_expire_and_each_device_keeps_a_bounded_number_of_keys(
     answer_keys = [k for k in device_keys if b":answers:" in k]
     assert len(answer_keys) == MAX_RUNS  # the oldest runs' answers were deleted
     for key in answer_keys:
-        assert client.hlen(key) == 3 + 1  # 3 answers and the high-water mark
+        assert client.hlen(key) == 3 + 3  # 3 answers; high-water mark, bytes, oldest
     assert len(device_keys) == MAX_RUNS + 3  # + state, runs, published
     for key in [*device_keys, f"offload:{STATEFUL}:fleet:latest".encode()]:
         assert 0 < client.pttl(key) <= 120_000, key  # everything expires
@@ -198,13 +199,35 @@ def test_the_commit_script_stores_state_answer_and_high_water_mark_in_one_call(
         assert outcome.verdict.value == "committed"
         client = redis_server.client()
         answers = client.hgetall(f"offload:{STATEFUL}:{{{STATEFUL}/dev-b}}:answers:r")
-        assert answers == {b"0": b"answer-0", b"h": b"0"}
+        assert answers == {b"0": b"answer-0", b"h": b"0", b"b": b"8", b"o": b"0"}
         assert decode_state(client.hget(state_key("dev-b"), "d")) == {"x": 1}
         # A commit from a stale read changes nothing and returns the state that won.
         outcome = store.commit("dev-b", "r", 1, _read_at(store, 0), Changes(b"x"), b"a1")
         assert outcome.verdict.value == "stale"
         assert client.hget(state_key("dev-b"), "v") == b"1"
-        assert client.hlen(f"offload:{STATEFUL}:{{{STATEFUL}/dev-b}}:answers:r") == 2
+        assert client.hlen(f"offload:{STATEFUL}:{{{STATEFUL}/dev-b}}:answers:r") == 4  # no a1
+    finally:
+        store.close()
+
+
+def test_a_runs_answers_are_kept_within_a_byte_budget_and_a_jump_forgets_what_lies_behind(
+    config: ServerConfig, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_state, "RUN_ANSWER_BYTES", 10_000)
+    store = RedisStore(config)
+    key = f"offload:{STATEFUL}:{{{STATEFUL}/big}}:answers:r"
+    client = redis_server.client()
+    try:
+        for n in range(20):
+            assert store.commit("big", "r", n, None, Changes(), bytes(3000)).verdict.value == (
+                "committed"
+            )
+            kept = {int(f) for f in client.hkeys(key) if f.isdigit()}
+            assert kept == set(range(max(0, n - 2), n + 1))  # 3 x 3000 bytes fit, 4 do not
+            assert int(client.hget(key, "b")) == 3000 * len(kept)
+        store.commit("big", "r", 10_000, None, Changes(), b"far")  # items 20.. ran elsewhere
+        assert {f for f in client.hkeys(key) if f.isdigit()} == {b"10000"}
+        assert store.commit("big", "r", 19, None, Changes(), b"x").verdict.value == "forgotten"
     finally:
         store.close()
 
