@@ -38,6 +38,7 @@ from .exceptions import CodecError
 MAX_STATE_BYTES = 64 * 1024  # one device's encoded state (ServerConfig.state_max_bytes)
 MAX_INDEXES = 16  # fleet indexes a pipeline may mark
 MAX_PUBLISHED = 8  # published names per device
+MAX_PUBLISHED_VALUE = 1024 * 1024  # bytes of one published value
 MAX_PUBLISHED_BYTES = 32 * 1024 * 1024  # published values in one process (MemoryState)
 _STATE_LIMITS = Limits(max_message_bytes=1024 * 1024 * 1024)  # sizes are checked separately
 
@@ -137,6 +138,10 @@ class State:
         """Keep ``value`` as this device's latest ``name`` for viewers (not read by tasks)."""
         if name not in self._published and len(self._published) >= MAX_PUBLISHED:
             raise ValueError(f"publish({name!r}): at most {MAX_PUBLISHED} names per device")
+        if len(value) > MAX_PUBLISHED_VALUE:
+            raise ValueError(
+                f"publish({name!r}): {len(value)} bytes, more than {MAX_PUBLISHED_VALUE} per value"
+            )
         self._published[name] = bytes(value)
 
     def changes(self, limit: int = MAX_STATE_BYTES) -> Changes:

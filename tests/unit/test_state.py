@@ -10,7 +10,7 @@ import pytest
 
 from examples.ball_tracking.tasks import SNAPSHOT, TRAIL_LENGTH, aggregate
 from offload import CodecError, ServerConfig, current_state, encode, load_pipeline
-from offload._state import MAX_INDEXES, MemoryState
+from offload._state import MAX_INDEXES, MAX_PUBLISHED_VALUE, MemoryState
 from offload.testing import RemoteExecutor, run_with_state
 from offload.v1 import offload_pb2 as pb
 
@@ -87,6 +87,8 @@ def test_the_memory_store_forgets_the_least_recent_devices_beyond_its_bounds() -
 
     for device in "abcd":
         run_with_state(publish, 1000, store=store, device_id=device)
+    with pytest.raises(ValueError, match=f"more than {MAX_PUBLISHED_VALUE} per value"):
+        run_with_state(publish, MAX_PUBLISHED_VALUE + 1, store=store, device_id="e")
     assert store.state("a").device == {}  # the fourth device pushed out the first
     assert store.published("a", "frame") is None and store.published("b", "frame") is None
     assert store.published("c", "frame") == b"x" * 1000 == store.published("d", "frame")
