@@ -7,7 +7,7 @@ STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
 NODE_CLIENT := clients/node
 NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: help venv proto node-deps demo test test-unit check lint lint-docker typecheck bench clean bench-scheduler soak
+.PHONY: help venv proto node-deps demo test test-unit check lint lint-docker lint-k8s typecheck bench clean bench-scheduler soak cpp-client
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
@@ -16,9 +16,11 @@ help:
 	@echo "make check   lint + type check + tests (what CI runs)"
 	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
 	@echo "make lint-docker   hadolint Dockerfile.server"
+	@echo "make lint-k8s      yamllint and kubernetes-validate deploy/kubernetes/"
 	@echo "make bench   benchmarks and the soak (minutes): writes bench/results/, prints the summary"
 	@echo "make bench-scheduler   automatic mode against the oracle (minutes; bench/results/)"
 	@echo "make soak              devices stream for SOAK_MINUTES (10): memory, threads, drift"
+	@echo "make cpp-client        build the C++ device client into build/cpp/ (needs libgrpc++-dev)"
 
 # Exact versions from constraints.txt, for the package's build too (pyproject.toml has ranges).
 PIP_INSTALL := $(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt
@@ -76,12 +78,21 @@ SOAK_MINUTES ?= 10
 soak: proto
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
-lint: proto lint-docker
+lint: proto lint-docker lint-k8s
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 lint-docker: venv
 	$(VENV)/bin/hadolint Dockerfile.server
+
+# The Kubernetes manifests, offline: YAML style, then each object against the schemas of
+# K8S_VERSION (strict: an unknown field fails). kustomization.yaml is kustomize's, not an object.
+K8S_DIR ?= deploy/kubernetes
+K8S_VERSION ?= 1.33.0
+lint-k8s: venv
+	$(VENV)/bin/yamllint --strict -c deploy/kubernetes/.yamllint.yaml $(K8S_DIR)
+	$(VENV)/bin/kubernetes-validate --strict --quiet -k $(K8S_VERSION) \
+		$(filter-out %/kustomization.yaml,$(wildcard $(K8S_DIR)/*.yaml))
 
 typecheck: proto
 	$(PY) -m mypy
@@ -91,3 +102,9 @@ check: lint typecheck test
 clean:
 	rm -rf $(VENV) offload/v1/*_pb2*.py offload/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache \
 		$(NODE_CLIENT)/node_modules build dist *.egg-info
+
+# The C++ device client (clients/cpp/), generated from the .proto and compiled into build/cpp/;
+# its test (tests/process/test_cpp_client.py) runs this target once per session, a no-op when
+# nothing changed.
+cpp-client:
+	$(MAKE) --no-print-directory -C clients/cpp OUT=$(CURDIR)/build/cpp

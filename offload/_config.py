@@ -6,6 +6,7 @@ its name differs), so the command line, the environment and the API share one ch
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import socket
 from dataclasses import MISSING, dataclass, field, fields
@@ -119,7 +120,66 @@ class ClientSecurity:
         return self.tls or self.tls_ca is not None or self.tls_cert is not None
 
 
+def _address(server: str, address: str, *, names: bool) -> str:
+    """The family of ``address`` (HOST:PORT) for gRPC's ipv4:/ipv6: targets, "name" for a host
+    name (only if ``names``); a ConfigError naming what is wrong."""
+    host, colon, port = address.rpartition(":")
+    if not colon:
+        example = f"{address or 'cloud.example.com'}:50051"
+        raise ConfigError(
+            f"--server {server!r}: give HOST:PORT, e.g. {example} (the server's default)"
+        )
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--server {server!r}: {port!r} in {address!r} is not a port (1..65535)")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        family = "ipv6" if ipaddress.ip_address(bare).version == 6 else "ipv4"
+    except ValueError:
+        family = "name"
+    if family == "ipv6" and bare == host:
+        raise ConfigError(f"--server {server!r}: put an IPv6 address in brackets: [{host}]:{port}")
+    if family == "name" and (not names or not bare or "," in bare or "/" in bare):
+        raise ConfigError(
+            f"--server {server!r}: {host!r} is not an IP address; a list takes addresses "
+            "(10.0.0.1:50051,10.0.0.2:50051); for a name, give one with a record per replica: "
+            "dns:///offload.example.com:50051"
+        )
+    return family
+
+
+def grpc_target(server: str) -> str:
+    """The gRPC target for ``--server``: HOST:PORT; several replicas as IP:PORT,IP:PORT (one
+    family: gRPC's ``ipv4:``/``ipv6:`` targets) or ``dns:///NAME:PORT`` (every record of NAME,
+    re-resolved when connections fail). Refuses anything else, saying what is wrong."""
+    scheme, colon, rest = server.partition(":")
+    if colon and scheme in ("unix", "unix-abstract"):
+        return server  # a local socket: gRPC's own target, as given
+    if colon and scheme in ("dns", "ipv4", "ipv6"):
+        if scheme == "dns":
+            # dns:NAME:PORT, dns:///NAME:PORT, or dns://RESOLVER/NAME:PORT
+            name = rest[2:].partition("/")[2] if rest.startswith("//") else rest
+            _address(server, name, names=True)
+            return server
+        parts = rest.split(",")
+    else:
+        parts = server.split(",")
+        if len(parts) == 1:
+            _address(server, server, names=True)
+            return server
+    families = {_address(server, part.strip(), names=False) for part in parts}
+    if len(families) > 1 or (colon and scheme in ("ipv4", "ipv6") and families != {scheme}):
+        raise ConfigError(
+            f"--server {server!r}: mixes IPv4 and IPv6 addresses; gRPC takes one family per "
+            "list: give one, or a DNS name with both kinds of records (dns:///NAME:PORT)"
+        )
+    addresses = [part.strip() for part in parts]
+    if len(set(addresses)) < len(addresses):
+        raise ConfigError(f"--server {server!r}: an address is given twice; give each once")
+    return f"{families.pop()}:{','.join(addresses)}"
+
+
 WHEN_FULL = ("block", "drop-oldest", "reject-new")
+OUTAGE = ("run-all", "hold-last")
 
 
 @dataclass(frozen=True)
@@ -139,6 +199,14 @@ class LinkConfig:
     resend_grace: float = 5.0
     max_sends: int = 3  # an item sent this often without an answer runs on the device
     reconnect_backoff_max: float = 10.0  # gRPC's exponential connection backoff caps here
+    # While no server answers: "run-all" runs the remaining tasks here (right for a last task
+    # that keeps no state, and for the embedded server, which never comes back); "hold-last"
+    # runs all but the last and holds the item for the server, so that a shared aggregate sees
+    # each item once (docs/reliability.md#outage-mode).
+    outage: str = "run-all"
+    # The buffer is bounded in bytes too (the encoded items it holds); one item always fits.
+    buffer_bytes: int = 64 * MiB
+    buffer_dir: str | None = None  # hold-last: keep the held items in SQLite here (durable)
 
     def __post_init__(self) -> None:
         if self.buffer < 1:
@@ -152,6 +220,17 @@ class LinkConfig:
             raise ConfigError(
                 f"LinkConfig.max_sends {self.max_sends}: an item must be sent at least once"
             )
+        if self.outage not in OUTAGE:
+            raise ConfigError(f"--outage {self.outage!r}: use one of {', '.join(OUTAGE)}")
+        if self.buffer_bytes < 1024:
+            raise ConfigError(f"--buffer-bytes {self.buffer_bytes}: give at least 1024 bytes")
+        if self.buffer_dir is not None and not self.buffer_dir.strip():
+            raise ConfigError("--buffer-dir is empty: give a folder, or leave the option out")
+        if self.buffer_dir is not None and self.outage != "hold-last":
+            raise ConfigError(
+                f"--buffer-dir {self.buffer_dir} keeps the items held for the server: it "
+                "needs --outage hold-last (with run-all they run here at once)"
+            )
 
 
 @dataclass(frozen=True)
@@ -160,7 +239,9 @@ class ClientConfig:
 
     pipeline: str = DEFAULT_PIPELINE
     local_tasks: int | None = None
-    server: str | None = None  # HOST:PORT; None with a split = start an embedded server
+    # HOST:PORT, replicas (IP:PORT,IP:PORT or dns:///NAME:PORT: grpc_target); None with a split
+    # = start an embedded server
+    server: str | None = None
     window: int = 8  # items in flight (sent, not yet answered)
     device_id: str = field(default_factory=socket.gethostname)
     frames: int | None = None  # stop after this many captured items
@@ -178,11 +259,8 @@ class ClientConfig:
         """Refuse what no run could mean, naming the command line's option for it."""
         if not self.pipeline.strip():
             raise ConfigError("--pipeline is empty: give package.module or package.module:name")
-        if self.server is not None and ":" not in self.server:
-            example = f"{self.server or 'cloud.example.com'}:50051"
-            raise ConfigError(
-                f"--server {self.server!r}: give HOST:PORT, e.g. {example} (the server's default)"
-            )
+        if self.server is not None:
+            grpc_target(self.server)
         if self.window < 1:
             raise ConfigError(f"--window {self.window}: at least 1 item must be in flight")
         if not self.device_id.strip():
@@ -244,6 +322,15 @@ class ServerConfig:
     state_ttl: float = 86_400.0
     state_max_bytes: int = 64 * 1024  # one device's encoded state
     state_answers: int = 256  # answers per device run kept in Redis (>= window + buffer)
+    # A connection older than this (gRPC adds +-10% jitter) is sent GOAWAY, so that long-lived
+    # device streams spread over replicas a scale-out added; None = never. Its stream gets
+    # ``max_connection_age_grace`` more seconds, then ends UNAVAILABLE: the device reconnects
+    # (to any replica) and resends what was unanswered.
+    max_connection_age: float | None = 600.0
+    max_connection_age_grace: float = 20.0
+    # Plaintext grpc.health.v1 only, on this port (0 = any free), for Kubernetes' gRPC probes,
+    # which speak no TLS; None = off (health is served on the main port in any case).
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse what no server could mean, naming the command line's option for it."""
@@ -264,6 +351,15 @@ class ServerConfig:
             )
         _seconds("--grace", self.grace_seconds, zero=True, name="grace_seconds")
         _seconds("ServerConfig.stream_idle_seconds", self.stream_idle_seconds)
+        if self.max_connection_age is not None:
+            _seconds("--max-connection-age", self.max_connection_age, name="max_connection_age")
+        _seconds(
+            "--max-connection-age-grace",
+            self.max_connection_age_grace,
+            zero=True,
+            name="max_connection_age_grace",
+        )
+        _port("--health-port", self.health_port)
         if self.metrics_max_devices < 0:
             raise ConfigError(
                 f"--metrics-max-devices {self.metrics_max_devices}: give 0 or more (devices "

@@ -16,8 +16,17 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig, field_default
+from ._config import (
+    OUTAGE,
+    WHEN_FULL,
+    ClientConfig,
+    ClientSecurity,
+    Limits,
+    LinkConfig,
+    field_default,
+)
 from ._device.autosplit import check_auto, starting_split
+from ._device.buffer import check_folder
 from ._device.client import Client, check_split
 from ._device.embedded import EmbeddedServer
 from ._device.emulation import LinkEmulator, LinkSpec
@@ -101,7 +110,9 @@ def build_parser(
     parser.add_argument(
         "--server",
         metavar="HOST:PORT",
-        help="the server, with --local-tasks (default: start an embedded one on loopback)",
+        help="the server, with --local-tasks (default: start an embedded one on loopback); "
+        "replicas as IP:PORT,IP:PORT or dns:///NAME:PORT (every record of NAME), balanced "
+        "round robin",
     )
     parser.add_argument(
         "--pipeline",
@@ -173,6 +184,26 @@ def build_parser(
         help="after a broken stream, how long unanswered items wait for a reconnect before "
         "running here (default %(default)s)",
     )
+    faults.add_argument(
+        "--outage",
+        choices=OUTAGE,
+        default=LinkConfig.outage,
+        help="while no server answers: run every task here (run-all, default), or all but the "
+        "last and hold the items for the server (hold-last: for a last task that keeps state)",
+    )
+    faults.add_argument(
+        "--buffer-bytes",
+        type=int,
+        default=LinkConfig.buffer_bytes,
+        metavar="BYTES",
+        help="the buffer's bound in bytes of encoded items (default %(default)s)",
+    )
+    faults.add_argument(
+        "--buffer-dir",
+        metavar="DIR",
+        help="with --outage hold-last: keep held items in SQLite in DIR, so that a restart "
+        "resends them",
+    )
     security = parser.add_argument_group("security (with --server)")
     security.add_argument(
         "--tls", action="store_true", help="TLS, trusting the system's root certificates"
@@ -239,6 +270,9 @@ def _config(args: argparse.Namespace) -> ClientConfig:
             when_full=args.when_full,
             item_timeout=args.item_timeout,
             resend_grace=args.resend_grace,
+            outage=args.outage,
+            buffer_bytes=args.buffer_bytes,
+            buffer_dir=args.buffer_dir,
         ),
         security=ClientSecurity(
             tls=args.tls,
@@ -307,6 +341,8 @@ def _main(argv: list[str] | None) -> int:
         for option, path in (("--output", args.output), ("--report", args.report)):
             if path is not None:
                 _check_writable(option, path)
+        if args.buffer_dir is not None:
+            check_folder(args.buffer_dir)  # before anything runs: a usage error
         link = LinkSpec.parse(args.emulate_link) if args.emulate_link else None
         if args.server:
             channel_credentials(config.security)  # the PEM files are read (and checked) now

@@ -165,6 +165,29 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="N",
         help="answers kept per device run in Redis, to replay resends (default %(default)s)",
     )
+    parser.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=ServerConfig.max_connection_age,
+        metavar="SECONDS",
+        help="send GOAWAY to connections older than this (+-10%%), so device streams spread "
+        "over new replicas; devices reconnect and resend; 0 = never (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=ServerConfig.max_connection_age_grace,
+        metavar="SECONDS",
+        help="how long a stream may go on after its connection's GOAWAY (default %(default)s)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=ServerConfig.health_port,
+        metavar="PORT",
+        help="also serve grpc.health.v1 alone, in plaintext, on PORT: for Kubernetes' gRPC "
+        "probes, which speak no TLS (default: off)",
+    )
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
     security.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
@@ -201,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--processes must be at least 1")
     if args.processes > 1 and args.metrics_port is not None:
         parser.error("--metrics-port serves one process's metrics: use it with --processes 1")
+    if args.processes > 1 and args.health_port is not None:
+        parser.error("--health-port serves one process's health: use it with --processes 1")
     try:
         config = _config(args)
     except ConfigError as exc:
@@ -261,6 +286,10 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         state_ttl=args.state_ttl,
         state_max_bytes=args.state_max_bytes,
         state_answers=args.state_answers,
+        # The command line's 0 is "never", which the dataclass spells None.
+        max_connection_age=args.max_connection_age or None,
+        max_connection_age_grace=args.max_connection_age_grace,
+        health_port=args.health_port,
         limits=Limits(max_message_bytes=args.max_message_bytes),
         security=ServerSecurity(
             tls_cert=args.tls_cert,
@@ -305,6 +334,8 @@ def _serve_until_signalled(
         print(f"listening on {grpc_address(config.host, running.port)}", flush=True)
         if running.metrics_port is not None:
             print(f"metrics on {grpc_address(config.host, running.metrics_port)}", flush=True)
+        if running.health_port is not None:
+            print(f"health on {grpc_address(config.host, running.health_port)}", flush=True)
     running.wait()
     log.info("event=stopped")
     return 0

@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("offload.server")
+HEALTH_MAX_CALLS = 8  # the plaintext health port (--health-port): calls at once...
+HEALTH_MAX_BYTES = 4096  # ...and the largest request it reads
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -116,6 +118,18 @@ def server_options(config: ServerConfig, share_port: bool = False) -> list[tuple
         # Client pings closer together than this count as strikes; too many: too_many_pings.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
+        *connection_age_options(config),
+    ]
+
+
+def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """GOAWAY to connections older than ``max_connection_age`` (streams rebalance over
+    replicas), which keep ``max_connection_age_grace`` seconds to finish."""
+    if config.max_connection_age is None:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000)),
     ]
 
 
@@ -129,6 +143,8 @@ class RunningServer:
     servicer: OffloadServicer
     metrics: ServerMetrics | None = None
     metrics_port: int | None = None
+    health_server: grpc.Server | None = None  # plaintext health only (--health-port)
+    health_port: int | None = None
     stopping: bool = False
 
     def set_health(self, serving: bool) -> None:
@@ -153,6 +169,8 @@ class RunningServer:
         # Metrics stay readable until the last stream has ended, then the endpoint closes.
         if self.metrics is not None:
             self.metrics.stop_http()
+        if self.health_server is not None:  # it said NOT_SERVING until now
+            self.health_server.stop(None)
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -254,8 +272,20 @@ def serve(
             server.stop(None)
             servicer.close()
             raise
+    health_server, health_port = None, None
+    if config.health_port is not None:
+        try:
+            health_server, health_port = _health_only(config, health_servicer)
+        except ConfigError:
+            server.stop(None)
+            servicer.close()
+            if metrics is not None:
+                metrics.stop_http()
+            raise
     server.start()
-    running = RunningServer(server, port, health_servicer, servicer, metrics, metrics_port)
+    running = RunningServer(
+        server, port, health_servicer, servicer, metrics, metrics_port, health_server, health_port
+    )
     # NOT_SERVING while the state store is unreachable: a load balancer sends devices elsewhere.
     executor.store.add_health_listener(running.set_health)
     running.set_health(True)
@@ -276,5 +306,37 @@ def serve(
         "required" if token is not None else "off",
         config.limits.max_message_bytes,
     )
+    if health_port is not None:
+        log.info("event=health-port address=%s", grpc_address(config.host, health_port))
     log.info("event=state store=%s", quote(executor.store.name))
     return running
+
+
+def _health_only(config: ServerConfig, health_servicer: Any) -> tuple[grpc.Server, int]:
+    """A plaintext server of grpc.health.v1 alone (Kubernetes' gRPC probes speak no TLS): the
+    main server's health servicer, so both say the same; started at once."""
+    assert config.health_port is not None
+    if health_servicer is None:
+        server_extra("grpc_health.v1.health", "--health-port")  # says what to install
+    problem = bind_problem(config.host, config.health_port)
+    if problem is not None:
+        raise ConfigError(problem.replace("--port", "--health-port"))
+    # Probes ask one tiny question at a time: 8 calls at once, 4 kB each, is plenty.
+    health = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        options=[("grpc.max_receive_message_length", HEALTH_MAX_BYTES)],
+        maximum_concurrent_rpcs=HEALTH_MAX_CALLS,
+    )
+    stubs = server_extra("grpc_health.v1.health_pb2_grpc")
+
+    class CheckOnly(stubs.HealthServicer):  # type: ignore[misc,name-defined]
+        """Check, as the main port answers it; Watch (a call held open) is left UNIMPLEMENTED,
+        so that no client can hold the calls the probes need."""
+
+        def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+            return health_servicer.Check(request, context)
+
+    stubs.add_HealthServicer_to_server(CheckOnly(), health)
+    port = health.add_insecure_port(grpc_address(config.host, config.health_port))
+    health.start()
+    return health, port

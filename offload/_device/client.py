@@ -17,12 +17,14 @@ from typing import IO, Any
 
 from .._codec import check_size, encode_into
 from .._config import ClientConfig
+from .._logging import quote
 from .._pipeline import ItemContext, Pipeline, Status, run_tasks
 from ..exceptions import ConfigError, OffloadError, ServerError
 from ..v1 import offload_pb2 as pb
 from .autosplit import AutoSplit, check_auto, starting_split
+from .buffer import DurableBuffer
 from .emulation import SlowDevice
-from .ledger import Ledger
+from .ledger import Ledger, Recovered
 from .link import Link, Pending
 from .report import Recorder, run_report
 from .scheduler import ModelPolicy, SplitPolicy
@@ -30,6 +32,7 @@ from .telemetry import Telemetry
 from .transport import Transport
 
 log = logging.getLogger("offload.client")
+RECOVERED_FILE = "recovered.jsonl"  # in --buffer-dir: the ends of earlier runs' held items
 
 
 def check_split(pipeline: Pipeline, local_tasks: int | None) -> None:
@@ -86,11 +89,27 @@ class Client:
             else None
         )
         # The link owns the stream: credits, resends, reconnects, the offline buffer.
+        self._hold_at = n - 1 if config.link.outage == "hold-last" else None
+        self.store = (
+            DurableBuffer(config.link.buffer_dir)
+            if config.link.buffer_dir is not None and self.transport is not None
+            else None
+        )
         self.link = (
             None
             if self.transport is None
-            else Link(self.transport, config.link, config.window, self.ledger)
+            else Link(
+                self.transport,
+                config.link,
+                config.window,
+                self.ledger,
+                self._hold_at,
+                self.store,
+                self.run_id,
+            )
         )
+        self.recovering: list[Link] = []  # for earlier runs' items found in the durable buffer
+        self._recovered: Recovered | None = None
 
     @property
     def split(self) -> int:
@@ -106,20 +125,26 @@ class Client:
         if self.link is not None:
             self.link.start()  # it says so if the server does not answer yet
         try:
+            self._recover()
             self._capture_loop()
             self.device.pay(everything=True)  # the sleep the last items still owe
             if self.link is not None:
                 self.link.finish()
+            for link in self.recovering:
+                link.finish()
         except BaseException as exc:  # a second Ctrl-C, or a bug: still account for every item
             why = (
                 "the run was interrupted before this item finished"
                 if isinstance(exc, KeyboardInterrupt)
                 else f"the run stopped before this item finished: {type(exc).__name__}: {exc}"
             )
-            if self.link is not None:
-                self.link.abort(why)
+            for each in [self.link, *self.recovering]:
+                if each is not None:
+                    each.abort(why)
             self.recorder.end_unfinished(why)
             raise
+        finally:
+            self._close_buffer()
         # Nothing is left unless a LinkOwner call failed; an item never goes missing.
         self.recorder.end_unfinished("the run ended before this item finished")
         return self.report()
@@ -130,6 +155,9 @@ class Client:
         return self.link.error if self.link is not None else None
 
     def report(self) -> dict[str, Any]:
+        link = self.link.report() if self.link is not None else None
+        if link is not None and self._recovered is not None:
+            link["recovered"] = self._recovered.ended  # earlier runs' items, ended this run
         return run_report(
             self.recorder,
             self.config,
@@ -137,9 +165,48 @@ class Client:
             split=self.split,
             server=getattr(self.transport, "target", None),
             error=str(self.error) if self.error else self.recorder.write_error,
-            link=self.link.report() if self.link is not None else None,
+            link=link,
             scheduler=self.auto.report() if self.auto is not None else None,
         )
+
+    def _recover(self) -> None:
+        """Resend what earlier runs left in the durable buffer, each run on a link of its own
+        (answers name only the item): their ends go to RECOVERED_FILE in the buffer's folder."""
+        if self.store is None or self.transport is None:
+            return
+        earlier = self.store.earlier(self.run_id)
+        if not earlier:
+            return
+        path = self.store.path.parent / RECOVERED_FILE
+        self._recovered = Recovered(
+            self.pipeline, self.config, open(path, "a", encoding="utf-8"), self.device
+        )
+        for run_id, rows in earlier.items():
+            link = Link(
+                self.transport,
+                self.config.link,
+                self.config.window,
+                self._recovered,
+                self._hold_at,
+                self.store,
+                run_id,
+            )
+            now = time.perf_counter()
+            link.adopt([Pending(h.item, h.next_task, h.data, now, stored=True) for h in rows])
+            link.start()
+            self.recovering.append(link)
+        log.warning(
+            "event=recovered runs=%d items=%d msg=%s",
+            len(earlier),
+            sum(len(rows) for rows in earlier.values()),
+            quote(f"resending items earlier runs held; their answers go to {path}"),
+        )
+
+    def _close_buffer(self) -> None:
+        if self._recovered is not None:
+            self._recovered.output.close()
+        if self.store is not None:
+            self.store.close()
 
     def _capture_loop(self) -> None:
         item = 0

@@ -5,17 +5,18 @@ network).
 
 from __future__ import annotations
 
+import json
 import queue
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 
-from .._config import ClientConfig, ClientSecurity
+from .._config import ClientConfig, ClientSecurity, grpc_target
 from .._security import call_metadata, channel_credentials
 from .._wire import HEALTH_CHECK, METHOD, keepalive_options, server_error, size_options
 from ..exceptions import ConfigError, ServerError
@@ -59,9 +60,18 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def client_options(config: ClientConfig) -> list[tuple[str, int]]:
-    """The channel's size limits, keepalive (a dead link is noticed) and reconnect backoff."""
+# Several replicas: round_robin keeps a connection to each one ready, so a stream that breaks
+# opens again on another replica at once (pick_first would first have to connect to one); each
+# new stream goes to the next replica, and gRPC starts each channel's round at a random one, so
+# devices spread. A replica that goes away leaves the round until it answers again.
+LOAD_BALANCING = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def client_options(config: ClientConfig) -> list[tuple[str, int | str]]:
+    """The channel's size limits, keepalive (a dead link is noticed), reconnect backoff and load
+    balancing over the server's replicas."""
     return [
+        ("grpc.service_config", LOAD_BALANCING),
         *size_options(config.limits.max_message_bytes),
         *keepalive_options(config.keepalive),
         # gRPC reconnects with exponential backoff and jitter; cap it so a returning server is
@@ -186,6 +196,15 @@ def diagnose(
     return ConnectFailure(last)
 
 
+def _tls_name(address: str) -> str | None:
+    """For a list of replicas (``ipv4:``/``ipv6:``), the name their certificates are checked
+    against: the first address (gRPC would check the whole list, which no certificate names)."""
+    scheme, _, rest = address.partition(":")
+    if scheme not in ("ipv4", "ipv6"):
+        return None
+    return rest.split(",")[0].rpartition(":")[0].strip("[]")
+
+
 class _GrpcStream:
     def __init__(
         self,
@@ -239,17 +258,21 @@ class GrpcTransport:
     def __init__(
         self,
         target: str,
-        options: list[tuple[str, int]],
+        options: Sequence[tuple[str, int | str]],
         connect_timeout: float,
         security: ClientSecurity = ClientSecurity(),
     ) -> None:
         self.target = target
         self.security = security
         credentials = channel_credentials(security)
+        address = grpc_target(target)  # the list of replicas as gRPC spells it
         if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=options)
+            self.channel = grpc.insecure_channel(address, options=options)
         else:
-            self.channel = grpc.secure_channel(target, credentials, options=options)
+            name = _tls_name(address)
+            if name is not None:
+                options = [*options, ("grpc.ssl_target_name_override", name)]
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self._metadata = call_metadata(security)
         self._check = self.channel.unary_unary(HEALTH_CHECK)  # bytes in, bytes out
         # Not reachable yet is not an error: the client runs every task itself meanwhile, and

@@ -19,6 +19,7 @@ from offload._config import (
     ServerConfig,
     ServerSecurity,
     field_default,
+    grpc_target,
 )
 from offload.exceptions import ConfigError
 
@@ -52,6 +53,15 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (LinkConfig, "max_sends", 0, "LinkConfig.max_sends 0: an item must be sent at least once"),
     (ClientConfig, "pipeline", " ", "--pipeline is empty"),
     (ClientConfig, "server", "cloud", "--server 'cloud': give HOST:PORT, e.g. cloud:50051"),
+    (ClientConfig, "server", "10.0.0.1:1,cloud:2", "'cloud' is not an IP address; a list takes"),
+    (ClientConfig, "server", "10.0.0.1:1,[::1]:2", "mixes IPv4 and IPv6 addresses"),
+    (ClientConfig, "server", "10.0.0.1:1,10.0.0.1:1", "an address is given twice"),
+    (ClientConfig, "server", "dns:///cloud:0", "'0' in 'cloud:0' is not a port (1..65535)"),
+    (ClientConfig, "server", "::1:50051", "put an IPv6 address in brackets: [::1]:50051"),
+    (LinkConfig, "outage", "keep", "--outage 'keep': use one of run-all, hold-last"),
+    (LinkConfig, "buffer_bytes", 100, "--buffer-bytes 100: give at least 1024 bytes"),
+    (LinkConfig, "buffer_dir", " ", "--buffer-dir is empty"),
+    (LinkConfig, "buffer_dir", "/var/lib/x", "--buffer-dir /var/lib/x keeps the items held"),
     (ClientConfig, "window", 0, "--window 0: at least 1 item must be in flight"),
     (ClientConfig, "device_id", " ", "--device-id ' ': give this device a name"),
     (ClientConfig, "frames", -1, "--frames -1: give 0 or more items"),
@@ -84,6 +94,9 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ServerConfig, "state_ttl", 10.0, "--state-ttl 10: give at least 60 seconds"),
     (ServerConfig, "state_max_bytes", 100, "--state-max-bytes 100: give 1024 or more"),
     (ServerConfig, "state_answers", 0, "--state-answers 0: keep at least 1 per run"),
+    (ServerConfig, "max_connection_age", 0.0, "--max-connection-age 0: give a number of seconds"),
+    (ServerConfig, "max_connection_age_grace", -1.0, "--max-connection-age-grace -1: give"),
+    (ServerConfig, "health_port", 70000, "--health-port 70000 is not a port: use 0..65535"),
 ]
 
 
@@ -139,3 +152,18 @@ def test_the_defaults_are_valid_and_frozen(cls: type) -> None:
 def test_a_fields_default_reads_its_factory_too() -> None:
     assert field_default(ClientConfig, "window") == ClientConfig().window
     assert field_default(ClientConfig, "device_id") == socket.gethostname()
+
+
+@pytest.mark.parametrize(
+    ("server", "target"),
+    [
+        ("cloud.example.com:50051", "cloud.example.com:50051"),
+        ("10.0.0.1:50051,10.0.0.2:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
+        ("[fd00::1]:50051, [fd00::2]:50051", "ipv6:[fd00::1]:50051,[fd00::2]:50051"),
+        ("dns:///offload.example.com:50051", "dns:///offload.example.com:50051"),
+        ("ipv4:10.0.0.1:50051,10.0.0.2:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
+    ],
+)
+def test_several_replicas_become_one_grpc_target(server: str, target: str) -> None:
+    assert ClientConfig(server=server).server == server
+    assert grpc_target(server) == target
