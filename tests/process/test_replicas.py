@@ -3,11 +3,10 @@ included, when a replica is SIGKILLed or frozen mid-run, or Redis restarts.
 
 Real processes: ``redis-server``, three ``offload.server --state redis://...`` replicas and four
 ``offload.client`` devices, each device behind a relay that stands in for a Service (a new
-connection goes to the first live replica). Today's device runs the items it captures while no
-stream is up itself, which would split its aggregate between its process and the store; the
-devices here use ``--buffer 1 --when-full block`` so that the items unanswered when their replica
-died fill the buffer and capture waits for a replica instead, and a long ``--resend-grace`` so
-that those items are resent, not run here.
+connection goes to the first live replica), with ``--buffer 1 --when-full block`` so that the
+items unanswered when their replica died fill the buffer and capture waits for a replica, and a
+long ``--resend-grace`` so that those items are resent, not run here; or, in the last test, with
+the device's own fail-over: every replica in ``--server`` and ``--outage hold-last``.
 """
 
 from __future__ import annotations
@@ -52,15 +51,23 @@ class Fleet:
     def output(self, device: int) -> Path:
         return self.directory / f"device-{device}.jsonl"
 
-    def start_devices(self, *options: str) -> None:
+    def start_devices(self, *options: str, fail_over: bool = False) -> None:
+        """Each device behind its relay (``--buffer 1``: capture waits while no stream is up);
+        or, ``fail_over``, given every replica (its own first) with ``--outage hold-last``."""
+        ports = [r.port for r in self.replicas]
         for i, relay in enumerate(self.relays):
+            if fail_over:
+                mine = ports[i % 3 :] + ports[: i % 3]
+                server = ",".join(f"127.0.0.1:{p}" for p in mine)
+                link = ["--outage", "hold-last"]
+            else:
+                server, link = relay.address, ["--buffer", "1", "--when-full", "block"]
             command = [
                 sys.executable, "-m", "offload.client", "--pipeline", STATEFUL,
-                "--server", relay.address, "--local-tasks", "1", "--frames", str(FRAMES),
+                "--server", server, "--local-tasks", "1", "--frames", str(FRAMES),
                 "--device-id", f"device-{i}", "--output", str(self.output(i)),
                 "--report", str(self.directory / f"report-{i}.json"),
-                "--buffer", "1", "--when-full", "block", "--resend-grace", "120",
-                "--log-level", "WARNING", *options,
+                "--resend-grace", "120", "--log-level", "WARNING", *link, *options,
             ]  # fmt: skip
             self.devices.append(
                 subprocess.Popen(
@@ -163,3 +170,20 @@ def test_redis_restarted_mid_run_loses_and_doubles_nothing(
     assert_equal_to_client_only(fleet, reports, client_only)
     # The restart was felt: replicas answered UNAVAILABLE, devices resent to them.
     assert sum(r["link"]["disconnects"] for r in reports) >= 1
+
+
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_devices_failing_over_by_themselves_lose_and_double_nothing(
+    fleet: Fleet, client_only: list[Any], fault: str
+) -> None:
+    # The device's own fail-over (--server with every replica) and --outage hold-last: no relay.
+    victim = fleet.replicas[0]
+    fleet.start_devices("--item-timeout", "2", fail_over=True)
+    assert wait_until(lambda: all(fleet.finished(i) >= 50 for i in range(DEVICES)), 120)
+    victim.send_signal(signal.SIGSTOP)
+    if fault == "killed":
+        victim.kill()
+    reports = fleet.wait_for_devices()
+    if fault == "frozen":
+        victim.send_signal(signal.SIGCONT)  # its late commits must change nothing
+    assert_equal_to_client_only(fleet, reports, client_only)
