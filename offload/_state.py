@@ -5,7 +5,7 @@ The last task of a pipeline calls ``current_state()`` and gets a ``State``:
 * ``state.device``: this device's dict, as the previous item of the device left it. The task
   changes it in place; the framework commits the change together with the item's answer, and
   only if the item did not fail. Values are what the codec carries (numbers, strings, bytes,
-  lists, tuples, string-keyed dicts, NumPy arrays): never pickled.
+  lists, tuples, string-keyed dicts, NumPy arrays), encoded by the codec like any wire value.
 * ``state.mark(index, score)`` / ``state.count(index, low, high)``: fleet-wide indexes where each
   device owns one score (the highest it marked), e.g. its latest capture time; ``count`` says
   how many devices have a score in ``[low, high]`` (this item's own mark included).
