@@ -68,6 +68,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 
 bench: proto $(VENV)/.bench-installed
 	$(PY) -m bench
+	$(PY) -m bench.state
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 	$(PY) -m bench.workers
 

@@ -27,6 +27,7 @@ from ._device.client import Client, run_client
 from ._device.scheduler import Decision, Measurements, ModelPolicy, Prediction, SplitPolicy
 from ._device.transport import GrpcTransport, Stream, Transport
 from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline, stateful
+from ._state import State, current_state
 from .exceptions import (
     CodecError,
     ConfigError,
@@ -62,9 +63,11 @@ __all__ = [
     "ServerError",
     "ServerSecurity",
     "SplitPolicy",
+    "State",
     "Stream",
     "Transport",
     "current_item",
+    "current_state",
     "decode",
     "encode",
     "load_pipeline",

@@ -12,6 +12,7 @@ import os
 import socket
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from ._pipeline import DEFAULT_PIPELINE
 from .exceptions import ConfigError
@@ -352,6 +353,17 @@ class ServerConfig:
     reflection: bool = True  # gRPC server reflection: grpcurl works without the .proto
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free); None = off
     metrics_max_devices: int = 100  # device label values; more devices are counted as "other"
+    # Where the last task's state (and, with Redis, the remembered answers) lives: "memory" (this
+    # process) or redis://HOST:PORT/DB, rediss:// for TLS (docs/state.md).
+    state: str = "memory"
+    state_password: str | None = field(default=None, repr=False)
+    state_tls_ca: str | None = None  # rediss://: the PEM CA bundle of Redis (else system roots)
+    state_timeout: float = 2.0  # a Redis call slower than this: the item is answered UNAVAILABLE
+    # How long a device's answers and state outlive its last item: at least as long as a device
+    # may keep items buffered before resending them.
+    state_ttl: float = 86_400.0
+    state_max_bytes: int = 64 * 1024  # one device's encoded state
+    state_answers: int = 256  # answers per device run kept in Redis (>= window + buffer)
     # A connection older than this (gRPC adds +-10% jitter) is sent GOAWAY, so that long-lived
     # device streams spread over replicas a scale-out added; None = never. Its stream gets
     # ``max_connection_age_grace`` more seconds, then ends UNAVAILABLE: the device reconnects
@@ -399,3 +411,39 @@ class ServerConfig:
                 f"--metrics-max-devices {self.metrics_max_devices}: give 0 or more (devices "
                 "beyond it are counted as 'other')"
             )
+        _check_state(self)
+
+
+def _check_state(config: ServerConfig) -> None:
+    """The --state options: a store the server can open, bounds it can keep."""
+    state = config.state
+    if state != "memory":
+        parts = urlsplit(state)
+        example = "give memory or redis://HOST:PORT/DB (rediss:// for TLS)"
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ConfigError(f"--state {state!r}: {example}")
+        try:
+            parts.port  # noqa: B018  (parsing it is the check)
+        except ValueError:
+            raise ConfigError(f"--state {state!r}: the port is not a number; {example}") from None
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ConfigError(f"--state {state!r}: the database is a number (/0); {example}")
+        if parts.password:
+            raise ConfigError(
+                "--state: give the password in OFFLOAD_STATE_PASSWORD, not in the URL (the "
+                "command line shows in ps)"
+            )
+    elif config.state_tls_ca is not None:
+        raise ConfigError("--state-tls-ca needs --state rediss://HOST:PORT/DB")
+    if config.state_password == "":
+        raise ConfigError("--state-password is empty: give a value, or leave it out")
+    _seconds("--state-timeout", config.state_timeout)
+    if config.state_ttl < 60:
+        raise ConfigError(
+            f"--state-ttl {config.state_ttl:g}: give at least 60 seconds (answers must outlive "
+            "the device's buffer of unanswered items)"
+        )
+    if config.state_max_bytes < 1024:
+        raise ConfigError(f"--state-max-bytes {config.state_max_bytes}: give 1024 or more")
+    if config.state_answers < 1:
+        raise ConfigError(f"--state-answers {config.state_answers}: keep at least 1 per run")

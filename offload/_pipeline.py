@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .exceptions import PipelineError
+from .exceptions import PipelineError, StateUnavailable
 
 Task = Callable[..., Any]
 
@@ -437,6 +437,22 @@ class _RealTime:
 REAL_TIME: Pace = _RealTime()
 
 
+def _call_last(task: Task, args: Any, device_id: str) -> Any:
+    """The last task, with the state the server gave it (``current_state``), or this process's
+    own in-memory state (client-only mode, an item the device runs itself)."""
+    # Imported here: _state -> _codec -> _config imports this module.
+    from ._state import active, run_locally  # noqa: PLC0415
+
+    if active() is not None:
+        return call_task(task, args)
+    return run_locally(device_id, lambda: call_task(task, args), _returns_well)
+
+
+def _returns_well(returned: Any) -> bool:
+    """Whether a task's return value follows the Task Interface (its state may be committed)."""
+    return returned is False or (isinstance(returned, tuple) and len(returned) == 2)
+
+
 def run_tasks(
     pipeline: Pipeline,
     start: int,
@@ -468,9 +484,12 @@ def run_tasks(
             try:
                 if index == last:
                     with pipeline.aggregate_lock:
-                        ok, args = _unpack(index, pipeline.task_name(index), call_task(task, args))
+                        returned = _call_last(task, args, context.device_id)
+                    ok, args = _unpack(index, pipeline.task_name(index), returned)
                 else:
                     ok, args = _unpack(index, pipeline.task_name(index), call_task(task, args))
+            except StateUnavailable:
+                raise  # not the item's fault: the server answers UNAVAILABLE, the device resends
             except Exception as exc:  # a task's bug fails this item, never the run
                 timings.append((index, device.stretch(time.perf_counter() - began, cpu)))
                 return Outcome(Status.FAILED, None, index, f"{type(exc).__name__}: {exc}", timings)

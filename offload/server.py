@@ -79,7 +79,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=int,
         default=1,
         help="server processes sharing the port (SO_REUSEPORT), forked at start; each keeps "
-        "its own per-device state, so aggregation sees only its own devices (default 1)",
+        "its own per-device state unless --state is shared (Redis) (default 1)",
     )
     parser.add_argument(
         "--grace",
@@ -117,6 +117,53 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         default=Limits.max_message_bytes,
         metavar="BYTES",
         help="largest item or result on the wire (default %(default)s); clients must agree",
+    )
+    state = parser.add_argument_group("state (docs/state.md)")
+    state.add_argument(
+        "--state",
+        default=ServerConfig.state,
+        metavar="URL",
+        help="where the last task's state and the remembered answers live: memory (this "
+        "process) or redis://HOST:PORT/DB, rediss:// for TLS, shared by replicas (default "
+        "%(default)s)",
+    )
+    state.add_argument(
+        "--state-password",
+        help="the Redis password (prefer the environment: arguments show in ps)",
+    )
+    state.add_argument(
+        "--state-tls-ca",
+        metavar="PEM",
+        help="rediss://: the CA bundle that signed Redis' certificate",
+    )
+    state.add_argument(
+        "--state-timeout",
+        type=float,
+        default=ServerConfig.state_timeout,
+        metavar="SECONDS",
+        help="a slower Redis call answers the item UNAVAILABLE (default %(default)s)",
+    )
+    state.add_argument(
+        "--state-ttl",
+        type=float,
+        default=ServerConfig.state_ttl,
+        metavar="SECONDS",
+        help="a device's answers and state expire this long after its last item; at least the "
+        "time a device may buffer items (default %(default)s)",
+    )
+    state.add_argument(
+        "--state-max-bytes",
+        type=int,
+        default=ServerConfig.state_max_bytes,
+        metavar="BYTES",
+        help="largest state of one device, encoded (default %(default)s)",
+    )
+    state.add_argument(
+        "--state-answers",
+        type=int,
+        default=ServerConfig.state_answers,
+        metavar="N",
+        help="answers kept per device run in Redis, to replay resends (default %(default)s)",
     )
     parser.add_argument(
         "--max-connection-age",
@@ -232,6 +279,13 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         reflection=args.reflection,
         metrics_port=args.metrics_port,
         metrics_max_devices=args.metrics_max_devices,
+        state=args.state,
+        state_password=args.state_password,
+        state_tls_ca=args.state_tls_ca,
+        state_timeout=args.state_timeout,
+        state_ttl=args.state_ttl,
+        state_max_bytes=args.state_max_bytes,
+        state_answers=args.state_answers,
         # The command line's 0 is "never", which the dataclass spells None.
         max_connection_age=args.max_connection_age or None,
         max_connection_age_grace=args.max_connection_age_grace,

@@ -16,6 +16,8 @@ so that a fleet of thousands of devices cannot blow up Prometheus' memory):
     offload_received_bytes_total             TaskState bytes received
     offload_sent_bytes_total                 ItemResult bytes sent
     offload_unauthenticated_total            calls refused for a missing or wrong token
+    offload_state_errors_total{kind}         state store calls failed: unreachable / slow / refused
+    offload_state_up                         1 while the state store is reachable, else 0
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .._pipeline import Pipeline
 from .._wire import METHOD, status_name
 from ..exceptions import ConfigError
 from ..v1 import offload_pb2 as pb
+from .state import Store
 
 OTHER_DEVICES = "other"
 # Ball-tracking tasks take 0.1-20 ms on a server core; the default buckets start at 5 ms.
@@ -74,6 +77,11 @@ class ServerMetrics:
         self.unauthenticated = Counter(
             "offload_unauthenticated", "Calls refused for a missing or wrong token", registry=r
         )
+        self.state_errors = Counter(
+            "offload_state_errors", "State store calls that failed, by kind", ["kind"], registry=r
+        )
+        self.state_up = Gauge("offload_state_up", "1 while the state store answers", registry=r)
+        self.state_up.set(1)
         self._http: WSGIServer | None = None
         self._http_thread: threading.Thread | None = None
 
@@ -96,6 +104,11 @@ class ServerMetrics:
             name = self._task_names[t.task] if t.task < len(self._task_names) else "?"
             self.task_seconds.labels(str(t.task), name).observe(t.seconds)
         self.item_cpu_seconds.observe(result.server_cpu_seconds)
+
+    def watch_store(self, store: Store) -> None:
+        """Count the state store's failures and follow its reachability."""
+        store.add_error_listener(lambda kind: self.state_errors.labels(kind).inc())
+        store.add_health_listener(lambda up: self.state_up.set(int(up)))
 
     def start_http(self, host: str, port: int) -> int:
         """Serve /metrics on ``host:port`` (0 picks a free port); returns the bound port."""

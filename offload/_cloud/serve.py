@@ -179,17 +179,27 @@ class RunningServer:
     metrics_port: int | None = None
     health_server: grpc.Server | None = None  # plaintext health only (--health-port)
     health_port: int | None = None
+    stopping: bool = False
+
+    def set_health(self, serving: bool) -> None:
+        """SERVING only while the state store is reachable and the server is not stopping."""
+        if self.health is None:
+            return
+        serving = serving and not self.stopping and self.servicer.executor.store.reachable
+        response = server_extra("grpc_health.v1.health_pb2").HealthCheckResponse
+        status = response.SERVING if serving else response.NOT_SERVING
+        self.health.set("", status)
+        self.health.set(SERVICE_NAME, status)
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, refuse new streams, let in-flight ones finish within ``grace``."""
-        if self.health is not None:
-            health_pb2 = server_extra("grpc_health.v1.health_pb2")
-            self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-            self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.stopping = True
+        self.set_health(False)
         stopped = self.server.stop(grace)  # refuses new streams from now on
         self.servicer.drain()  # streams end UNAVAILABLE after their current item
         stopped.wait()
         self.servicer.close()
+        self.servicer.executor.store.close()
         # Metrics stay readable until the last stream has ended, then the endpoint closes.
         if self.metrics is not None:
             self.metrics.stop_http()
@@ -247,6 +257,7 @@ def serve(
         executor.add_listener(metrics.observe)
         if auth is not None:
             auth.add_listener(metrics.unauthenticated.inc)
+        metrics.watch_store(executor.store)
         interceptors.append(StreamMetrics(metrics))
     # The servicer refuses device streams beyond `workers` itself (saying so, and logging it);
     # as many again may wait for their first item without holding a worker (OffloadServicer);
@@ -311,10 +322,12 @@ def serve(
                 metrics.stop_http()
             raise
     server.start()
-    if health_servicer is not None:
-        serving = server_extra("grpc_health.v1.health_pb2").HealthCheckResponse.SERVING
-        health_servicer.set("", serving)
-        health_servicer.set(SERVICE_NAME, serving)
+    running = RunningServer(
+        server, port, health_servicer, servicer, metrics, metrics_port, health_server, health_port
+    )
+    # NOT_SERVING while the state store is unreachable: a load balancer sends devices elsewhere.
+    executor.store.add_health_listener(running.set_health)
+    running.set_health(True)
     log.info(
         "event=start address=%s pipeline=%s fingerprint=%s tasks=%d workers=%d "
         "health=%s reflection=%s metrics=%s tls=%s client_certs=%s token=%s "
@@ -334,9 +347,8 @@ def serve(
     )
     if health_port is not None:
         log.info("event=health-port address=%s", grpc_address(config.host, health_port))
-    return RunningServer(
-        server, port, health_servicer, servicer, metrics, metrics_port, health_server, health_port
-    )
+    log.info("event=state store=%s", quote(executor.store.name))
+    return running
 
 
 def _health_only(config: ServerConfig, health_servicer: Any) -> tuple[grpc.Server, int]:

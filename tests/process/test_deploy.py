@@ -34,8 +34,8 @@ from offload.server import build_parser
 from ..helpers import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile.server"
-SERVER_ONLY = ("grpc_health", "grpc_reflection", "prometheus_client")
-SERVER_PACKAGES = {"grpcio-health-checking", "grpcio-reflection", "prometheus-client"}
+SERVER_ONLY = ("grpc_health", "grpc_reflection", "prometheus_client", "redis")
+SERVER_PACKAGES = {"grpcio-health-checking", "grpcio-reflection", "prometheus-client", "redis"}
 
 
 @dataclass
@@ -301,6 +301,9 @@ def test_a_device_runs_without_the_server_packages(
     assert refused.returncode == 2
     assert "pip install '.[server]'" in refused.stderr  # from this checkout
     assert "Traceback" not in refused.stderr
+    no_redis = without_server_packages("offload.server", "--port", "0", "--state", "redis://x:1/0")
+    assert no_redis.returncode == 2, no_redis.stderr
+    assert "--state redis:// needs redis" in no_redis.stderr and "Traceback" not in no_redis.stderr
 
 
 def test_the_image_entry_point_and_healthcheck_work_with_the_image_environment(
