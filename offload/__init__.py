@@ -27,6 +27,7 @@ from ._device.client import Client, run_client
 from ._device.scheduler import Decision, Measurements, ModelPolicy, Prediction, SplitPolicy
 from ._device.transport import GrpcTransport, Stream, Transport
 from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline
+from ._views import publish_view
 from .exceptions import (
     CodecError,
     ConfigError,
@@ -68,6 +69,7 @@ __all__ = [
     "decode",
     "encode",
     "load_pipeline",
+    "publish_view",
     "run_client",
     "serve",
 ]

@@ -6,6 +6,7 @@ its name differs), so the command line, the environment and the API share one ch
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import socket
 from dataclasses import MISSING, dataclass, field, fields
@@ -230,6 +231,9 @@ class ServerConfig:
     reflection: bool = True  # gRPC server reflection: grpcurl works without the .proto
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free); None = off
     metrics_max_devices: int = 100  # device label values; more devices are counted as "other"
+    # The fleet dashboard on this port (0 = any free), on `host`; None = off. It shows camera
+    # images: beyond loopback it needs the token (security.token).
+    dashboard_port: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse what no server could mean, naming the command line's option for it."""
@@ -255,3 +259,23 @@ class ServerConfig:
                 f"--metrics-max-devices {self.metrics_max_devices}: give 0 or more (devices "
                 "beyond it are counted as 'other')"
             )
+        _port("--dashboard-port", self.dashboard_port)
+        if (
+            self.dashboard_port is not None
+            and self.security.token is None
+            and not _is_loopback(self.host)
+        ):
+            raise ConfigError(
+                f"--dashboard-port shows camera images to anyone who reaches --host {self.host}: "
+                "set --token (the dashboard then asks for it), or bind --host 127.0.0.1"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    bare = host.strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False

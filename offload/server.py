@@ -105,6 +105,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "%(default)s)",
     )
     parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=ServerConfig.dashboard_port,
+        metavar="PORT",
+        help="serve the fleet dashboard at http(s)://HOST:PORT/ (0 picks a free port; "
+        "beyond loopback it needs --token; default: off; docs/dashboard.md)",
+    )
+    parser.add_argument(
         "--no-reflection",
         dest="reflection",
         action="store_false",
@@ -154,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--processes must be at least 1")
     if args.processes > 1 and args.metrics_port is not None:
         parser.error("--metrics-port serves one process's metrics: use it with --processes 1")
+    if args.processes > 1 and args.dashboard_port is not None:
+        parser.error("--dashboard-port shows one process's devices: use it with --processes 1")
     try:
         config = _config(args)
     except ConfigError as exc:
@@ -207,6 +217,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         reflection=args.reflection,
         metrics_port=args.metrics_port,
         metrics_max_devices=args.metrics_max_devices,
+        dashboard_port=args.dashboard_port,
         limits=Limits(max_message_bytes=args.max_message_bytes),
         security=ServerSecurity(
             tls_cert=args.tls_cert,
@@ -251,6 +262,8 @@ def _serve_until_signalled(
         print(f"listening on {grpc_address(config.host, running.port)}", flush=True)
         if running.metrics_port is not None:
             print(f"metrics on {grpc_address(config.host, running.metrics_port)}", flush=True)
+        if running.dashboard_port is not None:
+            print(f"dashboard on {grpc_address(config.host, running.dashboard_port)}", flush=True)
     running.wait()
     log.info("event=stopped")
     return 0

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from offload import publish_view
 from offload._pipeline import current_item
 
 from .camera import Frame, Source, open_source
@@ -199,6 +200,7 @@ def aggregate(
             _frames.popitem(last=False)
         trail: list[JSONValue] = [list(p) for p in device.trail]
         seen = device.items_seen
+    publish_view(snapshot)  # the server's dashboard shows it
     return True, {
         "item": ctx.item,
         "centre": [cx, cy],

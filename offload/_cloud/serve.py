@@ -31,6 +31,7 @@ from .executor import RemoteExecutor
 from .servicer import SPARE_THREADS, OffloadServicer
 
 if TYPE_CHECKING:
+    from .dashboard_http import Dashboard
     from .metrics import ServerMetrics
 
 __all__ = [
@@ -129,6 +130,8 @@ class RunningServer:
     servicer: OffloadServicer
     metrics: ServerMetrics | None = None
     metrics_port: int | None = None
+    dashboard: Dashboard | None = None
+    dashboard_port: int | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, refuse new streams, let in-flight ones finish within ``grace``."""
@@ -143,6 +146,8 @@ class RunningServer:
         # Metrics stay readable until the last stream has ended, then the endpoint closes.
         if self.metrics is not None:
             self.metrics.stop_http()
+        if self.dashboard is not None:
+            self.dashboard.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -192,6 +197,13 @@ def serve(
         metrics = ServerMetrics(pipeline, config.metrics_max_devices)
         executor.add_listener(metrics.observe)
         interceptors.append(StreamMetrics(metrics))
+    dashboard = None
+    if config.dashboard_port is not None:
+        from .dashboard import FleetBoard  # noqa: PLC0415
+        from .dashboard_http import Dashboard  # noqa: PLC0415
+
+        dashboard = Dashboard(FleetBoard(pipeline), config)
+        executor.add_listener(dashboard.board.observe)
     # The servicer refuses device streams beyond `workers` itself (saying so, and logging it);
     # the spare threads answer health checks and those refusals when every worker is busy.
     threads = config.workers + SPARE_THREADS
@@ -243,6 +255,16 @@ def serve(
             server.stop(None)
             servicer.close()
             raise
+    dashboard_port = None
+    if dashboard is not None:
+        try:
+            dashboard_port = dashboard.start()
+        except ConfigError:
+            server.stop(None)
+            servicer.close()
+            if metrics is not None:
+                metrics.stop_http()
+            raise
     server.start()
     if health_servicer is not None:
         serving = server_extra("grpc_health.v1.health_pb2").HealthCheckResponse.SERVING
@@ -250,7 +272,7 @@ def serve(
         health_servicer.set(SERVICE_NAME, serving)
     log.info(
         "event=start address=%s pipeline=%s fingerprint=%s tasks=%d workers=%d "
-        "health=%s reflection=%s metrics=%s tls=%s client_certs=%s token=%s "
+        "health=%s reflection=%s metrics=%s dashboard=%s tls=%s client_certs=%s token=%s "
         "max_message_bytes=%d",
         grpc_address(config.host, port),
         pipeline.name,
@@ -260,9 +282,12 @@ def serve(
         "on" if health_servicer is not None else "off",
         "on" if reflection is not None else "off",
         grpc_address(config.host, metrics_port) if metrics_port is not None else "off",
+        grpc_address(config.host, dashboard_port) if dashboard_port is not None else "off",
         "on" if credentials is not None else "off",
         "required" if config.security.tls_client_ca is not None else "off",
         "required" if token is not None else "off",
         config.limits.max_message_bytes,
     )
-    return RunningServer(server, port, health_servicer, servicer, metrics, metrics_port)
+    return RunningServer(
+        server, port, health_servicer, servicer, metrics, metrics_port, dashboard, dashboard_port
+    )

@@ -10,7 +10,8 @@ PUBLIC = [
     "GrpcTransport", "ItemContext", "Keepalive", "Limits", "LinkConfig", "Measurements",
     "ModelPolicy", "OffloadError", "Pipeline", "PipelineError", "PipelineMismatch", "Prediction",
     "RunningServer", "ServerConfig", "ServerError", "ServerSecurity", "SplitPolicy", "Stream",
-    "Transport", "current_item", "decode", "encode", "load_pipeline", "run_client", "serve",
+    "Transport", "current_item", "decode", "encode", "load_pipeline", "publish_view", "run_client",
+    "serve",
 ]  # fmt: skip
 TESTING = ["InProcessTransport", "RemoteExecutor"]
 
