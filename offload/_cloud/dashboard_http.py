@@ -274,6 +274,7 @@ class _Auth:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = CONNECTIONS  # the default 5 makes a page's burst of requests wait
     board: FleetBoard
     events: _Events
     auth: _Auth | None
