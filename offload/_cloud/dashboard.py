@@ -69,10 +69,10 @@ class _Series:
         slots = self.slots[quantity]
         return sum(slots[s % self.window] for s in range(now - seconds, now))
 
-    def history(self, quantity: int, now: int) -> list[float]:
-        """One value per second, oldest first, up to the second before ``now``."""
+    def history(self, quantity: int, now: int, since: int) -> list[float]:
+        """One value per second from ``since`` (or the window's start), up to before ``now``."""
         slots = self.slots[quantity]
-        return [slots[s % self.window] for s in range(now - self.window + 1, now)]
+        return [slots[s % self.window] for s in range(max(since, now - self.window + 1), now)]
 
 
 class _Device:
@@ -131,6 +131,7 @@ class FleetBoard:
         self._item_seconds = 0.0  # mean server task seconds of an item as the fleet splits now
         self._item_bytes = 0.0
         self._any = False
+        self._first_second: int | None = None  # the history starts at the first answer
 
     def observe(self, state: pb.TaskState, result: pb.ItemResult) -> None:
         """Count one answer (an executor listener); takes the view its tasks published."""
@@ -143,6 +144,8 @@ class FleetBoard:
         size = state.ByteSize()
         task_seconds = 0.0
         with self._lock:
+            if self._first_second is None:
+                self._first_second = second
             device = self._devices.get(state.device_id)
             if device is None:
                 device = self._devices[state.device_id] = _Device(
@@ -233,9 +236,10 @@ class FleetBoard:
             self._fleet.advance(second)
             fleet_now = self._fleet.recent(0, second, NOW_SECONDS) / NOW_SECONDS
             fleet_cpu = _ratio(self._fleet.totals[2], self._fleet.totals[1])
-            completed = self._fleet.history(0, second)
-            answered = self._fleet.history(1, second)
-            cpu = self._fleet.history(2, second)
+            since = second if self._first_second is None else self._first_second
+            completed = self._fleet.history(0, second, since)
+            answered = self._fleet.history(1, second, since)
+            cpu = self._fleet.history(2, second, since)
             saving = self._saving()
         devices = []
         for d, latencies, rate_now, rate_window, cpu_sum, answers in rows:

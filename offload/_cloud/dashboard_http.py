@@ -190,6 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/login":
             self._login_page(HTTPStatus.OK, "")
+        elif path == "/favicon.ico":
+            self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
         elif path.startswith("/assets/") and path[8:] in ASSETS:
             # Code and style only, no data: the login page needs its style before a login.
             self._send(HTTPStatus.OK, _asset(path[8:]), ASSETS[path[8:]])

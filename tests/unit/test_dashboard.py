@@ -101,16 +101,18 @@ def test_the_saving_compares_the_splits_with_sending_every_item_after_task_0() -
     assert fleet["bytes_per_item_all"] is not None
 
 
-def test_the_history_has_one_value_a_second_over_the_window() -> None:
+def test_the_history_has_one_value_a_second_from_the_first_answer_over_the_window() -> None:
     clock = Clock()
     board = FleetBoard(load_pipeline(COUNTER), clock=clock)
+    assert board.snapshot()["history"]["items_per_second"] == []
     for i in range(3):
         answer(board, "cam", i)
-    clock.now += 1
+    clock.now += 2
     history = board.snapshot()["history"]
-    assert len(history["items_per_second"]) == WINDOW_SECONDS - 1
-    assert history["items_per_second"][-1] == 3
-    assert history["cloud_cpu_per_item"][-1] == pytest.approx(0.002)
+    assert history["items_per_second"] == [3, 0]
+    assert history["cloud_cpu_per_item"] == [pytest.approx(0.002), None]
+    clock.now += 2 * WINDOW_SECONDS
+    assert len(board.snapshot()["history"]["items_per_second"]) == WINDOW_SECONDS - 1
 
 
 def test_the_board_keeps_at_most_max_devices_forgetting_the_least_recently_seen() -> None:

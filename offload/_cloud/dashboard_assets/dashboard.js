@@ -35,7 +35,7 @@ function newRow(id) {
   tr.dataset.device = id;
   const cells = {};
   for (const name of ["view", "id", "connected", "split", "now", "window", "latency", "cpu",
-                      "filtered", "failed", "seen"]) {
+                      "completed", "filtered", "failed", "seen"]) {
     const td = document.createElement("td");
     td.className = name;
     if (!["view", "id", "connected", "split"].includes(name)) td.classList.add("num");
@@ -47,8 +47,6 @@ function newRow(id) {
   cells.view.appendChild(img);
   cells.id.textContent = id;
   const row = { tr, cells, img, shown: null, loadedAt: 0, loading: false };
-  img.addEventListener("load", () => { row.loading = false; });
-  img.addEventListener("error", () => { row.loading = false; });
   return row;
 }
 
@@ -62,6 +60,7 @@ function updateRow(row, d, now, tasks) {
   c.window.textContent = num(d.items_per_second_window, 1);
   c.latency.textContent = ms(d.latency_p50) + " / " + ms(d.latency_p95);
   c.cpu.textContent = ms(d.cloud_cpu_per_item);
+  c.completed.textContent = d.completed;
   c.filtered.textContent = d.filtered;
   c.failed.textContent = d.failed;
   c.seen.textContent = ago(now - d.last_seen) + " ago";
@@ -70,7 +69,14 @@ function updateRow(row, d, now, tasks) {
     row.shown = d.view;
     row.loadedAt = t;
     row.loading = true;
-    row.img.src = "/api/view/" + encodeURIComponent(d.id) + "?v=" + d.view;
+    // Decoded off screen, then swapped in: the shown image never blanks while the next loads.
+    const next = new Image();
+    next.alt = row.img.alt;
+    next.src = "/api/view/" + encodeURIComponent(d.id) + "?v=" + d.view;
+    next.decode().then(() => {
+      row.img.replaceWith(next);
+      row.img = next;
+    }).catch(() => {}).finally(() => { row.loading = false; });
   }
 }
 
