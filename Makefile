@@ -70,6 +70,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 bench: proto $(VENV)/.bench-installed
 	$(PY) -m bench
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
+	$(PY) -m bench.dashboard
 
 # Automatic mode against a static sweep's oracle; writes bench/results/scheduler.{json,md}.
 bench-scheduler: proto

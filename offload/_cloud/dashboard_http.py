@@ -80,17 +80,20 @@ class _Events:
         self.stopping = False
         self._thread: threading.Thread | None = None
 
-    def subscribe(self) -> bool:
+    def subscribe(self) -> int | None:
+        """A new watcher: the generation to wait past (its first event is fresh), or None when
+        EVENT_STREAMS already watch."""
         with self.changed:
             if self.watchers >= EVENT_STREAMS or self.stopping:
-                return False
+                return None
             self.watchers += 1
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._tick, name="offload-dashboard-tick", daemon=True
                 )
                 self._thread.start()
-            return True
+            self.changed.notify_all()  # wakes the ticker if nobody watched until now
+            return self.generation
 
     def unsubscribe(self) -> None:
         with self.changed:
@@ -240,7 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _events(self) -> None:
         events = self.server.events
-        if not events.subscribe():
+        seen = events.subscribe()
+        if seen is None:
             self._send(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 f"at most {EVENT_STREAMS} dashboards may watch at once\n".encode(),
@@ -255,7 +259,6 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.close_connection = True  # no length: the stream ends with the connection
-            seen = 0
             while (event := events.next(seen)) is not None:
                 seen, data = event
                 self.wfile.write(data)

@@ -74,7 +74,10 @@ def events(port: int, headers: dict[str, str] = BEARER) -> Iterator[Callable[[],
             assert response.readline() == b"\n"
             return json.loads(line[6:])
 
-        yield next_event
+        try:
+            yield next_event
+        finally:
+            response.close()  # the socket closes with its last reference, the response's
 
 
 @pytest.fixture
@@ -193,6 +196,20 @@ def test_with_tls_the_dashboard_serves_tls_on_the_servers_certificate(
     with closing(http.client.HTTPSConnection("127.0.0.1", port, context=trusting)) as c:
         c.request("POST", "/login", body=f"token={TOKEN}")
         assert "Secure" in (c.getresponse().getheader("Set-Cookie") or "")
+
+
+def test_a_page_opened_after_every_page_closed_gets_fresh_events(
+    dashboard: RunningServer,
+) -> None:
+    port = dashboard.dashboard_port
+    assert port is not None
+    with events(port) as next_event:
+        next_event()
+    assert wait_until(lambda: dashboard_http_watchers(dashboard) == 0, 10)
+    stream(dashboard, [state(0, 1, device="late")])
+    with events(port) as next_event:
+        assert [d["id"] for d in next_event()["devices"]] == ["late"]  # not the stale event
+        assert next_event()["time"] > 0  # and the ticker runs again
 
 
 def test_event_streams_beyond_the_cap_are_refused_503(dashboard: RunningServer) -> None:
