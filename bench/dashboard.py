@@ -23,6 +23,8 @@ from typing import Any
 
 from offload import load_pipeline
 from offload._cloud.allocator import keep_large_buffers
+from offload._cloud.dashboard import FleetBoard
+from offload.v1 import offload_pb2 as pb
 
 from . import machine
 from . import pipeline as bench_pipeline
@@ -93,6 +95,36 @@ def measure(
     }
 
 
+def idle_cost(server: ServerProcess, page: int, seconds: float, reps: int) -> dict[str, float]:
+    """Server CPU ms per second with no item flowing: what an open page costs by itself."""
+    spent: dict[str, list[float]] = {"closed": [], "open": []}
+    for rep in range(reps):
+        for config in ("closed", "open") if rep % 2 == 0 else ("open", "closed"):
+            watcher = PageWatcher(page) if config == "open" else None
+            cpu, began = _cpu(server.pid), time.perf_counter()
+            time.sleep(seconds)  # the measurement's span, not a wait for anything
+            spent[config].append(1000 * (_cpu(server.pid) - cpu) / (time.perf_counter() - began))
+            if watcher is not None:
+                watcher.stop()
+    return {f"{c}_cpu_ms_per_second": round(statistics.median(v), 2) for c, v in spent.items()}
+
+
+def snapshot_cost(devices: int, reps: int = 50) -> float:
+    """Milliseconds of one tick (snapshot + JSON) for ``devices`` devices, in this process."""
+    board = FleetBoard(load_pipeline(bench_pipeline.NAME))
+    result = pb.ItemResult(status=pb.ItemResult.COMPLETED, server_cpu_seconds=0.002)
+    result.task_times.extend(pb.TaskTime(task=t, seconds=0.001) for t in range(3, 7))
+    for n in range(devices):
+        state = pb.TaskState(device_id=f"device-{n:03}", run_id="r", next_task=3)
+        for item in range(300):
+            state.item, state.capture_time = item, time.time() - 0.05
+            board.observe(state, result)
+    began = time.perf_counter()
+    for _ in range(reps):
+        json.dumps(board.snapshot(), separators=(",", ":"))
+    return 1000 * (time.perf_counter() - began) / reps
+
+
 def run(reps: int, items: int, source: str) -> dict[str, Any]:
     frames = bench_pipeline.render(source, 120)
     plain = offload_server()
@@ -116,6 +148,8 @@ def run(reps: int, items: int, source: str) -> dict[str, Any]:
                     f"{result['items_per_second']:6.1f} items/s",
                     flush=True,
                 )
+        idle = idle_cost(board, page, 10.0, max(2, reps // 2))
+        print(f"  idle server: {idle}", flush=True)
     finally:
         plain.stop()
         board.stop()
@@ -137,7 +171,16 @@ def run(reps: int, items: int, source: str) -> dict[str, Any]:
                 ),
             }
         )
-    return {"split": SPLIT, "items": items, "reps": reps, "rows": rows, "runs": runs}
+    ticks = {str(n): round(snapshot_cost(n), 2) for n in (1, 100)}
+    return {
+        "split": SPLIT,
+        "items": items,
+        "reps": reps,
+        "rows": rows,
+        "runs": runs,
+        "idle": idle,
+        "tick_ms": ticks,
+    }
 
 
 def write(out: Path, data: dict[str, Any]) -> str:
@@ -156,6 +199,14 @@ def write(out: Path, data: dict[str, Any]) -> str:
             f"{r['cpu_ms_max']:.3f} | {r['cpu_ms_per_item'] / base - 1:+.1%} | "
             f"{r['items_per_second']:.1f} | {r['events_per_second']:.1f} |"
         )
+    idle, ticks = data["idle"], data["tick_ms"]
+    lines += [
+        "",
+        f"With no item flowing the server spends {idle['closed_cpu_ms_per_second']} ms CPU a "
+        f"second with no page open and {idle['open_cpu_ms_per_second']} ms with one page open "
+        f"(4 events a second). One tick (snapshot + JSON) takes {ticks['1']} ms for 1 device "
+        f"and {ticks['100']} ms for 100, in the dashboard's thread.",
+    ]
     table = "\n".join(lines) + "\n"
     (out / "dashboard.md").write_text(table)
     import matplotlib.pyplot as plt  # noqa: PLC0415  (the bench extra)

@@ -27,6 +27,7 @@ NOW_SECONDS = 5  # "items/s now" is the mean over the last complete seconds
 CONNECTED_SECONDS = 10.0  # a device answered within this is shown connected
 MAX_DEVICES = 256
 MAX_VIEWS_BYTES = 16 * 1024 * 1024
+MAX_ID_CHARS = 128  # longer device and run ids are kept shortened (such devices share a row)
 LATENCIES = 256  # latest capture->answer latencies kept per device, for p50/p95
 _EWMA = 0.05  # weight of the latest item in the per-task cost and per-cut size means
 
@@ -91,6 +92,10 @@ class _Device:
         self.view_version = 0
 
 
+def _shortened(name: str) -> str:
+    return name if len(name) <= MAX_ID_CHARS else name[: MAX_ID_CHARS - 1] + "…"
+
+
 def _percentile(ordered: list[float], fraction: float) -> float | None:
     if not ordered:
         return None
@@ -143,22 +148,23 @@ class FleetBoard:
         completed = result.status == pb.ItemResult.COMPLETED
         size = state.ByteSize()
         task_seconds = 0.0
+        # Ids are as long as a message allows: a kept device holds at most MAX_ID_CHARS of each.
+        key = _shortened(state.device_id)
+        run_id = _shortened(state.run_id)
         with self._lock:
             if self._first_second is None:
                 self._first_second = second
-            device = self._devices.get(state.device_id)
+            device = self._devices.get(key)
             if device is None:
-                device = self._devices[state.device_id] = _Device(
-                    state.device_id, state.run_id, now
-                )
+                device = self._devices[key] = _Device(key, run_id, now)
                 while len(self._devices) > self.max_devices:
                     gone, _ = self._devices.popitem(last=False)
                     self._drop_view(gone)
             else:
-                self._devices.move_to_end(state.device_id)
-                if now - device.last_seen > CONNECTED_SECONDS or device.run_id != state.run_id:
+                self._devices.move_to_end(key)
+                if now - device.last_seen > CONNECTED_SECONDS or device.run_id != run_id:
                     device.since = now
-            device.run_id = state.run_id
+            device.run_id = run_id
             device.last_seen = now
             device.split = state.next_task
             if completed:
@@ -189,8 +195,8 @@ class FleetBoard:
                 self._item_bytes = self._mean(self._item_bytes, size, self._any)
                 self._any = True
             if view is not None:
-                self._drop_view(state.device_id)
-                self._views[state.device_id] = view
+                self._drop_view(key)
+                self._views[key] = view
                 self._view_bytes += len(view)
                 device.view_version += 1
                 while self._view_bytes > self.max_view_bytes:

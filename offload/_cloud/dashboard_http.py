@@ -151,8 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in {**SECURITY_HEADERS, **(headers or {})}.items():
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        self.wfile.write(body)
 
     def _refuse(self) -> None:
         if self.path.startswith("/api/"):
@@ -185,9 +184,6 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         morsel = cookie.get(COOKIE)
         return morsel is not None and hmac.compare_digest(morsel.value.encode(), auth.session)
-
-    def do_HEAD(self) -> None:
-        self.do_GET()
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from offload import load_pipeline, publish_view
-from offload._cloud.dashboard import CONNECTED_SECONDS, WINDOW_SECONDS, FleetBoard
+from offload._cloud.dashboard import (
+    CONNECTED_SECONDS,
+    LATENCIES,
+    WINDOW_SECONDS,
+    FleetBoard,
+)
 from offload._pipeline import _current
 from offload._views import MAX_VIEW_BYTES, take_view
 from offload.v1 import offload_pb2 as pb
@@ -123,6 +130,31 @@ def test_the_board_keeps_at_most_max_devices_forgetting_the_least_recently_seen(
     assert len(ids) == 100 and ids[0] == "cam-050"
     assert board.view("cam-000") is None and board.view("cam-149") == JPEG
     assert board.view_bytes == 100 * len(JPEG)
+
+
+def test_a_kept_device_holds_at_most_20_kb_however_long_its_ids() -> None:
+    """docs/dashboard.md#bounds: 20 kB per kept device (256 kept), views aside."""
+    clock = Clock()
+    kept = 16
+    board = FleetBoard(load_pipeline(COUNTER), max_devices=kept, clock=clock)
+    answer(board, "warm-up", 0)
+    result = pb.ItemResult(status=pb.ItemResult.COMPLETED, server_cpu_seconds=0.001)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(kept + 4):
+            long = f"{n:04}-" + "x" * 100_000  # ids as long as a message allows, nearly
+            state = pb.TaskState(device_id=long, run_id=long, next_task=1)
+            for i in range(LATENCIES + 10):
+                state.item, state.capture_time = i, clock.now - 0.01
+                board.observe(state, result)
+            clock.now += 1
+            del state, long
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(board.snapshot()["devices"]) == kept
+    assert held <= kept * 20_000, held
 
 
 def test_views_are_bounded_in_bytes_in_all_the_least_recently_published_go_first() -> None:
