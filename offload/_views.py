@@ -13,7 +13,7 @@ import threading
 from ._pipeline import ItemContext, current_item
 
 MAX_VIEW_BYTES = 256 * 1024  # a 500x375 JPEG at quality 80 is ~25 kB
-JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_MAGIC = b"\xff\xd8"  # the start-of-image marker
 
 _local = threading.local()
 

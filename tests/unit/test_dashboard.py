@@ -10,6 +10,7 @@ from offload import load_pipeline, publish_view
 from offload._cloud.dashboard import (
     CONNECTED_SECONDS,
     LATENCIES,
+    SIZE_SAMPLE,
     WINDOW_SECONDS,
     FleetBoard,
 )
@@ -106,6 +107,16 @@ def test_the_saving_compares_the_splits_with_sending_every_item_after_task_0() -
     fleet = board.snapshot()["fleet"]
     assert fleet["cloud_seconds_per_item"] == pytest.approx(0.001, rel=0.01)
     assert fleet["bytes_per_item_all"] is not None
+
+
+def test_item_sizes_are_sampled_at_every_cut_however_the_devices_interleave() -> None:
+    board = FleetBoard(load_pipeline(COUNTER), clock=Clock())
+    for i in range(2 * SIZE_SAMPLE):
+        answer(board, "warm", i, next_task=2)  # so that the fleet's count is not where it began
+    for i in range(2 * SIZE_SAMPLE):
+        answer(board, "a", i, next_task=1)
+        answer(board, "b", i, next_task=2)
+    assert board.snapshot()["fleet"]["bytes_per_item_all"] is not None
 
 
 def test_the_history_has_one_value_a_second_from_the_first_answer_over_the_window() -> None:
