@@ -114,8 +114,8 @@ def test_item_sizes_are_sampled_at_every_cut_however_the_devices_interleave() ->
     for i in range(2 * SIZE_SAMPLE):
         answer(board, "warm", i, next_task=2)  # so that the fleet's count is not where it began
     for i in range(2 * SIZE_SAMPLE):
+        answer(board, "b", i, next_task=2)  # a count over the fleet would sample only b's
         answer(board, "a", i, next_task=1)
-        answer(board, "b", i, next_task=2)
     assert board.snapshot()["fleet"]["bytes_per_item_all"] is not None
 
 
