@@ -66,10 +66,16 @@ class _Series:
             self.slots[q][slot] += value
             self.totals[q] += value
 
-    def recent(self, quantity: int, now: int, seconds: int) -> float:
-        """Sum over the ``seconds`` complete seconds before ``now`` (``advance(now)`` first)."""
+    def rate(self, quantity: int, now: int, seconds: int, since: int) -> float | None:
+        """Mean a second over the last ``seconds`` complete seconds before ``now``, counting
+        none before ``since`` (None before one has passed); ``advance(now)`` first."""
+        span = min(seconds, self.window - 1, now - since)
+        if span <= 0:
+            return None
         slots = self.slots[quantity]
-        return sum(slots[s % self.window] for s in range(now - seconds, now))
+        if span == self.window - 1:  # the whole window: the running total less this second
+            return (self.totals[quantity] - slots[now % self.window]) / span
+        return sum(slots[s % self.window] for s in range(now - span, now)) / span
 
     def history(self, quantity: int, now: int, since: int) -> list[float]:
         """One value per second from ``since`` (or the window's start), up to before ``now``."""
@@ -232,25 +238,25 @@ class FleetBoard:
         """The fleet as JSON-ready values (rates per second, times in seconds, Unix times)."""
         now = self.clock()
         second = int(now)
-        rows: list[tuple[_Device, list[float], float, float, float, float]] = []
+        rows: list[tuple[_Device, list[float], float | None, float | None, float, float]] = []
         with self._lock:  # copies only: sorting latencies happens outside the lock
             for d in self._devices.values():
                 d.series.advance(second)
-                span = max(1, min(WINDOW_SECONDS - 1, second - int(d.first_seen)))
+                first = int(d.first_seen)
                 rows.append(
                     (
                         d,
                         list(d.latencies),
-                        d.series.recent(0, second, NOW_SECONDS) / NOW_SECONDS,
-                        d.series.totals[0] / span,
+                        d.series.rate(0, second, NOW_SECONDS, first),
+                        d.series.rate(0, second, WINDOW_SECONDS, first),
                         d.series.totals[2],
                         d.series.totals[1],
                     )
                 )
-            self._fleet.advance(second)
-            fleet_now = self._fleet.recent(0, second, NOW_SECONDS) / NOW_SECONDS
-            fleet_cpu = _ratio(self._fleet.totals[2], self._fleet.totals[1])
             since = second if self._first_second is None else self._first_second
+            self._fleet.advance(second)
+            fleet_now = self._fleet.rate(0, second, NOW_SECONDS, since)
+            fleet_cpu = _ratio(self._fleet.totals[2], self._fleet.totals[1])
             completed = self._fleet.history(0, second, since)
             answered = self._fleet.history(1, second, since)
             cpu = self._fleet.history(2, second, since)

@@ -107,7 +107,10 @@ def test_both_devices_appear_with_their_splits_views_and_moving_numbers(
     )
     expect(page.locator("#devices-active")).to_have_text("2 / 2")
     expect(page.locator("#saving-bytes")).to_have_text(re.compile(r"-?\d+ %"), timeout=WAIT_MS)
-    page.wait_for_function("document.querySelectorAll('#plot canvas').length > 0")
+    # Some history for the screenshot: ten seconds of points in the plot.
+    page.wait_for_function(
+        "plot !== null && plot.data[1].filter(v => v !== null).length >= 10", timeout=WAIT_MS
+    )
     page.screenshot(path=str(artifacts / "dashboard.png"), full_page=True)
 
 

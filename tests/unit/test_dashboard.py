@@ -81,6 +81,23 @@ def test_a_row_shows_split_counts_rate_latency_and_cloud_cpu_of_its_device() -> 
     assert cam["connected"] is True and cam["since"] == 1_000_000.0
 
 
+def test_a_young_devices_rates_count_only_the_seconds_since_it_was_first_seen() -> None:
+    clock = Clock()
+    board = FleetBoard(load_pipeline(COUNTER), clock=clock)
+    answer(board, "old", 0)
+    clock.now += 100
+    for i in range(4):
+        answer(board, "new", i)
+    assert row(board, "new")["items_per_second"] is None  # no complete second yet
+    clock.now += 1
+    for i in range(4, 8):
+        answer(board, "new", i)
+    clock.now += 1
+    new = row(board, "new")
+    assert new["items_per_second"] == 4.0 and new["items_per_second_window"] == 4.0
+    assert row(board, "old")["items_per_second_window"] == pytest.approx(1 / 102)
+
+
 def test_a_device_silent_for_longer_than_the_connected_window_shows_disconnected() -> None:
     clock = Clock()
     board = FleetBoard(load_pipeline(COUNTER), clock=clock)

@@ -80,16 +80,24 @@ function updateRow(row, d, now, tasks) {
   }
 }
 
-function updatePlot(history) {
-  const n = history.items_per_second.length;
+function fromZero(_u, _min, max) {
+  return [0, max > 0 ? max * 1.1 : 1];
+}
+
+function updatePlot(history, window) {
+  // Always the whole window, seconds before the first answer empty: a steady time axis.
+  const n = window - 1;
+  const pad = Array(Math.max(0, n - history.items_per_second.length)).fill(null);
   const xs = Array.from({ length: n }, (_, i) => history.end - n + i);
   const cpu = history.cloud_cpu_per_item.map((v) => (v === null ? null : v * 1000));
-  const data = [xs, history.items_per_second, cpu];
+  const data = [xs, pad.concat(history.items_per_second), pad.concat(cpu)];
   const el = document.getElementById("plot");
   if (plot === null) {
     plot = new uPlot({
       width: el.clientWidth || 800,
       height: 220,
+      // Both from zero, so that a small wobble does not look like a collapse.
+      scales: { rate: { range: fromZero }, cpu: { range: fromZero } },
       series: [
         {},
         { label: "items/s", stroke: "#1f6feb", width: 2, scale: "rate" },
@@ -132,7 +140,7 @@ function render(snap) {
       rows.delete(id);
     }
   }
-  updatePlot(snap.history);
+  updatePlot(snap.history, snap.window_seconds);
   const status = document.getElementById("status");
   status.textContent = "live · updated " + new Date(snap.time * 1000).toLocaleTimeString();
   status.className = "status";
