@@ -7,7 +7,7 @@ import json
 import socket
 import ssl
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from typing import Any
 
 import cv2
@@ -15,9 +15,8 @@ import grpc
 import numpy as np
 import pytest
 
-from offload import ConfigError, RunningServer, ServerConfig, ServerSecurity, load_pipeline
+from offload import ConfigError, RunningServer, ServerSecurity, load_pipeline
 from offload._cloud import dashboard_http
-from offload.server import main as server_main
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
 from ..helpers import COUNTER, Pki, exchange, run_split, state, wait_until
@@ -86,6 +85,24 @@ def dashboard(start_server: Callable[..., RunningServer]) -> RunningServer:
     return start_server(COUNTER, dashboard_port=0, security=ServerSecurity(token=TOKEN))
 
 
+def port_of(server: RunningServer) -> int:
+    assert server.dashboard_port is not None
+    return server.dashboard_port
+
+
+def watchers(server: RunningServer) -> int:
+    assert server.dashboard is not None
+    return server.dashboard._events.watchers
+
+
+@contextmanager
+def open_event_streams(port: int, count: int) -> Iterator[None]:
+    with ExitStack() as stack:
+        for _ in range(count):
+            stack.enter_context(events(port))()
+        yield
+
+
 def stream(server: RunningServer, states: list[Any]) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         metadata = (("authorization", f"Bearer {TOKEN}"),)
@@ -102,10 +119,9 @@ def test_the_dashboard_is_off_unless_its_port_is_given(
 def test_the_fleet_api_shows_each_device_with_its_split_and_counts(
     dashboard: RunningServer,
 ) -> None:
-    assert dashboard.dashboard_port is not None
     stream(dashboard, [state(i, i + 1, device="cam-1") for i in range(6)])  # value 5 fails
     stream(dashboard, [state(i, (i, i * i), next_task=2, device="cam-2") for i in range(3)])
-    snapshot = fleet(dashboard.dashboard_port)
+    snapshot = fleet(port_of(dashboard))
     rows = {d["id"]: d for d in snapshot["devices"]}
     assert rows["cam-1"]["split"] == 1 and rows["cam-1"]["cloud_from"] == "check"
     assert (rows["cam-1"]["completed"], rows["cam-1"]["failed"]) == (5, 1)
@@ -117,8 +133,7 @@ def test_the_fleet_api_shows_each_device_with_its_split_and_counts(
 
 
 def test_without_the_token_the_page_and_the_api_answer_401(dashboard: RunningServer) -> None:
-    port = dashboard.dashboard_port
-    assert port is not None
+    port = port_of(dashboard)
     for path in ("/", "/api/fleet", "/api/events", "/api/view/cam-1"):
         status, headers, _ = get(port, path)
         assert status == 401, path
@@ -132,8 +147,7 @@ def test_without_the_token_the_page_and_the_api_answer_401(dashboard: RunningSer
 def test_the_login_form_sets_an_httponly_strict_cookie_that_opens_the_page(
     dashboard: RunningServer,
 ) -> None:
-    port = dashboard.dashboard_port
-    assert port is not None
+    port = port_of(dashboard)
     status, headers = post_login(port, "token=wrong")
     assert status == 401 and "Set-Cookie" not in headers
     status, headers = post_login(port, f"token={TOKEN}")
@@ -150,8 +164,7 @@ def test_the_login_form_sets_an_httponly_strict_cookie_that_opens_the_page(
 def test_events_push_the_snapshot_again_and_again_and_the_numbers_move(
     dashboard: RunningServer,
 ) -> None:
-    port = dashboard.dashboard_port
-    assert port is not None
+    port = port_of(dashboard)
     with events(port) as next_event:
         assert next_event()["devices"] == []
         stream(dashboard, [state(i, i + 1, device="cam-1", run_id="ev") for i in range(3)])
@@ -168,16 +181,15 @@ def test_the_ball_tracker_publishes_its_annotated_frame_as_the_devices_view(
 ) -> None:
     pipeline = load_pipeline("examples.ball_tracking")
     server = start_server(pipeline, dashboard_port=0)  # loopback: no token needed
-    assert server.dashboard_port is not None
     run_split(pipeline, 3, server.port, source="synthetic", frames=5)
-    status, headers, jpeg = get(server.dashboard_port, "/api/view/test-device")
+    status, headers, jpeg = get(port_of(server), "/api/view/test-device")
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
     assert headers["X-Content-Type-Options"] == "nosniff"
     image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert image is not None and image.shape[1] == 500
-    (row,) = fleet(server.dashboard_port)["devices"]
+    (row,) = fleet(port_of(server))["devices"]
     assert row["view"] is not None and row["cloud_from"] == "contours"
-    assert get(server.dashboard_port, "/api/view/nobody")[0] == 404
+    assert get(port_of(server), "/api/view/nobody")[0] == 404
 
 
 def test_with_tls_the_dashboard_serves_tls_on_the_servers_certificate(
@@ -187,8 +199,7 @@ def test_with_tls_the_dashboard_serves_tls_on_the_servers_certificate(
         tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), token=TOKEN
     )
     server = start_server(COUNTER, dashboard_port=0, security=security)
-    port = server.dashboard_port
-    assert port is not None
+    port = port_of(server)
     trusting = ssl.create_default_context(cafile=str(pki.ca))
     assert get(port, "/api/fleet", BEARER, tls=trusting)[0] == 200
     with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
@@ -201,11 +212,10 @@ def test_with_tls_the_dashboard_serves_tls_on_the_servers_certificate(
 def test_a_page_opened_after_every_page_closed_gets_fresh_events(
     dashboard: RunningServer,
 ) -> None:
-    port = dashboard.dashboard_port
-    assert port is not None
+    port = port_of(dashboard)
     with events(port) as next_event:
         next_event()
-    assert wait_until(lambda: dashboard_http_watchers(dashboard) == 0, 10)
+    assert wait_until(lambda: watchers(dashboard) == 0, 10)
     stream(dashboard, [state(0, 1, device="late")])
     with events(port) as next_event:
         assert [d["id"] for d in next_event()["devices"]] == ["late"]  # not the stale event
@@ -213,43 +223,22 @@ def test_a_page_opened_after_every_page_closed_gets_fresh_events(
 
 
 def test_event_streams_beyond_the_cap_are_refused_503(dashboard: RunningServer) -> None:
-    port = dashboard.dashboard_port
-    assert port is not None
-    with contextmanager_stack(port, dashboard_http.EVENT_STREAMS):
+    port = port_of(dashboard)
+    with open_event_streams(port, dashboard_http.EVENT_STREAMS):
         status, headers, _ = get(port, "/api/events", BEARER)
         assert status == 503 and headers["Retry-After"] == "5"
-    assert wait_until(lambda: dashboard_http_watchers(dashboard) == 0, 10)
+    assert wait_until(lambda: watchers(dashboard) == 0, 10)
     with events(port) as next_event:
         next_event()
 
 
-@contextmanager
-def contextmanager_stack(port: int, count: int) -> Iterator[None]:
-    opened: list[Any] = []
-    try:
-        for _ in range(count):
-            opened.append(events(port))
-            opened[-1].__enter__()()
-        yield
-    finally:
-        for stream_ in opened:
-            stream_.__exit__(None, None, None)
-
-
-def dashboard_http_watchers(server: RunningServer) -> int:
-    assert server.dashboard is not None
-    return server.dashboard._events.watchers
-
-
 def test_a_login_body_over_its_bound_is_refused_413(dashboard: RunningServer) -> None:
-    assert dashboard.dashboard_port is not None
     body = "token=" + "x" * dashboard_http.LOGIN_BYTES
-    assert post_login(dashboard.dashboard_port, body)[0] == 413
+    assert post_login(port_of(dashboard), body)[0] == 413
 
 
 def test_connections_beyond_the_cap_are_closed_unanswered(dashboard: RunningServer) -> None:
-    port = dashboard.dashboard_port
-    assert port is not None
+    port = port_of(dashboard)
     idle = [
         socket.create_connection(("127.0.0.1", port)) for _ in range(dashboard_http.CONNECTIONS)
     ]
@@ -268,22 +257,6 @@ def _answers(port: int) -> bool:
         return get(port, "/login")[0] == 200
     except OSError:
         return False
-
-
-def test_a_dashboard_beyond_loopback_without_a_token_is_refused() -> None:
-    with pytest.raises(ConfigError, match="--dashboard-port shows camera images"):
-        ServerConfig(host="0.0.0.0", dashboard_port=8080)
-    ServerConfig(host="0.0.0.0", dashboard_port=8080, security=ServerSecurity(token="t"))
-    ServerConfig(host="::1", dashboard_port=8080)
-
-
-def test_the_dashboard_with_several_processes_is_a_usage_error(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        server_main(["--processes", "2", "--dashboard-port", "0", "--host", "127.0.0.1"])
-    assert exit_.value.code == 2
-    assert "--dashboard-port shows one process's devices" in capsys.readouterr().err
 
 
 def test_a_dashboard_port_in_use_is_one_config_error_naming_it(

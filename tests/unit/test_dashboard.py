@@ -1,4 +1,5 @@
-"""The dashboard's fleet board and ``publish_view``, fed through the executor's listener seam."""
+"""The dashboard's fleet board and ``publish_view`` (fed through the executor's listener seam),
+and its settings."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from offload import load_pipeline, publish_view
+from offload import ConfigError, ServerConfig, ServerSecurity, load_pipeline, publish_view
 from offload._cloud.dashboard import (
     CONNECTED_SECONDS,
     LATENCIES,
@@ -16,6 +17,7 @@ from offload._cloud.dashboard import (
 )
 from offload._pipeline import _current
 from offload._views import MAX_VIEW_BYTES, take_view
+from offload.server import main as server_main
 from offload.v1 import offload_pb2 as pb
 
 from ..helpers import COUNTER, context
@@ -222,3 +224,19 @@ def test_a_view_is_taken_only_by_the_answer_to_its_own_item() -> None:
     assert take_view("cam", "r1", 8) is None  # another item's answer leaves it
     assert take_view("cam", "r1", 7) == JPEG
     assert take_view("cam", "r1", 7) is None  # taken once
+
+
+def test_a_dashboard_beyond_loopback_without_a_token_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--dashboard-port shows camera images"):
+        ServerConfig(host="0.0.0.0", dashboard_port=8080)
+    ServerConfig(host="0.0.0.0", dashboard_port=8080, security=ServerSecurity(token="t"))
+    ServerConfig(host="::1", dashboard_port=8080)
+
+
+def test_the_dashboard_with_several_processes_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        server_main(["--processes", "2", "--dashboard-port", "0", "--host", "127.0.0.1"])
+    assert exit_.value.code == 2
+    assert "--dashboard-port shows one process's devices" in capsys.readouterr().err
