@@ -7,7 +7,7 @@ STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
 NODE_CLIENT := clients/node
 NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: help venv proto node-deps demo test test-unit check lint lint-docker typecheck bench clean bench-scheduler soak test-browser
+.PHONY: help venv proto node-deps demo test test-unit check lint lint-docker typecheck bench clean bench-scheduler soak cpp-client test-browser
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench   benchmarks and the soak (minutes): writes bench/results/, prints the summary"
 	@echo "make bench-scheduler   automatic mode against the oracle (minutes; bench/results/)"
 	@echo "make soak              devices stream for SOAK_MINUTES (10): memory, threads, drift"
+	@echo "make cpp-client        build the C++ device client into build/cpp/ (needs libgrpc++-dev)"
 
 # Exact versions from constraints.txt, for the package's build too (pyproject.toml has ranges).
 PIP_INSTALL := $(PY) -m pip install --quiet -c constraints.txt --build-constraint constraints.txt
@@ -97,3 +98,9 @@ check: lint typecheck test
 clean:
 	rm -rf $(VENV) offload/v1/*_pb2*.py offload/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache \
 		$(NODE_CLIENT)/node_modules build dist *.egg-info
+
+# The C++ device client (clients/cpp/), generated from the .proto and compiled into build/cpp/;
+# its test (tests/process/test_cpp_client.py) runs this target once per session, a no-op when
+# nothing changed.
+cpp-client:
+	$(MAKE) --no-print-directory -C clients/cpp OUT=$(CURDIR)/build/cpp

@@ -222,6 +222,8 @@ class ServerConfig:
     # Answers remembered over all runs (~1 kB each for the demo): past it, the least recently
     # used runs are forgotten first. A run's resends need only its window and buffer.
     dedup_total: int = 100_000
+    # The same in bytes (serialised answers; a task's error text is cut to 4096 characters).
+    dedup_bytes: int = 64 * MiB
     limits: Limits = Limits()
     security: ServerSecurity = ServerSecurity()
     keepalive: Keepalive = Keepalive()

@@ -6,13 +6,14 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,31 @@ class Pki:
     rogue_ca: Path  # a CA the server does not trust...
     rogue_cert: Path  # ...and a certificate it signed for "device-7"
     rogue_key: Path
+
+
+def documented_block(heading: str, language: str = "sh") -> str:
+    """The first ``language`` code block under docs/clients.md's ``## heading``."""
+    section = (ROOT / "docs" / "clients.md").read_text().split(f"\n## {heading}", 1)[1]
+    block = re.search(rf"```{language}\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    assert block is not None, f"docs/clients.md: no {language} block under ## {heading}"
+    return block.group(1)
+
+
+def run_documented(
+    script: str, port: int, cwd: Path, timeout: float, path: Sequence[str] = (), **env: str
+) -> subprocess.CompletedProcess[str]:
+    """A documented shell script, run as written with ``bash -e``, ``python`` this venv's (as
+    once activated), the directories ``path`` first on PATH and ``env`` added; the test's server
+    on ``port`` stands for the docs' on 50051 and for their `python -m offload.server &` line."""
+    script = re.sub(r"^python -m offload\.server &.*\n", "", script, flags=re.M)
+    script = script.replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    search = os.pathsep.join([*path, str(Path(sys.executable).parent), os.environ["PATH"]])
+    return subprocess.run(
+        ["bash", "-e", "-c", script],
+        cwd=cwd,
+        env={**os.environ, "PATH": search, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

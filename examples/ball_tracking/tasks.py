@@ -6,6 +6,7 @@ devices on the server and keeps its state here, behind a lock.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict, deque
@@ -44,6 +45,15 @@ ACTIVE_WINDOW_S = 30.0  # a device is active if its last capture is this close t
 MAX_DEVICES = 10_000  # per-device state kept by aggregate; least recently seen evicted first
 MAX_FRAMES = 1024  # latest snapshots kept for a viewer: ~20 kB JPEGs
 JPEG_QUALITY = 80
+
+# What a real camera never sends is refused (an item from the wire may claim anything): a frame
+# is what capture makes, at most a 1:2 portrait; a snapshot is a JPEG; the frames kept for a
+# viewer are bounded in bytes too. A refusal fails that item, naming what was wrong.
+MAX_FRAME_HEIGHT = 2 * FRAME_WIDTH
+MAX_CONTOURS = 16_384  # an opened mask of the largest frame holds at most ~14 000 blobs
+MAX_SNAPSHOT_BYTES = 512 * 1024  # a JPEG of the largest frame of noise at quality 80 fits
+MAX_FRAMES_BYTES = 32 * 1024 * 1024
+ACTIVE_BUCKET_S = 1.0  # devices active are counted per whole second of capture time
 
 # --- the source that task 0 reads -----------------------------------------------------------
 
@@ -95,8 +105,26 @@ def capture() -> tuple[bool, Frame | None]:
     return True, resized
 
 
+def _check_image(name: str, image: NDArray[np.generic], channels: int) -> None:
+    """Refuse an image that capture could not have made (its width, height, type, channels)."""
+    want = (FRAME_WIDTH, 3) if channels == 3 else (FRAME_WIDTH,)
+    if (
+        not isinstance(image, np.ndarray)
+        or image.dtype != np.uint8
+        or image.ndim != len(want) + 1
+        or image.shape[1:] != want
+        or not 1 <= image.shape[0] <= MAX_FRAME_HEIGHT
+    ):
+        shape = getattr(image, "shape", type(image).__name__)
+        raise ValueError(
+            f"{name} is {shape} of {getattr(image, 'dtype', '?')}: expected uint8 of "
+            f"(1..{MAX_FRAME_HEIGHT}, {', '.join(map(str, want))}), as capture makes"
+        )
+
+
 def blur_hsv(frame: Frame) -> tuple[bool, tuple[Frame, Frame]]:
     """Task 1: blur away sensor noise, then convert to HSV, where a colour is one hue range."""
+    _check_image("the frame", frame, 3)
     blurred = cv2.GaussianBlur(frame, (11, 11), 0)
     hsv: Frame = np.asarray(cv2.cvtColor(blurred, cv2.COLOR_BGR2HSV), dtype=np.uint8)
     return True, (frame, hsv)
@@ -104,14 +132,31 @@ def blur_hsv(frame: Frame) -> tuple[bool, tuple[Frame, Frame]]:
 
 def mask(frame: Frame, hsv: Frame) -> tuple[bool, tuple[Frame, Mask]]:
     """Task 2: pixels in the ball's colour range, with specks removed (erode) and holes closed."""
-    binary = cv2.inRange(hsv, GREEN_LOWER, GREEN_UPPER)
-    binary = cv2.erode(binary, None, iterations=2)  # type: ignore[call-overload]
-    binary = cv2.dilate(binary, None, iterations=2)  # type: ignore[call-overload]
-    return True, (frame, np.asarray(binary, dtype=np.uint8))
+    _check_image("the frame", frame, 3)
+    _check_image("the HSV frame", hsv, 3)
+    return True, (frame, _open(np.asarray(cv2.inRange(hsv, GREEN_LOWER, GREEN_UPPER), np.uint8)))
+
+
+def _open(binary: Mask) -> Mask:
+    opened = cv2.erode(binary, None, iterations=2)  # type: ignore[call-overload]
+    opened = cv2.dilate(opened, None, iterations=2)  # type: ignore[call-overload]
+    return np.asarray(opened, dtype=np.uint8)
 
 
 def contours(frame: Frame, mask: Mask) -> tuple[bool, tuple[Frame, list[Contour]]]:
-    """Task 3: the outer outlines of the blobs in the mask."""
+    """Task 3: the outer outlines of the blobs in the mask.
+
+    The mask must be one that task 2 could make: opening is idempotent, so opening it again
+    changes nothing (~0.1 ms). This refuses specks, which would make findContours return one
+    outline per pixel (a million from a 4 MiB mask: seconds of CPU and gigabytes).
+    """
+    _check_image("the frame", frame, 3)
+    _check_image("the mask", mask, 1)
+    if mask.shape[0] != frame.shape[0] or not np.array_equal(_open(mask), mask):
+        raise ValueError(
+            "the mask is not one task 2 makes: a mask of the frame's size, with no specks "
+            "that erosion removes"
+        )
     # findContours returned 3 values in OpenCV 3 and 2 since 4; the copy protects the input,
     # which OpenCV < 3.2 modified in place.
     found = cv2.findContours(mask.copy(), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -125,6 +170,8 @@ def enclosing_circle(
     """Task 4: the largest blob's enclosing circle and centroid; filters frames with no ball."""
     if len(contours) == 0:
         return False
+    if len(contours) > MAX_CONTOURS:
+        raise ValueError(f"{len(contours)} outlines: a frame's mask holds at most {MAX_CONTOURS}")
     largest = max(contours, key=cv2.contourArea)
     (x, y), radius = cv2.minEnclosingCircle(largest)
     moments = cv2.moments(largest)
@@ -143,6 +190,7 @@ def draw(
     an item is a ~20 kB snapshot instead of a 560 kB frame, which is what makes cutting after
     this task cheap on a slow link.
     """
+    _check_image("the frame", frame, 3)
     x, y = circle_xy
     cx, cy = centre
     cv2.circle(frame, (int(x), int(y)), int(radius), CIRCLE_COLOUR, 2)
@@ -167,37 +215,78 @@ class _Device:
 _state_lock = threading.Lock()
 _devices: OrderedDict[str, _Device] = OrderedDict()  # least recently seen first
 _frames: OrderedDict[str, bytes] = OrderedDict()
+_frames_bytes = 0
+# Devices by the whole second of their latest capture: counting the active ones reads 61
+# buckets, whatever the number of devices.
+_active: dict[int, int] = {}
+
+
+def _bucket(capture_time: float) -> int | None:
+    if not math.isfinite(capture_time):
+        return None
+    return math.floor(capture_time / ACTIVE_BUCKET_S)
+
+
+def _move(device: _Device, capture_time: float | None) -> None:
+    """Move ``device`` from the bucket of its latest capture to that of ``capture_time``."""
+    old = _bucket(device.last_capture)
+    if old is not None:
+        _active[old] -= 1
+        if not _active[old]:
+            del _active[old]
+    if capture_time is not None:
+        device.last_capture = capture_time
+        new = _bucket(capture_time)
+        if new is not None:
+            _active[new] = _active.get(new, 0) + 1
 
 
 def aggregate(
     snapshot: bytes, circle_xy: PointIn, radius: float, centre: CentreIn
 ) -> tuple[bool, dict[str, JSONValue]]:
-    """Task 6: the ball's trail per device, items seen, devices active; a JSON-friendly result."""
+    """Task 6: the ball's trail per device, items seen, devices active; a JSON-friendly result.
+
+    O(1) per item: the trail, the device's entry and the snapshot are bounded, and devices
+    active are counted by whole seconds of capture time.
+    """
+    global _frames_bytes
+    if not isinstance(snapshot, bytes) or not snapshot.startswith(b"\xff\xd8"):
+        raise ValueError("the snapshot is not a JPEG (draw makes one)")
+    if len(snapshot) > MAX_SNAPSHOT_BYTES:
+        raise ValueError(
+            f"the snapshot is {len(snapshot)} bytes: a frame's JPEG is at most {MAX_SNAPSHOT_BYTES}"
+        )
     ctx = current_item()
     cx, cy = (int(v) for v in centre)
     x, y = (float(v) for v in circle_xy)
     with _state_lock:
         device = _devices.get(ctx.device_id)
         if device is None or device.run_id != ctx.run_id:
+            if device is not None:
+                _move(device, None)
             device = _devices[ctx.device_id] = _Device(ctx.run_id)  # a restart: new trail
         _devices.move_to_end(ctx.device_id)
         while len(_devices) > MAX_DEVICES:
-            _devices.popitem(last=False)
+            _move(_devices.popitem(last=False)[1], None)
         device.trail.append([cx, cy])
         device.items_seen += 1
         # The latest capture, not the latest arrival: a resent old item must not age a device.
-        device.last_capture = max(device.last_capture, ctx.capture_time)
+        if ctx.capture_time > device.last_capture:
+            _move(device, ctx.capture_time)
         # Relative to the item's own capture time, so results depend on the data alone and not
-        # on when the server got round to it. O(devices), bounded by MAX_DEVICES.
-        active = sum(
-            1
-            for d in _devices.values()
-            if abs(d.last_capture - ctx.capture_time) <= ACTIVE_WINDOW_S
+        # on when the server got round to it.
+        here = _bucket(ctx.capture_time)
+        window = math.ceil(ACTIVE_WINDOW_S / ACTIVE_BUCKET_S)
+        active = (
+            0
+            if here is None
+            else sum(_active.get(b, 0) for b in range(here - window, here + window + 1))
         )
+        _frames_bytes += len(snapshot) - len(_frames.get(ctx.device_id, b""))
         _frames[ctx.device_id] = snapshot
         _frames.move_to_end(ctx.device_id)
-        while len(_frames) > MAX_FRAMES:
-            _frames.popitem(last=False)
+        while len(_frames) > MAX_FRAMES or _frames_bytes > MAX_FRAMES_BYTES:
+            _frames_bytes -= len(_frames.popitem(last=False)[1])
         trail: list[JSONValue] = [list(p) for p in device.trail]
         seen = device.items_seen
     publish_view(snapshot)  # the server's dashboard shows it
@@ -220,6 +309,9 @@ def latest_frame(device_id: str) -> bytes | None:
 
 def reset_state() -> None:
     """Forget every device's trail, counts and frames (for tests and long-lived servers)."""
+    global _frames_bytes
     with _state_lock:
         _devices.clear()
         _frames.clear()
+        _active.clear()
+        _frames_bytes = 0

@@ -22,6 +22,12 @@ from ..v1 import offload_pb2 as pb
 
 log = logging.getLogger("offload.server")
 
+# A task's error text is kept whole up to this many characters: one that echoes its input
+# would otherwise make every answer (and every remembered answer) as large as that input.
+MAX_ERROR_CHARS = 4096
+# A device and a run id are keys of state kept for 10 000 runs and devices, and logged.
+MAX_ID_CHARS = 256
+
 
 class RequestRejected(Exception):
     """An item the server will not run; ends the stream with ``code``, a gRPC status name."""
@@ -39,8 +45,12 @@ class _RunAnswers:
         self.lock = threading.Lock()
         # Serialised: a parsed answer costs several times its wire size in memory.
         self.answers: OrderedDict[int, bytes] = OrderedDict()
+        self.size = 0  # bytes of ``answers``
         self.highest = -1
-        self.counted = 0  # answers counted against ServerConfig.dedup_total (under _runs_lock)
+        # Answers and bytes counted against ServerConfig.dedup_total and dedup_bytes (under
+        # _runs_lock).
+        self.counted = 0
+        self.counted_bytes = 0
 
 
 class RemoteExecutor:
@@ -52,28 +62,44 @@ class RemoteExecutor:
         self._runs: OrderedDict[tuple[str, str], _RunAnswers] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._remembered = 0  # answers kept over all runs
+        self._remembered_bytes = 0  # their serialised size
         self._listeners: list[Callable[[pb.TaskState, pb.ItemResult], None]] = []
 
     def add_listener(self, listener: Callable[[pb.TaskState, pb.ItemResult], None]) -> None:
         """Call ``listener(state, answer)`` for every answer given (a refused item has none)."""
         self._listeners.append(listener)
 
-    def _account(self, key: tuple[str, str], run: _RunAnswers, delta: int) -> None:
-        """Count a run's answers; past ``dedup_total``, forget the least recently used runs."""
+    def _account(self, key: tuple[str, str], run: _RunAnswers, delta: int, size: int) -> None:
+        """Count a run's answers and bytes; past ``dedup_total`` or ``dedup_bytes``, forget the
+        least recently used runs."""
+        config = self.config
         with self._runs_lock:
             if self._runs.get(key) is not run:
                 return  # forgotten meanwhile
             run.counted += delta
+            run.counted_bytes += size
             self._remembered += delta
-            while self._remembered > self.config.dedup_total and len(self._runs) > 1:
+            self._remembered_bytes += size
+            while (
+                self._remembered > config.dedup_total or self._remembered_bytes > config.dedup_bytes
+            ) and len(self._runs) > 1:
                 oldest_key = next(iter(self._runs))
                 if oldest_key == key:
                     break
-                self._remembered -= self._runs.pop(oldest_key).counted
+                self._forget(self._runs.pop(oldest_key))
+
+    def _forget(self, run: _RunAnswers) -> None:
+        self._remembered -= run.counted
+        self._remembered_bytes -= run.counted_bytes
 
     @property
     def remembered_answers(self) -> int:
         return self._remembered
+
+    @property
+    def remembered_bytes(self) -> int:
+        """The serialised size of every remembered answer: at most ``dedup_bytes``."""
+        return self._remembered_bytes
 
     def _answers_for(self, device_id: str, run_id: str) -> _RunAnswers:
         key = (device_id, run_id)
@@ -82,7 +108,7 @@ class RemoteExecutor:
             if answers is None:
                 answers = self._runs[key] = _RunAnswers(self.config.dedup_items)
                 while len(self._runs) > self.config.max_runs:
-                    self._remembered -= self._runs.popitem(last=False)[1].counted
+                    self._forget(self._runs.popitem(last=False)[1])
             else:
                 self._runs.move_to_end(key)
             return answers
@@ -106,6 +132,13 @@ class RemoteExecutor:
             )
         if not state.device_id:
             raise RequestRejected("INVALID_ARGUMENT", "device_id is empty")
+        for name in ("device_id", "run_id"):
+            size = len(getattr(state, name))
+            if size > MAX_ID_CHARS:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT",
+                    f"{name} is {size} characters: give at most {MAX_ID_CHARS}",
+                )
 
     def execute(self, state: pb.TaskState) -> pb.ItemResult:
         """The answer to one item; raises ``RequestRejected`` for an item it will not run."""
@@ -132,17 +165,25 @@ class RemoteExecutor:
                     task=state.next_task,
                     error=f"item {state.item} was already processed and its answer is no "
                     f"longer remembered (ServerConfig.dedup_items={answers.capacity}, "
-                    f"dedup_total={self.config.dedup_total})",
+                    f"dedup_total={self.config.dedup_total}, "
+                    f"dedup_bytes={self.config.dedup_bytes})",
                     duplicate=True,
                 )
             result = self._run(state)
-            answers.answers[state.item] = result.SerializeToString()
+            kept = result.SerializeToString()
+            answers.answers[state.item] = kept
             answers.highest = state.item
-            delta = 1
-            while len(answers.answers) > answers.capacity:
-                answers.answers.popitem(last=False)
+            delta, size = 1, len(kept)
+            # One run alone may not exceed the byte budget either: its oldest answers go first
+            # (the newest too, if it alone is larger; a resend of it is then refused as such).
+            while answers.answers and (
+                len(answers.answers) > answers.capacity
+                or answers.size + size > self.config.dedup_bytes
+            ):
                 delta -= 1
-        self._account((state.device_id, state.run_id), answers, delta)
+                size -= len(answers.answers.popitem(last=False)[1])
+            answers.size += size
+        self._account((state.device_id, state.run_id), answers, delta, size)
         return result
 
     def _run(self, state: pb.TaskState) -> pb.ItemResult:
@@ -171,7 +212,7 @@ class RemoteExecutor:
                 result.error = error
         else:
             result.task = outcome.task
-            result.error = outcome.error
+            result.error = truncate_error(outcome.error)
         result.task_times.extend(pb.TaskTime(task=i, seconds=s) for i, s in outcome.task_seconds)
         result.server_cpu_seconds = time.thread_time() - cpu_began
         limit = self.config.limits.max_message_bytes
@@ -185,6 +226,14 @@ class RemoteExecutor:
                 "raise it on the server and on the clients (Limits.max_message_bytes)"
             )
         return result
+
+
+def truncate_error(text: str) -> str:
+    """``text`` cut to ``MAX_ERROR_CHARS``, saying how much was cut."""
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    cut = len(text) - MAX_ERROR_CHARS
+    return f"{text[:MAX_ERROR_CHARS]}... ({cut} more characters cut by the server)"
 
 
 def wire_arg_count(args: pb.Value) -> int:

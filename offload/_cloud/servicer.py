@@ -16,7 +16,7 @@ from .._logging import quote
 from .._security import peer_device_id
 from .._wire import METHOD_NAME, SERVICE_NAME, TOO_LARGE, status_code
 from ..v1 import offload_pb2 as pb
-from .executor import RemoteExecutor, RequestRejected
+from .executor import MAX_ID_CHARS, RemoteExecutor, RequestRejected
 
 log = logging.getLogger("offload.server")
 
@@ -227,20 +227,20 @@ class OffloadServicer:
                     if device is None:
                         log.warning(
                             "event=device-id-override claimed=%s certificate=%s peer=%s",
-                            quote(state.device_id),
+                            quote(state.device_id[:MAX_ID_CHARS]),
                             quote(proven),
                             quote(peer),
                         )
                     state.device_id = proven  # the certificate, not the message, names the device
                 if device is None:
-                    device = state.device_id
+                    device = state.device_id[:MAX_ID_CHARS]  # longer: refused, named in short
                     log.info("event=connect device=%s peer=%s", quote(device), quote(peer))
                 try:
                     result = self.executor.execute(state)
                 except RequestRejected as exc:
                     log.warning(
                         "event=reject device=%s peer=%s code=%s reason=%s",
-                        quote(state.device_id),
+                        quote(state.device_id[:MAX_ID_CHARS]),
                         quote(peer),
                         exc.code,
                         quote(exc),

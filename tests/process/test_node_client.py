@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 from offload import RunningServer
 
-from ..helpers import ROOT
+from ..helpers import ROOT, documented_block, run_documented
 
 NODE_CLIENT = ROOT / "clients" / "node"
 
@@ -102,31 +101,15 @@ def test_the_documented_node_steps_run_as_written_from_the_repository_root(
     """docs/clients.md's Node.js commands, run as one script from the root. Two stand-ins: an
     `npm` that records where it ran (nothing is downloaded), and this test's server on port 0
     for the `python -m offload.server &` line. `python` is this venv's, as once activated."""
-    section = (ROOT / "docs" / "clients.md").read_text().split("## Node.js", 1)[1]
-    block = re.search(r"```sh\n(.*?)```", section.split("\n## ", 1)[0], re.S)
-    assert block is not None, "docs/clients.md: no sh block in the Node.js section"
-    script, started = re.subn(r"^python -m offload\.server &.*\n", "", block.group(1), flags=re.M)
-    assert started == 1
+    script = documented_block("Node.js")
+    assert "\npython -m offload.server &" in script
     server = start_server()
-    script = script.replace("127.0.0.1:50051", f"127.0.0.1:{server.port}")
     stubs = tmp_path / "bin"
     stubs.mkdir()
     (stubs / "npm").write_text('#!/bin/sh\necho "$PWD $*" > "$NPM_RAN"\n')
     (stubs / "npm").chmod(0o755)
-    venv_bin = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(stubs), str(venv_bin), os.environ["PATH"]]),
-        "NPM_RAN": str(tmp_path / "npm-ran"),
-    }
-    result = subprocess.run(
-        ["bash", "-e", "-c", script],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = run_documented(
+        script, server.port, ROOT, 120, [str(stubs)], NPM_RAN=str(tmp_path / "npm-ran")
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "npm-ran").read_text().split() == [str(NODE_CLIENT), "ci"]

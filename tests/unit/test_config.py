@@ -106,6 +106,7 @@ def test_every_validated_field_has_a_case() -> None:
         (ServerConfig, "dedup_items"),
         (ServerConfig, "max_runs"),
         (ServerConfig, "dedup_total"),
+        (ServerConfig, "dedup_bytes"),
         (ServerConfig, "reflection"),
     }
     nested = {"limits", "security", "keepalive", "link"}
