@@ -7,13 +7,14 @@ STUBS := offload/v1/offload_pb2.py offload/v1/offload_pb2_grpc.py
 NODE_CLIENT := clients/node
 NPM := $(shell command -v npm 2>/dev/null)
 
-.PHONY: help venv proto node-deps demo test test-unit check lint lint-docker lint-k8s typecheck bench clean bench-scheduler soak cpp-client
+.PHONY: help venv proto node-deps demo test test-unit check lint lint-docker lint-k8s typecheck bench clean bench-scheduler soak cpp-client test-browser
 .PHONY: image image-test
 
 help:
 	@echo "make demo    run the ball-tracking demo (embedded server, synthetic camera, split 3)"
 	@echo "make test    run the test suite (tests/unit, tests/loopback, tests/process)"
 	@echo "make test-unit   the unit tests only: no sockets, no processes, seconds"
+	@echo "make test-browser   the dashboard in headless chromium (apt-get install chromium)"
 	@echo "make check   lint + type check + tests (what CI runs)"
 	@echo "make proto   regenerate the gRPC stubs in offload/v1/"
 	@echo "make lint-docker   hadolint Dockerfile.server"
@@ -61,6 +62,11 @@ test: proto node-deps
 test-unit: proto
 	$(PY) -m pytest -q tests/unit
 
+# The dashboard's page in Debian's chromium, driven by Playwright (the dev extra); not in `test`.
+# Screenshots go to test-artifacts/.
+test-browser: proto
+	$(PY) -m pytest -q tests/browser
+
 # Not part of test/check: it takes minutes and measures speed, not behaviour.
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PIP_INSTALL) -e '.[server,demo,dev,bench]'
@@ -71,6 +77,7 @@ bench: proto $(VENV)/.bench-installed
 	$(PY) -m bench.state
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 	$(PY) -m bench.workers
+	$(PY) -m bench.dashboard
 
 # Automatic mode against a static sweep's oracle; writes bench/results/scheduler.{json,md}.
 bench-scheduler: proto

@@ -28,6 +28,7 @@ from ._device.scheduler import Decision, Measurements, ModelPolicy, Prediction, 
 from ._device.transport import GrpcTransport, Stream, Transport
 from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline, stateful
 from ._state import State, current_state
+from ._views import publish_view
 from .exceptions import (
     CodecError,
     ConfigError,
@@ -71,6 +72,7 @@ __all__ = [
     "decode",
     "encode",
     "load_pipeline",
+    "publish_view",
     "run_client",
     "serve",
     "stateful",

@@ -373,6 +373,9 @@ class ServerConfig:
     # Plaintext grpc.health.v1 only, on this port (0 = any free), for Kubernetes' gRPC probes,
     # which speak no TLS; None = off (health is served on the main port in any case).
     health_port: int | None = None
+    # The fleet dashboard on this port (0 = any free), on `host`; None = off. It shows camera
+    # images: beyond loopback it needs the token (security.token).
+    dashboard_port: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse what no server could mean, naming the command line's option for it."""
@@ -411,6 +414,16 @@ class ServerConfig:
                 f"--metrics-max-devices {self.metrics_max_devices}: give 0 or more (devices "
                 "beyond it are counted as 'other')"
             )
+        _port("--dashboard-port", self.dashboard_port)
+        if (
+            self.dashboard_port is not None
+            and self.security.token is None
+            and not _is_loopback(self.host)
+        ):
+            raise ConfigError(
+                f"--dashboard-port shows camera images to anyone who reaches --host {self.host}: "
+                "set --token (the dashboard then asks for it), or bind --host 127.0.0.1"
+            )
         _check_state(self)
 
 
@@ -447,3 +460,13 @@ def _check_state(config: ServerConfig) -> None:
         raise ConfigError(f"--state-max-bytes {config.state_max_bytes}: give 1024 or more")
     if config.state_answers < 1:
         raise ConfigError(f"--state-answers {config.state_answers}: keep at least 1 per run")
+
+
+def _is_loopback(host: str) -> bool:
+    bare = host.strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False

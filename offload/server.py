@@ -105,6 +105,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "%(default)s)",
     )
     parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=ServerConfig.dashboard_port,
+        metavar="PORT",
+        help="serve the fleet dashboard at http(s)://HOST:PORT/ (0 picks a free port; "
+        "beyond loopback it needs --token; default: off; docs/dashboard.md)",
+    )
+    parser.add_argument(
         "--no-reflection",
         dest="reflection",
         action="store_false",
@@ -226,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--metrics-port serves one process's metrics: use it with --processes 1")
     if args.processes > 1 and args.health_port is not None:
         parser.error("--health-port serves one process's health: use it with --processes 1")
+    if args.processes > 1 and args.dashboard_port is not None:
+        parser.error("--dashboard-port shows one process's devices: use it with --processes 1")
     try:
         config = _config(args)
     except ConfigError as exc:
@@ -290,6 +300,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_connection_age=args.max_connection_age or None,
         max_connection_age_grace=args.max_connection_age_grace,
         health_port=args.health_port,
+        dashboard_port=args.dashboard_port,
         limits=Limits(max_message_bytes=args.max_message_bytes),
         security=ServerSecurity(
             tls_cert=args.tls_cert,
@@ -336,6 +347,8 @@ def _serve_until_signalled(
             print(f"metrics on {grpc_address(config.host, running.metrics_port)}", flush=True)
         if running.health_port is not None:
             print(f"health on {grpc_address(config.host, running.health_port)}", flush=True)
+        if running.dashboard_port is not None:
+            print(f"dashboard on {grpc_address(config.host, running.dashboard_port)}", flush=True)
     running.wait()
     log.info("event=stopped")
     return 0

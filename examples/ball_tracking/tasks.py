@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from offload import current_item, current_state
+from offload import current_item, current_state, publish_view
 from offload._state import LOCAL
 
 from .camera import Frame, Source, open_source
@@ -241,7 +241,8 @@ def aggregate(
     active = state.count(
         CAPTURES, ctx.capture_time - ACTIVE_WINDOW_S, ctx.capture_time + ACTIVE_WINDOW_S
     )
-    state.publish(SNAPSHOT, snapshot)
+    state.publish(SNAPSHOT, snapshot)  # kept in the state store
+    publish_view(snapshot)  # the server's dashboard shows it
     return True, {
         "item": ctx.item,
         "centre": [cx, cy],

@@ -32,6 +32,7 @@ from .executor import RemoteExecutor
 from .servicer import SPARE_THREADS, OffloadServicer
 
 if TYPE_CHECKING:
+    from .dashboard_http import Dashboard
     from .metrics import ServerMetrics
 
 __all__ = [
@@ -179,6 +180,8 @@ class RunningServer:
     metrics_port: int | None = None
     health_server: grpc.Server | None = None  # plaintext health only (--health-port)
     health_port: int | None = None
+    dashboard: Dashboard | None = None
+    dashboard_port: int | None = None
     stopping: bool = False
 
     def set_health(self, serving: bool) -> None:
@@ -205,6 +208,8 @@ class RunningServer:
             self.metrics.stop_http()
         if self.health_server is not None:  # it said NOT_SERVING until now
             self.health_server.stop(None)
+        if self.dashboard is not None:
+            self.dashboard.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -259,6 +264,13 @@ def serve(
             auth.add_listener(metrics.unauthenticated.inc)
         metrics.watch_store(executor.store)
         interceptors.append(StreamMetrics(metrics))
+    dashboard = None
+    if config.dashboard_port is not None:
+        from .dashboard import FleetBoard  # noqa: PLC0415
+        from .dashboard_http import Dashboard  # noqa: PLC0415
+
+        dashboard = Dashboard(FleetBoard(pipeline), config)
+        executor.add_listener(dashboard.board.observe)
     # The servicer refuses device streams beyond `workers` itself (saying so, and logging it);
     # as many again may wait for their first item without holding a worker (OffloadServicer);
     # the spare threads answer health checks and those refusals when every worker is busy.
@@ -312,25 +324,39 @@ def serve(
             servicer.close()
             raise
     health_server, health_port = None, None
-    if config.health_port is not None:
-        try:
+    dashboard_port = None
+    try:
+        if config.health_port is not None:
             health_server, health_port = _health_only(config, health_servicer)
-        except ConfigError:
-            server.stop(None)
-            servicer.close()
-            if metrics is not None:
-                metrics.stop_http()
-            raise
+        if dashboard is not None:
+            dashboard_port = dashboard.start()
+    except ConfigError:
+        server.stop(None)
+        servicer.close()
+        if metrics is not None:
+            metrics.stop_http()
+        if health_server is not None:
+            health_server.stop(None)
+        raise
     server.start()
     running = RunningServer(
-        server, port, health_servicer, servicer, metrics, metrics_port, health_server, health_port
+        server,
+        port,
+        health_servicer,
+        servicer,
+        metrics,
+        metrics_port,
+        health_server,
+        health_port,
+        dashboard,
+        dashboard_port,
     )
     # NOT_SERVING while the state store is unreachable: a load balancer sends devices elsewhere.
     executor.store.add_health_listener(running.set_health)
     running.set_health(True)
     log.info(
         "event=start address=%s pipeline=%s fingerprint=%s tasks=%d workers=%d "
-        "health=%s reflection=%s metrics=%s tls=%s client_certs=%s token=%s "
+        "health=%s reflection=%s metrics=%s dashboard=%s tls=%s client_certs=%s token=%s "
         "max_message_bytes=%d",
         grpc_address(config.host, port),
         pipeline.name,
@@ -340,6 +366,7 @@ def serve(
         "on" if health_servicer is not None else "off",
         "on" if reflection is not None else "off",
         grpc_address(config.host, metrics_port) if metrics_port is not None else "off",
+        grpc_address(config.host, dashboard_port) if dashboard_port is not None else "off",
         "on" if credentials is not None else "off",
         "required" if config.security.tls_client_ca is not None else "off",
         "required" if token is not None else "off",

@@ -190,6 +190,8 @@ def test_the_wheel_carries_offload_alone_with_stubs_scripts_and_a_lean_base(whee
     assert {n.split("/")[0] for n in names} == {"offload", info}
     assert {"offload/v1/offload_pb2.py", "offload/v1/offload_pb2_grpc.py"} <= names
     assert "offload/healthcheck.py" in names
+    assets = {"index.html", "login.html", "dashboard.js", "uPlot.iife.min.js", "uPlot.LICENSE"}
+    assert {f"offload/_cloud/dashboard_assets/{a}" for a in assets} <= names
     assert "offload-client = offload.client:main" in entry_points
     assert "offload-server = offload.server:main" in entry_points
     requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]

@@ -79,6 +79,7 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ServerConfig, "port", 65536, "--port 65536 is not a port: use 0..65535"),
     (ServerConfig, "port", -1, "--port -1 is not a port"),
     (ServerConfig, "metrics_port", 70000, "--metrics-port 70000 is not a port"),
+    (ServerConfig, "dashboard_port", 70000, "--dashboard-port 70000 is not a port"),
     (ServerConfig, "workers", 0, "--workers 0: at least 1 device stream must fit"),
     (ServerConfig, "task_threads", 0, "--task-threads must be at least 0"),
     (ServerConfig, "grace_seconds", math.nan, "--grace nan: give a number of seconds"),

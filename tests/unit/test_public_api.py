@@ -11,7 +11,7 @@ PUBLIC = [
     "ModelPolicy", "OffloadError", "Pipeline", "PipelineError", "PipelineMismatch", "Prediction",
     "RunningServer", "ServerConfig", "ServerError", "ServerSecurity", "SplitPolicy", "State",
     "Stream", "Transport", "current_item", "current_state", "decode", "encode", "load_pipeline",
-    "run_client", "serve", "stateful",
+    "publish_view", "run_client", "serve", "stateful",
 ]  # fmt: skip
 TESTING = ["InProcessTransport", "MemoryState", "RemoteExecutor", "run_with_state"]
 
