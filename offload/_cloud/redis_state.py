@@ -351,6 +351,8 @@ class RedisStore:
 
     def close(self) -> None:
         self._closed.set()
+        # A ping in flight would read a socket closed under it: it ends within the timeout.
+        self._monitor.join(2 * self.config.state_timeout + 1)
         self.redis.close()
 
 

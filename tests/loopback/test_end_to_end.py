@@ -59,7 +59,7 @@ def test_ball_tracking_every_split_matches_client_only(
 
 
 @pytest.mark.skipif(not WEBCAM_CLIP.exists(), reason=f"webcam clip not found at {WEBCAM_CLIP}")
-# Seven runs of the whole clip: ~30 s on an idle 2-core machine; the timeout only guards a hang.
+# Seven runs of the whole clip: ~80 s on a shared 2-core machine; the timeout only guards a hang.
 @pytest.mark.timeout(600)
 def test_real_webcam_clip_gives_identical_results_at_every_split(
     start_server: Callable[..., RunningServer],
