@@ -16,7 +16,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig, field_default
+from ._config import (
+    COMPRESSION,
+    WHEN_FULL,
+    ClientConfig,
+    ClientSecurity,
+    Limits,
+    LinkConfig,
+    field_default,
+)
 from ._device.autosplit import check_auto, starting_split
 from ._device.client import Client, check_split
 from ._device.embedded import EmbeddedServer
@@ -143,6 +151,13 @@ def build_parser(
         metavar="BYTES",
         help="largest item or result on the wire (default %(default)s); the server must agree",
     )
+    parser.add_argument(
+        "--compression",
+        choices=COMPRESSION,
+        default=ClientConfig.compression,
+        help="compress items at the cut, where the server reads it and a sample shrinks; "
+        "auto: the scheduler's choice with --fps, else the best installed (default %(default)s)",
+    )
     faults = parser.add_argument_group("when the server is away")
     faults.add_argument(
         "--buffer",
@@ -234,6 +249,7 @@ def _config(args: argparse.Namespace) -> ClientConfig:
         control_period=args.control_period,
         slowdown=args.emulate_slowdown,
         limits=Limits(max_message_bytes=args.max_message_bytes),
+        compression=args.compression,
         link=LinkConfig(
             buffer=args.buffer,
             when_full=args.when_full,

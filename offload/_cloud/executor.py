@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .._codec import decode, encode_result
+from .._codec import READS, compress_value, compressions, decode, encode_result, expand
 from .._config import ServerConfig
 from .._pipeline import ItemContext, Pipeline, Status, arity_error, run_tasks
 from .._wire import WIRE_STATUS
@@ -64,6 +64,7 @@ class RemoteExecutor:
         self._remembered = 0  # answers kept over all runs
         self._remembered_bytes = 0  # their serialised size
         self._listeners: list[Callable[[pb.TaskState, pb.ItemResult], None]] = []
+        self._compressions = compressions(config.compression)
 
     def add_listener(self, listener: Callable[[pb.TaskState, pb.ItemResult], None]) -> None:
         """Call ``listener(state, answer)`` for every answer given (a refused item has none)."""
@@ -188,15 +189,21 @@ class RemoteExecutor:
 
     def _run(self, state: pb.TaskState) -> pb.ItemResult:
         cpu_began = time.thread_time()
-        # Checked on the wire value, before decoding (allocating) its arrays; the same message
-        # as run_tasks gives on the device, so a result does not depend on where it ran.
-        misfit = arity_error(self.pipeline, state.next_task, wire_arg_count(state.args))
-        if misfit is not None:
-            return pb.ItemResult(
-                item=state.item, status=pb.ItemResult.FAILED, task=state.next_task, error=misfit
-            )
         try:
-            args = decode(state.args, self.config.limits)
+            wire_args = expand(state.args, self.config.limits)  # its size checked first
+            # Checked on the wire value, before decoding (allocating) its arrays; the same
+            # message as run_tasks gives on the device, so a result does not depend on where
+            # it ran.
+            misfit = arity_error(self.pipeline, state.next_task, wire_arg_count(wire_args))
+            if misfit is not None:
+                return pb.ItemResult(
+                    item=state.item,
+                    status=pb.ItemResult.FAILED,
+                    task=state.next_task,
+                    error=misfit,
+                    accepts=READS,
+                )
+            args = decode(wire_args, self.config.limits)
         except CodecError as exc:
             raise RequestRejected("INVALID_ARGUMENT", f"item {state.item}: {exc}") from None
         context = ItemContext(
@@ -204,8 +211,15 @@ class RemoteExecutor:
         )
         outcome = run_tasks(self.pipeline, state.next_task, len(self.pipeline.tasks), args, context)
         result = pb.ItemResult(item=state.item, status=WIRE_STATUS[outcome.status])
+        result.accepts.extend(READS)
         if outcome.status is Status.COMPLETED:
-            error = encode_result(result.output, outcome.value, self.config.limits)
+            # Packed and compressed only for a device that said it reads them.
+            accepts = state.accepts
+            packed = pb.CODEC_PACKED in accepts
+            error = encode_result(result.output, outcome.value, self.config.limits, packed=packed)
+            codec = next((c for c in self._compressions if c in accepts), None)
+            if error is None and codec is not None:
+                compress_value(result.output, codec)
             if error is not None:
                 result.status = pb.ItemResult.FAILED
                 result.task = len(self.pipeline.tasks) - 1

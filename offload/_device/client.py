@@ -15,7 +15,16 @@ import time
 import uuid
 from typing import IO, Any
 
-from .._codec import check_size, encode_into
+from .._codec import (
+    CODEC_NAMES,
+    READS,
+    Codec,
+    Compressed,
+    check_size,
+    compress_value,
+    compressions,
+    encode_into,
+)
 from .._config import ClientConfig
 from .._pipeline import ItemContext, Pipeline, Status, run_tasks
 from ..exceptions import ConfigError, OffloadError, ServerError
@@ -85,6 +94,10 @@ class Client:
             if config.fps is not None
             else None
         )
+        self._compressions = compressions(config.compression)
+        # Per codec: items compressed, their serialised and their compressed bytes.
+        self._compressed: dict[str, list[int]] = {}
+        self._sent_as_is = 0  # items whose args could have been compressed but did not shrink
         # The link owns the stream: credits, resends, reconnects, the offline buffer.
         self.link = (
             None
@@ -139,6 +152,7 @@ class Client:
             error=str(self.error) if self.error else self.recorder.write_error,
             link=self.link.report() if self.link is not None else None,
             scheduler=self.auto.report() if self.auto is not None else None,
+            compression=self.compression_report() if self.link is not None else None,
         )
 
     def _capture_loop(self) -> None:
@@ -178,15 +192,41 @@ class Client:
             item=item,
             next_task=split,
             capture_time=capture_time,
+            accepts=READS,
         )
+        # Packed and compressed only if the server said it reads them.
+        reads = self.link.server_reads
+        codec = next((c for c in self._compressions if c in reads), None)
         try:
-            encode_into(state.args, args, self.config.limits)
+            encode_into(state.args, args, self.config.limits, packed=pb.CODEC_PACKED in reads)
+            if codec is not None:
+                self._count(compress_value(state.args, codec), codec)
             data = state.SerializeToString()
             check_size(data, self.config.limits, f"item {item}")
         except OffloadError as exc:
             self.ledger.failed(item, split - 1, f"cannot send: {exc}", began)
             return
         self.link.submit(Pending(item, split, data, began))
+
+    def _count(self, done: Compressed | None, codec: Codec) -> None:
+        if done is None:
+            self._sent_as_is += 1
+            return
+        counts = self._compressed.setdefault(CODEC_NAMES[codec], [0, 0, 0])
+        counts[0] += 1
+        counts[1] += done.raw_bytes
+        counts[2] += done.wire_bytes
+
+    def compression_report(self) -> dict[str, Any]:
+        """The report's ``compression`` section: what crossed the cut compressed, how much."""
+        return {
+            "setting": self.config.compression,
+            "sent_as_is": self._sent_as_is,
+            "codecs": {
+                name: {"items": n, "ratio": round(raw / max(wire, 1), 2)}
+                for name, (n, raw, wire) in self._compressed.items()
+            },
+        }
 
 
 def run_client(

@@ -258,6 +258,7 @@ def run_report(
     error: str | None,
     link: dict[str, Any] | None,
     scheduler: dict[str, Any] | None,
+    compression: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's report (the ``--report`` file): the recorder's summary, the cloud cost, and
     the scheduler's section in automatic mode."""
@@ -280,6 +281,8 @@ def run_report(
     report["cloud"] = cloud_cost(report, recorder.answers, split)
     if scheduler is not None:
         report["scheduler"] = scheduler
+    if compression is not None:
+        report["compression"] = compression
     return report
 
 
@@ -320,6 +323,16 @@ def format_summary(report: dict[str, Any]) -> str:
         f"  bytes      sent {_size(report['bytes']['sent'])}, "
         f"received {_size(report['bytes']['received'])}",
     ]
+    compression = report.get("compression") or {}
+    if compression.get("codecs"):
+        shown = ", ".join(
+            f"{name} {c['items']} items ({c['ratio']:g}x smaller)"
+            for name, c in compression["codecs"].items()
+        )
+        as_is = compression["sent_as_is"]
+        lines.append(
+            f"  compressed {shown}" + (f"; {as_is} did not shrink: sent as is" * bool(as_is))
+        )
     cloud = report.get("cloud") or {}
     if cloud.get("server_cpu_seconds_per_item"):
         line = f"  cloud      server CPU {1000 * cloud['server_cpu_seconds_per_item']:.2f} ms/item"

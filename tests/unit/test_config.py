@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import socket
+import sys
 from typing import Any
 
 import pytest
@@ -73,6 +74,8 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ServerConfig, "grace_seconds", -1.0, "--grace -1: give a number of seconds, 0 or more"),
     (ServerConfig, "stream_idle_seconds", 0.0, "ServerConfig.stream_idle_seconds 0"),
     (ServerConfig, "metrics_max_devices", -1, "--metrics-max-devices -1: give 0 or more"),
+    (ClientConfig, "compression", "gzip", "--compression 'gzip': use one of none, lz4, zstd"),
+    (ServerConfig, "compression", "", "--compression '': use one of none, lz4, zstd, auto"),
 ]
 
 
@@ -128,3 +131,21 @@ def test_the_defaults_are_valid_and_frozen(cls: type) -> None:
 def test_a_fields_default_reads_its_factory_too() -> None:
     assert field_default(ClientConfig, "window") == ClientConfig().window
     assert field_default(ClientConfig, "device_id") == socket.gethostname()
+
+
+@pytest.mark.parametrize(
+    ("compression", "package", "module"),
+    [("zstd", "zstandard", "zstandard"), ("lz4", "lz4", "lz4.block")],
+)
+def test_a_compression_whose_package_is_missing_is_refused_saying_what_to_install(
+    compression: str, package: str, module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # None in sys.modules is how Python itself marks a module that cannot be imported.
+    monkeypatch.setitem(sys.modules, module, None)
+    for cls in (ClientConfig, ServerConfig):
+        with pytest.raises(ConfigError) as refused:
+            cls(compression=compression)
+        assert str(refused.value) == (
+            f"--compression {compression} needs the {package} package, which is not installed: "
+            "pip install 'offload[compression]', or use --compression auto (what is installed)"
+        )
