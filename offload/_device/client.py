@@ -82,7 +82,9 @@ class Client:
         self.config = config
         self.transport = transport if needs_server else None
         self.run_id = uuid.uuid4().hex
-        self.telemetry = Telemetry(n, config.window)
+        # In automatic mode the scheduler chooses the codec too: it samples each one allowed.
+        allowed = compressions(config.compression) if config.fps is not None else ()
+        self.telemetry = Telemetry(n, config.window, tuple(CODEC_NAMES[c] for c in allowed))
         self.recorder = Recorder(pipeline, output)
         self._stop = stop or threading.Event()
         self.device = SlowDevice(config.slowdown)  # its sleep debt lasts the run
@@ -177,12 +179,14 @@ class Client:
                 raise OffloadError(f"capture (task 0) failed: {outcome.error}")
             self.ledger.captured(item, began, outcome.task_seconds)
             if outcome.status is Status.CONTINUE:
-                self._send(item, split, outcome.value, capture_time, began)
+                self._send(item, split, outcome.value, capture_time, began, sizes is not None)
             else:
                 self.ledger.ended_here(item, outcome, began)
             item += 1
 
-    def _send(self, item: int, split: int, args: Any, capture_time: float, began: float) -> None:
+    def _send(
+        self, item: int, split: int, args: Any, capture_time: float, began: float, sample: bool
+    ) -> None:
         assert self.link is not None
         state = pb.TaskState(
             pipeline=self.pipeline.name,
@@ -196,11 +200,14 @@ class Client:
         )
         # Packed and compressed only if the server said it reads them.
         reads = self.link.server_reads
-        codec = next((c for c in self._compressions if c in reads), None)
+        wanted = self._compressions if self.auto is None else (self.auto.codec,)
+        codec = next((c for c in wanted if c in reads), None)
         try:
             encode_into(state.args, args, self.config.limits, packed=pb.CODEC_PACKED in reads)
+            if sample and self.auto is not None:  # what the other codecs would do at this cut
+                self.auto.sample_codecs(split, state.args.SerializeToString(), but=codec)
             if codec is not None:
-                self._count(compress_value(state.args, codec), codec)
+                self._count(split, compress_value(state.args, codec), codec)
             data = state.SerializeToString()
             check_size(data, self.config.limits, f"item {item}")
         except OffloadError as exc:
@@ -208,11 +215,15 @@ class Client:
             return
         self.link.submit(Pending(item, split, data, began))
 
-    def _count(self, done: Compressed | None, codec: Codec) -> None:
-        if done is None:
+    def _count(self, split: int, done: Compressed | None, codec: Codec) -> None:
+        name = CODEC_NAMES[codec]
+        if done is None:  # it would not shrink: to the scheduler, a ratio of 1 (CPU: the sample)
             self._sent_as_is += 1
+            self.telemetry.compression(split, name, 1, 1, 0.0)
             return
-        counts = self._compressed.setdefault(CODEC_NAMES[codec], [0, 0, 0])
+        self.telemetry.compression(split, name, done.raw_bytes, done.wire_bytes, done.seconds)
+        self.telemetry.compressed(split, done.raw_bytes - done.wire_bytes)
+        counts = self._compressed.setdefault(name, [0, 0, 0])
         counts[0] += 1
         counts[1] += done.raw_bytes
         counts[2] += done.wire_bytes

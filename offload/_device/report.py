@@ -354,7 +354,8 @@ def format_summary(report: dict[str, Any]) -> str:
     periods = scheduler.get("periods") or []
     if periods:
         shown = ", ".join(
-            f"K={p['split']} {p['throughput_per_second']:.1f}/s" for p in periods[-8:]
+            f"K={p['split']}{_with_codec(p.get('codec'))} {p['throughput_per_second']:.1f}/s"
+            for p in periods[-8:]
         )
         if len(periods) > 8:
             shown += f" (the last 8 of {len(periods)})"
@@ -379,6 +380,10 @@ def format_summary(report: dict[str, Any]) -> str:
     for error in report["errors"][:5]:
         lines.append(f"  error      {error}")
     return "\n".join(lines)
+
+
+def _with_codec(codec: str | None) -> str:
+    return f" {codec}" if codec not in (None, "none") else ""
 
 
 def _size(n: float) -> str:
