@@ -4,11 +4,11 @@
   packed, and its bytes; interleaved, median of many calls.
 * ``ratios``: every cut of the frames with zstd-1 and LZ4: ratio, compress and decompress ms.
 * ``links``: finished items/s (completed or filtered) at every split through the device's link
-  emulation (``LinkEmulator``, as ``--emulate-link``) for offload with each ``--compression`` against the
-  seed's pickle socket through the same emulated link, and the offload server's CPU per item
-  (the trickle's cost: K=1 on the link against K=1 on loopback). Offload's rate is the steady
-  one, after the first window (sent before the server said what it reads); the seed's is its
-  whole run (it has no such start).
+  emulation (``LinkEmulator``, as ``--emulate-link``) for offload with each ``--compression``
+  against the seed's pickle socket through the same emulated link, and the offload server's
+  CPU per item (the trickle's cost: K=1 on the link against K=1 on loopback). Offload's rate is
+  the steady one, after the first window (sent before the server said what it reads); the
+  seed's is its whole run (it has no such start).
 * ``auto``: automatic mode on each link, the (K, codec) it ends on against the static sweep's
   best (the largest K, then the cheapest codec, whose measured rate meets the target).
 """
