@@ -130,20 +130,25 @@ def _huge_empty() -> pb.Value:
     return value
 
 
+def _exchange(port: int, messages: list[pb.TaskState]) -> list[pb.ItemResult]:
+    """``messages`` on one stream to the server on ``port``, as any client would send them."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(
+            "/offload.v1.Offload/ExecuteRemaining",
+            request_serializer=pb.TaskState.SerializeToString,
+            response_deserializer=pb.ItemResult.FromString,
+        )
+        return list(call(iter(messages), timeout=10))
+
+
 def test_the_server_refuses_an_empty_array_with_huge_dimensions_as_invalid_argument(
     start_server: Callable[..., RunningServer],
 ) -> None:
     server = start_server(COUNTER)
     message = state(0, 1)
     message.args.CopyFrom(_huge_empty())
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = channel.stream_stream(
-            "/offload.v1.Offload/ExecuteRemaining",
-            request_serializer=pb.TaskState.SerializeToString,
-            response_deserializer=pb.ItemResult.FromString,
-        )
-        with pytest.raises(grpc.RpcError) as err:
-            list(call(iter([message]), timeout=10))
+    with pytest.raises(grpc.RpcError) as err:
+        _exchange(server.port, [message])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     details = err.value.details() or ""
     assert ".shape" in details and "larger than NumPy can index" in details
@@ -229,13 +234,7 @@ def test_a_device_is_answered_only_in_the_encodings_it_said_it_reads(
     # A device that says nothing is today's Node.js client, or any client built before the
     # encodings: it is never handed a kind it would misread.
     server = start_server("tests.apps.mask")
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = channel.stream_stream(
-            "/offload.v1.Offload/ExecuteRemaining",
-            request_serializer=pb.TaskState.SerializeToString,
-            response_deserializer=pb.ItemResult.FromString,
-        )
-        answers = list(call(iter(_wire_states(accepts)), timeout=10))
+    answers = _exchange(server.port, _wire_states(accepts))
     assert [a.status for a in answers] == [pb.ItemResult.COMPLETED] * 3
     for answer in answers:
         assert _kinds(answer.output) == expected
@@ -256,14 +255,8 @@ def test_the_server_refuses_a_compression_bomb_before_decompressing_it(
             )
         )
     )
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = channel.stream_stream(
-            "/offload.v1.Offload/ExecuteRemaining",
-            request_serializer=pb.TaskState.SerializeToString,
-            response_deserializer=pb.ItemResult.FromString,
-        )
-        with pytest.raises(grpc.RpcError) as err:
-            list(call(iter([message]), timeout=10))
+    with pytest.raises(grpc.RpcError) as err:
+        _exchange(server.port, [message])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"compressed.size: {len(raw)} bytes, more than --max-message-bytes 1048576" in (
         err.value.details() or ""
