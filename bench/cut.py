@@ -229,17 +229,20 @@ def links(
                         cpu = _cpu(server.pid)
                         if system == "seed":
                             result = run_seed(pipeline, frames, seed_proxy.port, k, count, "seed")
-                            rate = result["throughput_per_second"]
+                            finished = result["completed"] + result["filtered"]
+                            rate = finished / result["elapsed_seconds"]
                             server_ms = None
                         else:
                             report = run_offload(
-                                pipeline, frames, proxy.target, k, count, compression=system
+                                pipeline,
+                                frames,
+                                proxy.target,
+                                k,
+                                count,
+                                window=window[link],
+                                compression=system,
                             )
-                            rate = (
-                                report["steady_per_second"]
-                                * report["items"]["completed"]
-                                / max(1, report["items"]["completed"] + report["items"]["filtered"])
-                            )
+                            rate = report["steady_per_second"]
                             server_ms = round(1000 * (_cpu(server.pid) - cpu) / count, 2)
                         rows.append(
                             {
