@@ -211,7 +211,12 @@ def _encode_array(out: pb.NDArray, value: np.ndarray | np.generic, limits: Limit
 def check_size(data: bytes, limits: Limits, what: str) -> None:
     """Refuse a serialised message over ``Limits.max_message_bytes`` before gRPC does, naming
     the option (the bytes, not the message: ``ByteSize()`` would serialise it once more)."""
-    size = len(data)
+    check_message_size(len(data), limits, what)
+
+
+def check_message_size(size: int, limits: Limits, what: str) -> None:
+    """``check_size`` for a message ``size`` bytes long (before it is compressed: the receiver
+    refuses a compressed value declaring more)."""
     if size > limits.max_message_bytes:
         raise CodecError(
             f"{what} is {size} bytes, more than --max-message-bytes {limits.max_message_bytes}: "

@@ -217,9 +217,6 @@ class RemoteExecutor:
             accepts = state.accepts
             packed = pb.CODEC_PACKED in accepts
             error = encode_result(result.output, outcome.value, self.config.limits, packed=packed)
-            codec = next((c for c in self._compressions if c in accepts), None)
-            if error is None and codec is not None:
-                compress_value(result.output, codec)
             if error is not None:
                 result.status = pb.ItemResult.FAILED
                 result.task = len(self.pipeline.tasks) - 1
@@ -228,8 +225,8 @@ class RemoteExecutor:
             result.task = outcome.task
             result.error = truncate_error(outcome.error)
         result.task_times.extend(pb.TaskTime(task=i, seconds=s) for i, s in outcome.task_seconds)
-        result.server_cpu_seconds = time.thread_time() - cpu_began
         limit = self.config.limits.max_message_bytes
+        # Its size before compression: that is what the device decompresses and checks.
         if result.ByteSize() > limit:
             size = result.ByteSize()
             result.ClearField("output")
@@ -239,6 +236,11 @@ class RemoteExecutor:
                 f"the result is {size} bytes, more than the server's --max-message-bytes {limit}: "
                 "raise it on the server and on the clients (Limits.max_message_bytes)"
             )
+        elif result.status == pb.ItemResult.COMPLETED:
+            codec = next((c for c in self._compressions if c in state.accepts), None)
+            if codec is not None:
+                compress_value(result.output, codec)
+        result.server_cpu_seconds = time.thread_time() - cpu_began
         return result
 
 

@@ -20,6 +20,7 @@ from .._codec import (
     READS,
     Codec,
     Compressed,
+    check_message_size,
     check_size,
     compress_value,
     compressions,
@@ -207,6 +208,7 @@ class Client:
             if sample and self.auto is not None:  # what the other codecs would do at this cut
                 self.auto.sample_codecs(split, state.args.SerializeToString(), but=codec)
             if codec is not None:
+                check_message_size(state.ByteSize(), self.config.limits, f"item {item}")
                 self._count(split, compress_value(state.args, codec), codec)
             data = state.SerializeToString()
             check_size(data, self.config.limits, f"item {item}")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 import pytest
 
-from offload import Client, ClientConfig, ServerConfig, load_pipeline
+from offload import Client, ClientConfig, Limits, ServerConfig, load_pipeline
 from offload.testing import InProcessTransport, RemoteExecutor
 from offload.v1 import offload_pb2 as pb
 
@@ -116,3 +117,21 @@ def test_a_server_that_says_nothing_of_what_it_reads_is_sent_only_plain_values()
     assert len(seen.args) == FRAMES
     assert not any(k & {"compressed", "packed_list"} for k in seen.args)
     assert report["compression"]["codecs"] == {}
+
+
+def test_an_item_over_the_limit_is_refused_on_the_device_even_if_it_would_compress_below_it() -> (
+    None
+):
+    limits = Limits(max_message_bytes=65536)
+    pipeline = load_pipeline("tests.apps.echo")
+    # Two small items; with one in flight, the third is encoded after the first answer said
+    # what the server reads. Then 70 kB of one byte: 300 bytes in zstd.
+    pipeline.set_source(",".join(["100", "100"] + ["70000"] * FRAMES))
+    executor = RemoteExecutor(pipeline, ServerConfig(pipeline=pipeline.name, limits=limits))
+    config = ClientConfig(pipeline=pipeline.name, local_tasks=1, limits=limits, window=1)
+    out = io.StringIO()
+    report = Client(pipeline, config, InProcessTransport(executor), out).run()
+    assert report["error"] is None  # the server was never sent what it would refuse
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["status"] for line in lines] == ["completed"] * 2 + ["failed"] * FRAMES
+    assert all("more than --max-message-bytes 65536" in line["error"] for line in lines[2:])
