@@ -6,6 +6,7 @@ its name differs), so the command line, the environment and the API share one ch
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import math
 import os
@@ -43,6 +44,27 @@ def _seconds(option: str, value: float, *, zero: bool = False, name: str = "") -
 def _port(option: str, value: int | None) -> None:
     if value is not None and not 0 <= value <= 65535:
         raise ConfigError(f"{option} {value} is not a port: use 0..65535 (0 picks a free one)")
+
+
+# --compression: what crosses the cut compressed (and what the answers may be, the other way).
+COMPRESSION = ("none", "lz4", "zstd", "auto")
+_COMPRESSION_PACKAGES = {"zstd": ("zstandard", "zstandard"), "lz4": ("lz4", "lz4.block")}
+
+
+def _compression(value: str) -> None:
+    """Refuse an unknown ``--compression``, or one whose optional package is not installed."""
+    if value not in COMPRESSION:
+        raise ConfigError(f"--compression {value!r}: use one of {', '.join(COMPRESSION)}")
+    package, module = _COMPRESSION_PACKAGES.get(value, ("", ""))
+    if not package:
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"--compression {value} needs the {package} package, which is not installed: "
+            "pip install 'offload[compression]', or use --compression auto (what is installed)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -262,9 +284,13 @@ class ClientConfig:
     # default: a seed-format task may keep module state without saying so (``@stateful``), and
     # running it for two items at once would change its results; several is opt-in.
     device_workers: int = 1
+    # Items' args compressed at the cut (zstd level 1, LZ4) when the server reads it and a
+    # sample shrinks; "auto": the best installed codec, or the scheduler's choice per split.
+    compression: str = "auto"
 
     def __post_init__(self) -> None:
         """Refuse what no run could mean, naming the command line's option for it."""
+        _compression(self.compression)
         if not self.pipeline.strip():
             raise ConfigError("--pipeline is empty: give package.module or package.module:name")
         if self.server is not None:
@@ -376,9 +402,12 @@ class ServerConfig:
     # The fleet dashboard on this port (0 = any free), on `host`; None = off. It shows camera
     # images: beyond loopback it needs the token (security.token).
     dashboard_port: int | None = None
+    # Answers' outputs compressed for a device that reads it (large results only).
+    compression: str = "auto"
 
     def __post_init__(self) -> None:
         """Refuse what no server could mean, naming the command line's option for it."""
+        _compression(self.compression)
         if not self.pipeline.strip():
             raise ConfigError("--pipeline is empty: give package.module or package.module:name")
         if not self.host.strip("[]"):

@@ -17,6 +17,7 @@ from types import FrameType
 from typing import IO, Any
 
 from ._config import (
+    COMPRESSION,
     OUTAGE,
     WHEN_FULL,
     ClientConfig,
@@ -162,6 +163,13 @@ def build_parser(
         metavar="BYTES",
         help="largest item or result on the wire (default %(default)s); the server must agree",
     )
+    parser.add_argument(
+        "--compression",
+        choices=COMPRESSION,
+        default=ClientConfig.compression,
+        help="compress items at the cut, where the server reads it and a sample shrinks; "
+        "auto: the scheduler's choice with --fps, else the best installed (default %(default)s)",
+    )
     faults = parser.add_argument_group("when the server is away")
     faults.add_argument(
         "--buffer",
@@ -274,6 +282,7 @@ def _config(args: argparse.Namespace) -> ClientConfig:
         slowdown=args.emulate_slowdown,
         device_workers=args.device_workers,
         limits=Limits(max_message_bytes=args.max_message_bytes),
+        compression=args.compression,
         link=LinkConfig(
             buffer=args.buffer,
             when_full=args.when_full,

@@ -14,7 +14,7 @@ from types import FrameType
 from ._cloud.allocator import keep_large_buffers
 from ._cloud.prefork import reserve_port, run_processes
 from ._cloud.serve import grpc_address, serve
-from ._config import Limits, ServerConfig, ServerSecurity
+from ._config import COMPRESSION, Limits, ServerConfig, ServerSecurity
 from ._env import (
     OneLineParser,
     apply_env_defaults,
@@ -196,6 +196,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         help="also serve grpc.health.v1 alone, in plaintext, on PORT: for Kubernetes' gRPC "
         "probes, which speak no TLS (default: off)",
     )
+    parser.add_argument(
+        "--compression",
+        choices=COMPRESSION,
+        default=ServerConfig.compression,
+        help="compress large results for devices that read it (default %(default)s: the best "
+        "installed)",
+    )
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
     security.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
@@ -302,6 +309,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         health_port=args.health_port,
         dashboard_port=args.dashboard_port,
         limits=Limits(max_message_bytes=args.max_message_bytes),
+        compression=args.compression,
         security=ServerSecurity(
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

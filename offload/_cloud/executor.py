@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .._codec import decode, encode_result
+from .._codec import READS, compress_value, compressions, decode, encode_result, expand
 from .._config import ServerConfig
 from .._pipeline import ItemContext, Outcome, Pipeline, Status, arity_error, run_tasks
 from .._state import Changes, State
@@ -71,6 +71,7 @@ class RemoteExecutor:
         self._remembered = 0  # answers kept over all runs
         self._remembered_bytes = 0  # their serialised size
         self._listeners: list[Callable[[pb.TaskState, pb.ItemResult], None]] = []
+        self._compressions = compressions(config.compression)
 
     def add_listener(self, listener: Callable[[pb.TaskState, pb.ItemResult], None]) -> None:
         """Call ``listener(state, answer)`` for every answer given (a refused item has none)."""
@@ -195,18 +196,24 @@ class RemoteExecutor:
 
     def _run_and_commit(self, state: pb.TaskState, cpu_began: float) -> pb.ItemResult:
         last = len(self.pipeline.tasks) - 1
-        # Checked on the wire value, before decoding (allocating) its arrays; the same message
-        # as run_tasks gives on the device, so a result does not depend on where it ran.
-        misfit = arity_error(self.pipeline, state.next_task, wire_arg_count(state.args))
-        if misfit is not None:
-            result = pb.ItemResult(
-                item=state.item, status=pb.ItemResult.FAILED, task=state.next_task, error=misfit
-            )
-            return self._record(state, result)
         try:
-            args = decode(state.args, self.config.limits)
+            wire_args = expand(state.args, self.config.limits)  # its size checked first
+            # Checked on the wire value, before decoding (allocating) its arrays; the same
+            # message as run_tasks gives on the device, so a result does not depend on where
+            # it ran.
+            misfit = arity_error(self.pipeline, state.next_task, wire_arg_count(wire_args))
+            args = decode(wire_args, self.config.limits) if misfit is None else None
         except CodecError as exc:
             raise RequestRejected("INVALID_ARGUMENT", f"item {state.item}: {exc}") from None
+        if misfit is not None:
+            result = pb.ItemResult(
+                item=state.item,
+                status=pb.ItemResult.FAILED,
+                task=state.next_task,
+                error=misfit,
+                accepts=READS,
+            )
+            return self._record(state, result)
         context = ItemContext(
             state.device_id, state.run_id, state.item, state.capture_time, on_server=True
         )
@@ -291,8 +298,12 @@ class RemoteExecutor:
         cpu_began: float,
     ) -> pb.ItemResult:
         result = pb.ItemResult(item=state.item, status=WIRE_STATUS[outcome.status])
+        result.accepts.extend(READS)
         if outcome.status is Status.COMPLETED:
-            error = encode_result(result.output, outcome.value, self.config.limits)
+            # Packed and compressed only for a device that said it reads them.
+            accepts = state.accepts
+            packed = pb.CODEC_PACKED in accepts
+            error = encode_result(result.output, outcome.value, self.config.limits, packed=packed)
             if error is not None:
                 result.status = pb.ItemResult.FAILED
                 result.task = len(self.pipeline.tasks) - 1
@@ -301,8 +312,8 @@ class RemoteExecutor:
             result.task = outcome.task
             result.error = truncate_error(outcome.error)
         result.task_times.extend(pb.TaskTime(task=i, seconds=s) for i, s in task_seconds)
-        result.server_cpu_seconds = time.thread_time() - cpu_began
         limit = self.config.limits.max_message_bytes
+        # Its size before compression: that is what the device decompresses and checks.
         if result.ByteSize() > limit:
             size = result.ByteSize()
             result.ClearField("output")
@@ -312,6 +323,11 @@ class RemoteExecutor:
                 f"the result is {size} bytes, more than the server's --max-message-bytes {limit}: "
                 "raise it on the server and on the clients (Limits.max_message_bytes)"
             )
+        elif result.status == pb.ItemResult.COMPLETED:
+            codec = next((c for c in self._compressions if c in state.accepts), None)
+            if codec is not None:
+                compress_value(result.output, codec)
+        result.server_cpu_seconds = time.thread_time() - cpu_began
         return result
 
 

@@ -13,10 +13,21 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from typing import IO, Any
 
-from .._codec import check_size, encode_into
+from .._codec import (
+    CODEC_NAMES,
+    READS,
+    Codec,
+    Compressed,
+    check_message_size,
+    check_size,
+    compress_value,
+    compressions,
+    encode_into,
+)
 from .._config import ClientConfig
 from .._logging import quote
 from .._pipeline import ItemContext, Outcome, Pipeline, Status, run_tasks
@@ -81,7 +92,11 @@ class Client:
         # Items on the device's workers count against the link's window and buffer.
         extra = config.workers - 1
         window = config.window - extra
-        self.telemetry = Telemetry(n, window, config.workers, pipeline.serial_tasks)
+        # In automatic mode the scheduler chooses the codec too: it samples each one allowed.
+        allowed = compressions(config.compression) if config.fps is not None else ()
+        self.telemetry = Telemetry(
+            n, window, config.workers, pipeline.serial_tasks, tuple(CODEC_NAMES[c] for c in allowed)
+        )
         self.recorder = Recorder(pipeline, output)
         self._stop = stop or threading.Event()
         self.device = SlowDevice(config.slowdown)  # its sleep debt lasts the run
@@ -93,6 +108,11 @@ class Client:
             if config.fps is not None
             else None
         )
+        self._compressions = compressions(config.compression)
+        # Per codec: items compressed, their serialised and their compressed bytes.
+        self._compressed: dict[str, list[int]] = {}
+        self._sent_as_is = 0  # items whose args could have been compressed but did not shrink
+        self._count_lock = threading.Lock()
         # The link owns the stream: credits, resends, reconnects, the offline buffer.
         self._hold_at = n - 1 if config.link.outage == "hold-last" else None
         self.store = (
@@ -189,6 +209,7 @@ class Client:
             link=link,
             scheduler=self.auto.report() if self.auto is not None else None,
             device=self.usage.report(self.workers.busy() if self.workers is not None else None),
+            compression=self.compression_report() if self.link is not None else None,
         )
 
     def _recover(self) -> None:
@@ -262,7 +283,7 @@ class Client:
             if workers is not None:
                 workers.submit(Job(item, split, outcome.value, context, began, sizes))
             elif outcome.status is Status.CONTINUE:
-                self._send(item, split, outcome.value, capture_time, began)
+                self._send(item, split, outcome.value, context, began, sizes)
             else:
                 self.ledger.ended_here(item, outcome, began)
             item += 1
@@ -271,6 +292,7 @@ class Client:
 
     def _encode(self, job: Job, args: Any) -> bytes | str:
         """The item's TaskState at the cut, or why it cannot be sent."""
+        assert self.link is not None
         state = pb.TaskState(
             pipeline=self.pipeline.name,
             fingerprint=self.pipeline.fingerprint,
@@ -279,11 +301,22 @@ class Client:
             item=job.item,
             next_task=job.split,
             capture_time=job.context.capture_time,
+            accepts=READS,
         )
+        # Packed and compressed only if the server said it reads them.
+        reads = self.link.server_reads
+        wanted = self._compressions if self.auto is None else (self.auto.codec,)
+        codec = next((c for c in wanted if c in reads), None)
+        what = f"item {job.item}"
         try:
-            encode_into(state.args, args, self.config.limits)
+            encode_into(state.args, args, self.config.limits, packed=pb.CODEC_PACKED in reads)
+            if job.on_output is not None and self.auto is not None:  # the other codecs, here
+                self.auto.sample_codecs(job.split, state.args.SerializeToString(), but=codec)
+            if codec is not None:
+                check_message_size(state.ByteSize(), self.config.limits, what)
+                self._count(job.split, compress_value(state.args, codec), codec)
             data = state.SerializeToString()
-            check_size(data, self.config.limits, f"item {job.item}")
+            check_size(data, self.config.limits, what)
         except OffloadError as exc:
             return f"cannot send: {exc}"
         return data
@@ -299,14 +332,47 @@ class Client:
         else:
             self.ledger.ended_here(job.item, outcome, job.began)
 
-    def _send(self, item: int, split: int, args: Any, capture_time: float, began: float) -> None:
+    def _send(
+        self,
+        item: int,
+        split: int,
+        args: Any,
+        context: ItemContext,
+        began: float,
+        sizes: Callable[[int, Any], None] | None,
+    ) -> None:
         assert self.link is not None
-        context = ItemContext(self.config.device_id, self.run_id, item, capture_time, False)
-        data = self._encode(Job(item, split, args, context, began), args)
+        data = self._encode(Job(item, split, args, context, began, sizes), args)
         if isinstance(data, str):
             self.ledger.failed(item, split - 1, data, began)
             return
         self.link.submit(Pending(item, split, data, began))
+
+    def _count(self, split: int, done: Compressed | None, codec: Codec) -> None:
+        name = CODEC_NAMES[codec]
+        if done is None:  # it would not shrink: to the scheduler, a ratio of 1 (CPU: the sample)
+            self.telemetry.compression(split, name, 1, 1, 0.0)
+            with self._count_lock:  # device workers encode at once
+                self._sent_as_is += 1
+            return
+        self.telemetry.compression(split, name, done.raw_bytes, done.wire_bytes, done.seconds)
+        self.telemetry.compressed(split, done.raw_bytes - done.wire_bytes)
+        with self._count_lock:
+            counts = self._compressed.setdefault(name, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += done.raw_bytes
+            counts[2] += done.wire_bytes
+
+    def compression_report(self) -> dict[str, Any]:
+        """The report's ``compression`` section: what crossed the cut compressed, how much."""
+        return {
+            "setting": self.config.compression,
+            "sent_as_is": self._sent_as_is,
+            "codecs": {
+                name: {"items": n, "ratio": round(raw / max(wire, 1), 2)}
+                for name, (n, raw, wire) in self._compressed.items()
+            },
+        }
 
 
 def run_client(

@@ -156,6 +156,9 @@ class Link:
         self._answering = 0  # answers taken off pending whose owner.answered has not returned
         self._finishing = False
         self._said_unreachable: str | None = None  # the reason last said, during this outage
+        # The encodings (pb.Codec) the server of the current stream reads, from its first
+        # answer; none until then, so that an older server is never sent one.
+        self.server_reads: frozenset[int] = frozenset()
 
     # --- the client's side --------------------------------------------------------------------
 
@@ -349,6 +352,7 @@ class Link:
             self._generation += 1
             generation = self._generation
             self._stream = stream
+            self.server_reads = frozenset()
             self._last_answer = self._up_since = time.perf_counter()
             self.stats.connects += 1
             # (A probe is said if refused.)
@@ -498,8 +502,14 @@ class Link:
 
     def _read(self, stream: Stream, generation: int) -> None:
         error: ServerError | None = None
+        learned = False
         try:
             for answer, size in stream.results():
+                if not learned:
+                    learned = True
+                    with self._lock:
+                        if generation == self._generation:
+                            self.server_reads = frozenset(answer.accepts)
                 with self._lock:
                     pending = self._pending.answered(answer.item)
                     if pending is None:

@@ -292,6 +292,7 @@ def run_report(
     link: dict[str, Any] | None,
     scheduler: dict[str, Any] | None,
     device: dict[str, Any] | None = None,
+    compression: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's report (the ``--report`` file): the recorder's summary, the cloud cost, the
     device's CPU and workers, and the scheduler's section in automatic mode."""
@@ -320,6 +321,8 @@ def run_report(
         report["device"] = device
     if scheduler is not None:
         report["scheduler"] = scheduler
+    if compression is not None:
+        report["compression"] = compression
     return report
 
 
@@ -360,6 +363,16 @@ def format_summary(report: dict[str, Any]) -> str:
         f"  bytes      sent {_size(report['bytes']['sent'])}, "
         f"received {_size(report['bytes']['received'])}",
     ]
+    compression = report.get("compression") or {}
+    if compression.get("codecs"):
+        shown = ", ".join(
+            f"{name} {c['items']} items ({c['ratio']:g}x smaller)"
+            for name, c in compression["codecs"].items()
+        )
+        as_is = compression["sent_as_is"]
+        lines.append(
+            f"  compressed {shown}" + (f"; {as_is} did not shrink: sent as is" * bool(as_is))
+        )
     cloud = report.get("cloud") or {}
     if cloud.get("server_cpu_seconds_per_item"):
         line = f"  cloud      server CPU {1000 * cloud['server_cpu_seconds_per_item']:.2f} ms/item"
@@ -391,7 +404,8 @@ def format_summary(report: dict[str, Any]) -> str:
     periods = scheduler.get("periods") or []
     if periods:
         shown = ", ".join(
-            f"K={p['split']} {p['throughput_per_second']:.1f}/s" for p in periods[-8:]
+            f"K={p['split']}{_with_codec(p.get('codec'))} {p['throughput_per_second']:.1f}/s"
+            for p in periods[-8:]
         )
         if len(periods) > 8:
             shown += f" (the last 8 of {len(periods)})"
@@ -416,6 +430,10 @@ def format_summary(report: dict[str, Any]) -> str:
     for error in report["errors"][:5]:
         lines.append(f"  error      {error}")
     return "\n".join(lines)
+
+
+def _with_codec(codec: str | None) -> str:
+    return f" {codec}" if codec not in (None, "none") else ""
 
 
 def _size(n: float) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import psutil
 
-from .scheduler import UNKNOWN, Measurements
+from .scheduler import UNKNOWN, CodecCost, Measurements
 from .workers import WorkerStats
 
 ALPHA = 0.2  # EWMA weight of a new sample: ~5 recent items dominate, noise is damped
@@ -66,9 +66,19 @@ class _Ewma:
         return tuple(out)
 
 
+def _smooth(values: list[float], index: int, sample: float) -> None:
+    old = values[index]
+    values[index] = sample if math.isnan(old) else old + ALPHA * (sample - old)
+
+
 class Telemetry:
     def __init__(
-        self, tasks: int, window: int, workers: int = 1, serial: frozenset[int] = frozenset()
+        self,
+        tasks: int,
+        window: int,
+        workers: int = 1,
+        serial: frozenset[int] = frozenset(),
+        codecs: tuple[str, ...] = (),
     ) -> None:
         self.tasks = tasks
         self.window = window
@@ -78,6 +88,9 @@ class Telemetry:
         self._worker_stats = WorkerStats()
         self._parallelism = UNKNOWN
         self._lock = threading.Lock()
+        # Per codec the device may use: ratio and compression seconds per cut, smoothed.
+        self._codecs = {name: ([UNKNOWN] * (tasks + 1), [UNKNOWN] * (tasks + 1)) for name in codecs}
+        self._saved = [0] * (tasks + 1)  # bytes the codec in use removed from the latest item
         self._device = _Ewma(tasks, reference=0)
         self._server = _Ewma(tasks, reference=tasks - 1)
         self._cuts = [UNKNOWN] * (tasks + 1)
@@ -123,10 +136,26 @@ class Telemetry:
                 self._device.add(task, seconds)
 
     def cut_size(self, cut: int, size: int) -> None:
-        """An item cut after task ``cut - 1`` takes ``size`` bytes on the wire."""
+        """An item cut after task ``cut - 1`` takes ``size`` bytes on the wire (before any
+        compression: what the codec in use removed from the item is added back)."""
         with self._lock:
-            old = self._cuts[cut]
-            self._cuts[cut] = size if math.isnan(old) else old + ALPHA * (size - old)
+            _smooth(self._cuts, cut, size + self._saved[cut])
+            self._saved[cut] = 0
+
+    def compression(self, cut: int, codec: str, raw: int, wire: int, seconds: float) -> None:
+        """Compressing an item cut after task ``cut - 1`` with ``codec`` took ``seconds`` and
+        made ``raw`` serialised bytes ``wire``."""
+        with self._lock:
+            costs = self._codecs.get(codec)
+            if costs is None:
+                return
+            _smooth(costs[0], cut, raw / max(wire, 1))
+            _smooth(costs[1], cut, seconds)
+
+    def compressed(self, cut: int, saved: int) -> None:
+        """The item about to be sent at ``cut`` is ``saved`` bytes smaller for its codec."""
+        with self._lock:
+            self._saved[cut] = saved
 
     def answer(
         self,
@@ -212,4 +241,8 @@ class Telemetry:
                 device_workers=self.workers,
                 device_parallelism=self._parallelism,
                 serial_tasks=self.serial,
+                codecs=tuple(
+                    CodecCost(name, tuple(ratio), tuple(seconds))
+                    for name, (ratio, seconds) in self._codecs.items()
+                ),
             )

@@ -20,11 +20,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
-from offload import ItemContext, Limits, RunningServer, ServerConfig, encode, load_pipeline
+from offload import (
+    CodecError,
+    ItemContext,
+    Limits,
+    RunningServer,
+    ServerConfig,
+    encode,
+    load_pipeline,
+)
 from offload._cloud.executor import MAX_ERROR_CHARS, MAX_ID_CHARS
 from offload._cloud.serve import raise_open_files_limit
 from offload._cloud.servicer import TASK_STATE_ARGS
-from offload._codec import wire_problem
+from offload._codec import compress_value, expand, wire_problem
 from offload._pipeline import run_tasks
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
@@ -343,6 +351,25 @@ def test_the_total_of_elements_is_counted_on_the_wire_before_parsing() -> None:
     assert wire_problem(wire.SerializeToString(), TASK_STATE_ARGS, limits) is None
     # The count agrees with the parser's on what it lets through.
     assert pb.TaskState.FromString(raw_state(under)).args.list_value.items[3].list_value.items
+
+
+def test_packed_and_compressed_elements_count_against_the_total_before_parsing() -> None:
+    limits = Limits()
+    limit = limits.max_total_elements
+    # Packed lists hold an element per byte without a 0x0A each: 8 of 99 999 small ints.
+    packed = pb.Value(packed_list=pb.PackedList(ints=[1] * (limit - 1)))
+    many = pb.Value(list_value=pb.ValueList(items=[packed] * 8)).SerializeToString()
+    problem = wire_problem(raw_state(many), TASK_STATE_ARGS, limits)
+    assert problem is not None and f"more than {limit} elements in all" in problem
+    floats = pb.Value(packed_list=pb.PackedList(floats=[0.5] * (limit // 2)))
+    fine = pb.Value(list_value=pb.ValueList(items=[floats])).SerializeToString()
+    assert wire_problem(raw_state(fine), TASK_STATE_ARGS, limits) is None
+    # A compressed value is counted once decompressed, before its Value is parsed.
+    bomb = pb.Value()
+    bomb.ParseFromString(many_lists(40, 99_999))
+    assert compress_value(bomb, pb.CODEC_ZSTD) is not None
+    with pytest.raises(CodecError, match=f"more than {limit} elements in all"):
+        expand(bomb, limits)
 
 
 def test_a_message_of_millions_of_elements_is_refused_before_it_is_parsed(

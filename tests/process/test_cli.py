@@ -184,6 +184,7 @@ def test_every_client_option_can_come_from_the_environment() -> None:
         "report": ("run.json", "run.json"),
         "connect_timeout": ("2.5", 2.5),
         "max_message_bytes": ("65536", 65536),
+        "compression": ("lz4", "lz4"),
         "buffer": ("5", 5),
         "when_full": ("drop-oldest", "drop-oldest"),
         "item_timeout": ("7", 7.0),

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import socket
+import sys
 from typing import Any
 
 import pytest
@@ -103,6 +104,8 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ServerConfig, "max_connection_age", 0.0, "--max-connection-age 0: give a number of seconds"),
     (ServerConfig, "max_connection_age_grace", -1.0, "--max-connection-age-grace -1: give"),
     (ServerConfig, "health_port", 70000, "--health-port 70000 is not a port: use 0..65535"),
+    (ClientConfig, "compression", "gzip", "--compression 'gzip': use one of none, lz4, zstd"),
+    (ServerConfig, "compression", "", "--compression '': use one of none, lz4, zstd, auto"),
 ]
 
 
@@ -189,3 +192,21 @@ def test_device_workers_count_against_the_window_and_the_buffer_with_a_server() 
 
 def test_zero_device_workers_is_one_per_cpu_this_process_may_use() -> None:
     assert ClientConfig(device_workers=0).workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("compression", "package", "module"),
+    [("zstd", "zstandard", "zstandard"), ("lz4", "lz4", "lz4.block")],
+)
+def test_a_compression_whose_package_is_missing_is_refused_saying_what_to_install(
+    compression: str, package: str, module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # None in sys.modules is how Python itself marks a module that cannot be imported.
+    monkeypatch.setitem(sys.modules, module, None)
+    for cls in (ClientConfig, ServerConfig):
+        with pytest.raises(ConfigError) as refused:
+            cls(compression=compression)
+        assert str(refused.value) == (
+            f"--compression {compression} needs the {package} package, which is not installed: "
+            "pip install 'offload[compression]', or use --compression auto (what is installed)"
+        )
