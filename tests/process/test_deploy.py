@@ -35,7 +35,14 @@ from ..helpers import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile.server"
 SERVER_ONLY = ("grpc_health", "grpc_reflection", "prometheus_client", "redis")
-SERVER_PACKAGES = {"grpcio-health-checking", "grpcio-reflection", "prometheus-client", "redis"}
+SERVER_PACKAGES = {
+    "grpcio-health-checking",
+    "grpcio-reflection",
+    "prometheus-client",
+    "redis",
+    "zstandard",
+    "lz4",
+}
 
 
 @dataclass
