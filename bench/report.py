@@ -8,6 +8,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from . import cut
 from .machine import one_line
 
 
@@ -356,6 +357,7 @@ def write(out: Path, results: dict[str, dict[str, Any]]) -> str:
         "codec": _codec,
         "transport": _transport,
         "scaling": scaling,
+        "cut": cut.render,
     }
     for name, render in renderers.items():
         if name in data:

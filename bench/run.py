@@ -21,11 +21,11 @@ from typing import Any
 from offload import load_pipeline
 from offload._cloud.allocator import keep_large_buffers
 
-from . import codec, compare, machine, procs, report, scaling, transport, window
+from . import codec, compare, cut, machine, procs, report, scaling, transport, window
 from . import pipeline as bench_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("compare", "window", "codec", "transport", "scaling")
+SECTIONS = ("compare", "window", "codec", "transport", "scaling", "cut")
 
 
 def log(message: str) -> None:
@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             min(args.reps, 2),
             log,
         )
+    if "cut" in only:
+        log("== what crosses the cut: packed lists, compression, slow links (issue 14)")
+        results["cut"] = cut.run(pipeline, frames, args.quick, log)
     about["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     about["seconds"] = round(time.perf_counter() - began, 1)
     about["source"] = args.source

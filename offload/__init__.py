@@ -26,7 +26,9 @@ from ._config import (
 from ._device.client import Client, run_client
 from ._device.scheduler import Decision, Measurements, ModelPolicy, Prediction, SplitPolicy
 from ._device.transport import GrpcTransport, Stream, Transport
-from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline
+from ._pipeline import ItemContext, Pipeline, current_item, load_pipeline, stateful
+from ._state import State, current_state
+from ._views import publish_view
 from .exceptions import (
     CodecError,
     ConfigError,
@@ -62,14 +64,18 @@ __all__ = [
     "ServerError",
     "ServerSecurity",
     "SplitPolicy",
+    "State",
     "Stream",
     "Transport",
     "current_item",
+    "current_state",
     "decode",
     "encode",
     "load_pipeline",
+    "publish_view",
     "run_client",
     "serve",
+    "stateful",
 ]
 
 # Reprs and docs show the public path, not the private module a name lives in.

@@ -9,7 +9,7 @@ items' bytes that are parsed one at a time, each checked as a single message wou
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from .v1 import offload_pb2 as pb
 
@@ -24,6 +24,8 @@ _RESULT_FIELDS = pb.ItemResult.DESCRIPTOR.fields_by_name
 _TIMES = struct.Struct("<BdBd")
 _RECEIVE_TAG = _RESULT_FIELDS["server_receive_time"].number << 3 | _FIXED64
 _SECONDS_TAG = _RESULT_FIELDS["server_seconds"].number << 3 | _FIXED64
+_CPU = struct.Struct("<Bd")
+_CPU_TAG = _RESULT_FIELDS["server_cpu_seconds"].number << 3 | _FIXED64
 
 
 def varint(value: int) -> bytes:
@@ -51,6 +53,11 @@ def stamped(answer: bytes, receive_time: float, seconds: float) -> bytes:
     return answer + _TIMES.pack(_RECEIVE_TAG, receive_time, _SECONDS_TAG, seconds)
 
 
+def with_cpu(answer: bytes, seconds: float) -> bytes:
+    """An encoded ``ItemResult`` with ``server_cpu_seconds`` set, likewise."""
+    return answer + _CPU.pack(_CPU_TAG, seconds)
+
+
 class BatchError(ValueError):
     """A message that is not a batch."""
 
@@ -68,9 +75,9 @@ def _read_varint(data: bytes, at: int) -> tuple[int, int]:
         shift += 7
 
 
-def split(data: bytes) -> list[bytes]:
-    """The encoded items of a batch, in order (unknown fields are skipped, as protobuf does)."""
-    items = []
+def split(data: bytes) -> Iterator[bytes]:
+    """The encoded items of a batch, in order, one at a time (unknown fields are skipped, as
+    protobuf does); raises ``BatchError`` where the framing breaks."""
     at = 0
     while at < len(data):
         key, at = _read_varint(data, at)
@@ -85,10 +92,9 @@ def split(data: bytes) -> list[bytes]:
             if at + size > len(data):
                 raise BatchError(f"field {number} runs past the message's end")
             if number == ITEMS_FIELD:
-                items.append(data[at : at + size])
+                yield data[at : at + size]
             at += size
         else:
             raise BatchError(f"wire type {wire_type} of field {number} at byte {at}")
         if at > len(data):
             raise BatchError("the message ends inside a field")
-    return items

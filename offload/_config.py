@@ -6,10 +6,14 @@ its name differs), so the command line, the environment and the API share one ch
 
 from __future__ import annotations
 
+import importlib
+import ipaddress
 import math
+import os
 import socket
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from ._pipeline import DEFAULT_PIPELINE
 from .exceptions import ConfigError
@@ -42,6 +46,27 @@ def _port(option: str, value: int | None) -> None:
         raise ConfigError(f"{option} {value} is not a port: use 0..65535 (0 picks a free one)")
 
 
+# --compression: what crosses the cut compressed (and what the answers may be, the other way).
+COMPRESSION = ("none", "lz4", "zstd", "auto")
+_COMPRESSION_PACKAGES = {"zstd": ("zstandard", "zstandard"), "lz4": ("lz4", "lz4.block")}
+
+
+def _compression(value: str) -> None:
+    """Refuse an unknown ``--compression``, or one whose optional package is not installed."""
+    if value not in COMPRESSION:
+        raise ConfigError(f"--compression {value!r}: use one of {', '.join(COMPRESSION)}")
+    package, module = _COMPRESSION_PACKAGES.get(value, ("", ""))
+    if not package:
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"--compression {value} needs the {package} package, which is not installed: "
+            "pip install 'offload[compression]', or use --compression auto (what is installed)"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Limits:
     """Bounds on what one message may contain; both sides enforce them before allocating."""
@@ -50,6 +75,9 @@ class Limits:
     max_message_bytes: int = 16 * MiB
     max_depth: int = 32  # nesting of lists / tuples / maps
     max_elements: int = 100_000  # items in one list / tuple / map
+    # Items of every list / tuple / map in one message, counted before it is parsed: parsing
+    # costs ~75 bytes and ~0.4 us of CPU per element, a message may hold 8 million.
+    max_total_elements: int = 100_000
     max_dims: int = 32  # array dimensions (NumPy's own limit is 64)
 
     def __post_init__(self) -> None:
@@ -118,7 +146,66 @@ class ClientSecurity:
         return self.tls or self.tls_ca is not None or self.tls_cert is not None
 
 
+def _address(server: str, address: str, *, names: bool) -> str:
+    """The family of ``address`` (HOST:PORT) for gRPC's ipv4:/ipv6: targets, "name" for a host
+    name (only if ``names``); a ConfigError naming what is wrong."""
+    host, colon, port = address.rpartition(":")
+    if not colon:
+        example = f"{address or 'cloud.example.com'}:50051"
+        raise ConfigError(
+            f"--server {server!r}: give HOST:PORT, e.g. {example} (the server's default)"
+        )
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--server {server!r}: {port!r} in {address!r} is not a port (1..65535)")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        family = "ipv6" if ipaddress.ip_address(bare).version == 6 else "ipv4"
+    except ValueError:
+        family = "name"
+    if family == "ipv6" and bare == host:
+        raise ConfigError(f"--server {server!r}: put an IPv6 address in brackets: [{host}]:{port}")
+    if family == "name" and (not names or not bare or "," in bare or "/" in bare):
+        raise ConfigError(
+            f"--server {server!r}: {host!r} is not an IP address; a list takes addresses "
+            "(10.0.0.1:50051,10.0.0.2:50051); for a name, give one with a record per replica: "
+            "dns:///offload.example.com:50051"
+        )
+    return family
+
+
+def grpc_target(server: str) -> str:
+    """The gRPC target for ``--server``: HOST:PORT; several replicas as IP:PORT,IP:PORT (one
+    family: gRPC's ``ipv4:``/``ipv6:`` targets) or ``dns:///NAME:PORT`` (every record of NAME,
+    re-resolved when connections fail). Refuses anything else, saying what is wrong."""
+    scheme, colon, rest = server.partition(":")
+    if colon and scheme in ("unix", "unix-abstract"):
+        return server  # a local socket: gRPC's own target, as given
+    if colon and scheme in ("dns", "ipv4", "ipv6"):
+        if scheme == "dns":
+            # dns:NAME:PORT, dns:///NAME:PORT, or dns://RESOLVER/NAME:PORT
+            name = rest[2:].partition("/")[2] if rest.startswith("//") else rest
+            _address(server, name, names=True)
+            return server
+        parts = rest.split(",")
+    else:
+        parts = server.split(",")
+        if len(parts) == 1:
+            _address(server, server, names=True)
+            return server
+    families = {_address(server, part.strip(), names=False) for part in parts}
+    if len(families) > 1 or (colon and scheme in ("ipv4", "ipv6") and families != {scheme}):
+        raise ConfigError(
+            f"--server {server!r}: mixes IPv4 and IPv6 addresses; gRPC takes one family per "
+            "list: give one, or a DNS name with both kinds of records (dns:///NAME:PORT)"
+        )
+    addresses = [part.strip() for part in parts]
+    if len(set(addresses)) < len(addresses):
+        raise ConfigError(f"--server {server!r}: an address is given twice; give each once")
+    return f"{families.pop()}:{','.join(addresses)}"
+
+
 WHEN_FULL = ("block", "drop-oldest", "reject-new")
+OUTAGE = ("run-all", "hold-last")
 
 
 @dataclass(frozen=True)
@@ -138,6 +225,14 @@ class LinkConfig:
     resend_grace: float = 5.0
     max_sends: int = 3  # an item sent this often without an answer runs on the device
     reconnect_backoff_max: float = 10.0  # gRPC's exponential connection backoff caps here
+    # While no server answers: "run-all" runs the remaining tasks here (right for a last task
+    # that keeps no state, and for the embedded server, which never comes back); "hold-last"
+    # runs all but the last and holds the item for the server, so that a shared aggregate sees
+    # each item once (docs/reliability.md#outage-mode).
+    outage: str = "run-all"
+    # The buffer is bounded in bytes too (the encoded items it holds); one item always fits.
+    buffer_bytes: int = 64 * MiB
+    buffer_dir: str | None = None  # hold-last: keep the held items in SQLite here (durable)
 
     def __post_init__(self) -> None:
         if self.buffer < 1:
@@ -151,6 +246,17 @@ class LinkConfig:
             raise ConfigError(
                 f"LinkConfig.max_sends {self.max_sends}: an item must be sent at least once"
             )
+        if self.outage not in OUTAGE:
+            raise ConfigError(f"--outage {self.outage!r}: use one of {', '.join(OUTAGE)}")
+        if self.buffer_bytes < 1024:
+            raise ConfigError(f"--buffer-bytes {self.buffer_bytes}: give at least 1024 bytes")
+        if self.buffer_dir is not None and not self.buffer_dir.strip():
+            raise ConfigError("--buffer-dir is empty: give a folder, or leave the option out")
+        if self.buffer_dir is not None and self.outage != "hold-last":
+            raise ConfigError(
+                f"--buffer-dir {self.buffer_dir} keeps the items held for the server: it "
+                "needs --outage hold-last (with run-all they run here at once)"
+            )
 
 
 @dataclass(frozen=True)
@@ -159,7 +265,9 @@ class ClientConfig:
 
     pipeline: str = DEFAULT_PIPELINE
     local_tasks: int | None = None
-    server: str | None = None  # HOST:PORT; None with a split = start an embedded server
+    # HOST:PORT, replicas (IP:PORT,IP:PORT or dns:///NAME:PORT: grpc_target); None with a split
+    # = start an embedded server
+    server: str | None = None
     window: int = 8  # items in flight (sent, not yet answered)
     device_id: str = field(default_factory=socket.gethostname)
     frames: int | None = None  # stop after this many captured items
@@ -172,6 +280,13 @@ class ClientConfig:
     security: ClientSecurity = ClientSecurity()
     keepalive: Keepalive = Keepalive()
     link: LinkConfig = LinkConfig()
+    # Items tasks [1, K) run for at once, on threads (0: one per CPU this process may use). 1 by
+    # default: a seed-format task may keep module state without saying so (``@stateful``), and
+    # running it for two items at once would change its results; several is opt-in.
+    device_workers: int = 1
+    # Items' args compressed at the cut (zstd level 1, LZ4) when the server reads it and a
+    # sample shrinks; "auto": the best installed codec, or the scheduler's choice per split.
+    compression: str = "auto"
     # Items per message on the stream, like Kafka's producer: a message carries what is ready
     # (up to batch_items and batch_bytes), waiting up to linger_ms for more; linger 0 adds no
     # latency (only items that queued up while the previous message was sent go together).
@@ -182,19 +297,11 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         """Refuse what no run could mean, naming the command line's option for it."""
-        if self.batch_items < 1:
-            raise ConfigError(f"--batch-items {self.batch_items}: give 1 or more (1 = no batching)")
-        if self.batch_bytes < 1:
-            raise ConfigError(f"--batch-bytes {self.batch_bytes}: give 1 or more bytes")
-        if not (math.isfinite(self.linger_ms) and self.linger_ms >= 0):
-            raise ConfigError(f"--linger-ms {self.linger_ms:g}: give milliseconds, 0 or more")
+        _compression(self.compression)
         if not self.pipeline.strip():
             raise ConfigError("--pipeline is empty: give package.module or package.module:name")
-        if self.server is not None and ":" not in self.server:
-            example = f"{self.server or 'cloud.example.com'}:50051"
-            raise ConfigError(
-                f"--server {self.server!r}: give HOST:PORT, e.g. {example} (the server's default)"
-            )
+        if self.server is not None:
+            grpc_target(self.server)
         if self.window < 1:
             raise ConfigError(f"--window {self.window}: at least 1 item must be in flight")
         if not self.device_id.strip():
@@ -213,6 +320,35 @@ class ClientConfig:
             raise ConfigError(
                 f"--emulate-slowdown {self.slowdown:g}: use 1 (off) or more (slowdown)"
             )
+        if self.device_workers < 0:
+            raise ConfigError(
+                f"--device-workers {self.device_workers}: give 1 or more (0: one per CPU)"
+            )
+        if self.local_tasks is not None or self.fps is not None:
+            # Items on the device's workers count against the window and the buffer.
+            for option, bound in (("--window", self.window), ("--buffer", self.link.buffer)):
+                if self.workers > bound:
+                    raise ConfigError(
+                        f"--device-workers {self.workers} exceeds {option} {bound}: items on "
+                        f"the device's workers count against it; raise {option} or give fewer"
+                    )
+        if self.batch_items < 1:
+            raise ConfigError(f"--batch-items {self.batch_items}: give 1 or more (1 = no batching)")
+        if self.batch_bytes < 1:
+            raise ConfigError(f"--batch-bytes {self.batch_bytes}: give 1 or more bytes")
+        if not (math.isfinite(self.linger_ms) and self.linger_ms >= 0):
+            raise ConfigError(f"--linger-ms {self.linger_ms:g}: give milliseconds, 0 or more")
+
+    @property
+    def workers(self) -> int:
+        """Device workers: ``device_workers``, or one per CPU this process may use if 0."""
+        if self.device_workers:
+            return self.device_workers
+        return (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count() or 1
+        )
 
 
 @dataclass(frozen=True)
@@ -236,18 +372,55 @@ class ServerConfig:
     dedup_total: int = 100_000
     # The same in bytes (serialised answers; a task's error text is cut to 4096 characters).
     dedup_bytes: int = 64 * MiB
+    # Bytes of items read and not yet answered, per stream and over all streams: beyond them
+    # the server reads no further (TCP pushes back); a stream holding nothing may read one.
+    read_ahead_bytes: int = 16 * MiB
+    read_ahead_total_bytes: int = 256 * MiB
     limits: Limits = Limits()
     security: ServerSecurity = ServerSecurity()
     keepalive: Keepalive = Keepalive()
     # A stream that neither sends an item nor takes an answer for this long is dropped, so a
     # stalled device cannot hold one of the `workers` threads forever.
     stream_idle_seconds: float = 120.0
+    # One connection may open this many streams at once (HTTP/2 max concurrent streams): a
+    # device needs one, and a rapid-reset flood (HEADERS + RST_STREAM) is then held to it.
+    streams_per_connection: int = 16
+    # Connections at once; the soft limit on open files is raised to fit at start.
+    max_connections: int = 1000
+    # A connection that has not finished its TLS and HTTP/2 handshake by then is closed.
+    handshake_timeout: float = 10.0
     reflection: bool = True  # gRPC server reflection: grpcurl works without the .proto
     metrics_port: int | None = None  # Prometheus /metrics on this port (0 = any free); None = off
     metrics_max_devices: int = 100  # device label values; more devices are counted as "other"
+    # Where the last task's state (and, with Redis, the remembered answers) lives: "memory" (this
+    # process) or redis://HOST:PORT/DB, rediss:// for TLS (docs/state.md).
+    state: str = "memory"
+    state_password: str | None = field(default=None, repr=False)
+    state_tls_ca: str | None = None  # rediss://: the PEM CA bundle of Redis (else system roots)
+    state_timeout: float = 2.0  # a Redis call slower than this: the item is answered UNAVAILABLE
+    # How long a device's answers and state outlive its last item: at least as long as a device
+    # may keep items buffered before resending them.
+    state_ttl: float = 86_400.0
+    state_max_bytes: int = 64 * 1024  # one device's encoded state
+    state_answers: int = 256  # answers per device run kept in Redis (>= window + buffer)
+    # A connection older than this (gRPC adds +-10% jitter) is sent GOAWAY, so that long-lived
+    # device streams spread over replicas a scale-out added; None = never. Its stream gets
+    # ``max_connection_age_grace`` more seconds, then ends UNAVAILABLE: the device reconnects
+    # (to any replica) and resends what was unanswered.
+    max_connection_age: float | None = 600.0
+    max_connection_age_grace: float = 20.0
+    # Plaintext grpc.health.v1 only, on this port (0 = any free), for Kubernetes' gRPC probes,
+    # which speak no TLS; None = off (health is served on the main port in any case).
+    health_port: int | None = None
+    # The fleet dashboard on this port (0 = any free), on `host`; None = off. It shows camera
+    # images: beyond loopback it needs the token (security.token).
+    dashboard_port: int | None = None
+    # Answers' outputs compressed for a device that reads it (large results only).
+    compression: str = "auto"
 
     def __post_init__(self) -> None:
         """Refuse what no server could mean, naming the command line's option for it."""
+        _compression(self.compression)
         if not self.pipeline.strip():
             raise ConfigError("--pipeline is empty: give package.module or package.module:name")
         if not self.host.strip("[]"):
@@ -265,8 +438,77 @@ class ServerConfig:
             )
         _seconds("--grace", self.grace_seconds, zero=True, name="grace_seconds")
         _seconds("ServerConfig.stream_idle_seconds", self.stream_idle_seconds)
+        _seconds("ServerConfig.handshake_timeout", self.handshake_timeout)
+        for name in ("streams_per_connection", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ServerConfig.{name} {getattr(self, name)}: give 1 or more")
+        if self.max_connection_age is not None:
+            _seconds("--max-connection-age", self.max_connection_age, name="max_connection_age")
+        _seconds(
+            "--max-connection-age-grace",
+            self.max_connection_age_grace,
+            zero=True,
+            name="max_connection_age_grace",
+        )
+        _port("--health-port", self.health_port)
         if self.metrics_max_devices < 0:
             raise ConfigError(
                 f"--metrics-max-devices {self.metrics_max_devices}: give 0 or more (devices "
                 "beyond it are counted as 'other')"
             )
+        _port("--dashboard-port", self.dashboard_port)
+        if (
+            self.dashboard_port is not None
+            and self.security.token is None
+            and not _is_loopback(self.host)
+        ):
+            raise ConfigError(
+                f"--dashboard-port shows camera images to anyone who reaches --host {self.host}: "
+                "set --token (the dashboard then asks for it), or bind --host 127.0.0.1"
+            )
+        _check_state(self)
+
+
+def _check_state(config: ServerConfig) -> None:
+    """The --state options: a store the server can open, bounds it can keep."""
+    state = config.state
+    if state != "memory":
+        parts = urlsplit(state)
+        example = "give memory or redis://HOST:PORT/DB (rediss:// for TLS)"
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ConfigError(f"--state {state!r}: {example}")
+        try:
+            parts.port  # noqa: B018  (parsing it is the check)
+        except ValueError:
+            raise ConfigError(f"--state {state!r}: the port is not a number; {example}") from None
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ConfigError(f"--state {state!r}: the database is a number (/0); {example}")
+        if parts.password:
+            raise ConfigError(
+                "--state: give the password in OFFLOAD_STATE_PASSWORD, not in the URL (the "
+                "command line shows in ps)"
+            )
+    elif config.state_tls_ca is not None:
+        raise ConfigError("--state-tls-ca needs --state rediss://HOST:PORT/DB")
+    if config.state_password == "":
+        raise ConfigError("--state-password is empty: give a value, or leave it out")
+    _seconds("--state-timeout", config.state_timeout)
+    if config.state_ttl < 60:
+        raise ConfigError(
+            f"--state-ttl {config.state_ttl:g}: give at least 60 seconds (answers must outlive "
+            "the device's buffer of unanswered items)"
+        )
+    if config.state_max_bytes < 1024:
+        raise ConfigError(f"--state-max-bytes {config.state_max_bytes}: give 1024 or more")
+    if config.state_answers < 1:
+        raise ConfigError(f"--state-answers {config.state_answers}: keep at least 1 per run")
+
+
+def _is_loopback(host: str) -> bool:
+    bare = host.strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False

@@ -22,6 +22,7 @@ EXTRA_PACKAGES = {
     "grpc_health": "grpcio-health-checking",
     "grpc_reflection": "grpcio-reflection",
     "prometheus_client": "prometheus-client",
+    "redis": "redis",
 }
 
 

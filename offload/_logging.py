@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import threading
+import time
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FORMAT = "ts=%(asctime)s.%(msecs)03d level=%(levelname)s logger=%(name)s %(message)s"
@@ -38,3 +40,28 @@ def add_log_level_option(parser: argparse.ArgumentParser, default: str) -> None:
 
 def setup(level: str) -> None:
     logging.basicConfig(level=level, format=FORMAT, datefmt=DATE_FORMAT)
+
+
+class RefusalLog:
+    """Which refusals to log: a device's first, then at most one per ``interval`` with the
+    number refused meanwhile, so that a device retrying in a loop cannot flood the log."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, int]] = {}  # device: (last logged, refused since)
+
+    def count(self, device: str) -> int:
+        """Count a refusal; the refusals to report now (this one included), or 0 for none."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._seen) > 10_000:  # forget devices quiet for an interval
+                self._seen = {
+                    d: seen for d, seen in self._seen.items() if now - seen[0] < self.interval
+                }
+            logged, since = self._seen.get(device, (-self.interval, 0))
+            if now - logged < self.interval:
+                self._seen[device] = (logged, since + 1)
+                return 0
+            self._seen[device] = (now, 0)
+            return since + 1

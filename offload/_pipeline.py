@@ -6,7 +6,9 @@ A pipeline is an ordered list of plain functions (the 2019 "seed" format, kept u
 * every later task receives the previous task's ``args``: a tuple is unpacked into positional
   arguments, ``None`` means no argument, anything else is the single argument;
 * a task returns ``(ok, args)``; ``ok`` False, or a bare ``False``, filters the item (no more work);
-* the last task's ``args`` is the item's result.
+* the last task's ``args`` is the item's result;
+* a task that keeps state across items is marked ``@stateful``: with several device workers it
+  still runs one item at a time, in item order (the last task always does: it aggregates).
 
 ``run_tasks`` is the one code path that executes tasks, used by the client, the server and the
 embedded server alike, so that a result cannot depend on where it was computed.
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .exceptions import PipelineError
+from .exceptions import PipelineError, StateUnavailable
 
 Task = Callable[..., Any]
 
@@ -53,6 +55,26 @@ class ItemContext:
 _current: contextvars.ContextVar[ItemContext | None] = contextvars.ContextVar(
     "offload_item", default=None
 )
+
+
+_STATEFUL = "__offload_stateful__"
+
+
+def stateful(task: Task) -> Task:
+    """Mark ``task`` as keeping state across items (a running mean, a tracker, a counter).
+
+    Several device workers (``--device-workers``) run tasks for several items at once; a
+    stateful task still runs for one item at a time, in item order, so its results are those
+    of one worker. Returns the task itself, so it is a decorator.
+    """
+    try:
+        setattr(task, _STATEFUL, True)
+    except (AttributeError, TypeError):  # a builtin or a slotted object takes no attribute
+        raise PipelineError(
+            f"cannot mark {_name(task)} as stateful: it takes no attribute; wrap it in a "
+            "function and mark that"
+        ) from None
+    return task
 
 
 def current_item() -> ItemContext:
@@ -80,6 +102,13 @@ class Pipeline:
 
     def __len__(self) -> int:
         return len(self.tasks)
+
+    @property
+    def serial_tasks(self) -> frozenset[int]:
+        """Tasks that run for one item at a time, in item order: those marked ``@stateful``,
+        and the last (it aggregates across items)."""
+        marked = (i for i, t in enumerate(self.tasks) if getattr(t, _STATEFUL, False) is True)
+        return frozenset(marked) | {len(self.tasks) - 1}
 
     def task_name(self, index: int) -> str:
         return _name(self.tasks[index])
@@ -408,6 +437,22 @@ class _RealTime:
 REAL_TIME: Pace = _RealTime()
 
 
+def _call_last(task: Task, args: Any, device_id: str) -> Any:
+    """The last task, with the state the server gave it (``current_state``), or this process's
+    own in-memory state (client-only mode, an item the device runs itself)."""
+    # Imported here: _state -> _codec -> _config imports this module.
+    from ._state import active, run_locally  # noqa: PLC0415
+
+    if active() is not None:
+        return call_task(task, args)
+    return run_locally(device_id, lambda: call_task(task, args), _returns_well)
+
+
+def _returns_well(returned: Any) -> bool:
+    """Whether a task's return value follows the Task Interface (its state may be committed)."""
+    return returned is False or (isinstance(returned, tuple) and len(returned) == 2)
+
+
 def run_tasks(
     pipeline: Pipeline,
     start: int,
@@ -439,9 +484,12 @@ def run_tasks(
             try:
                 if index == last:
                     with pipeline.aggregate_lock:
-                        ok, args = _unpack(index, pipeline.task_name(index), call_task(task, args))
+                        returned = _call_last(task, args, context.device_id)
+                    ok, args = _unpack(index, pipeline.task_name(index), returned)
                 else:
                     ok, args = _unpack(index, pipeline.task_name(index), call_task(task, args))
+            except StateUnavailable:
+                raise  # not the item's fault: the server answers UNAVAILABLE, the device resends
             except Exception as exc:  # a task's bug fails this item, never the run
                 timings.append((index, device.stretch(time.perf_counter() - began, cpu)))
                 return Outcome(Status.FAILED, None, index, f"{type(exc).__name__}: {exc}", timings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,11 @@ from typing import Any
 import grpc
 
 from ._config import ClientSecurity, ServerSecurity
+from ._logging import RefusalLog, quote
 from .exceptions import ConfigError
+
+log = logging.getLogger("offload.server")
+REFUSAL_LOG_INTERVAL = 10.0  # a peer refused again within this is counted, not logged
 
 TOKEN_HEADER = "authorization"
 # Health checks stay open: load balancers and supervisors probe without credentials.
@@ -145,6 +150,28 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
         if not token:
             raise ConfigError("--token must not be empty")
         self._expected = _digest(f"Bearer {token}")
+        self._refusals = RefusalLog(REFUSAL_LOG_INTERVAL)
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` for every call refused (metrics count them)."""
+        self._listeners.append(listener)
+
+    def _refused(self, context: grpc.ServicerContext, reason: str) -> None:
+        """Count a refusal, and log it with the peer (never what was given): a peer's first,
+        then at most one per interval with the number refused meanwhile."""
+        for listener in self._listeners:
+            listener()
+        peer = context.peer()
+        host = peer.rpartition(":")[0] or peer  # the address without the port: per client
+        refused = self._refusals.count(host)
+        if refused:
+            log.warning(
+                "event=reject peer=%s code=UNAUTHENTICATED reason=%s refused=%d",
+                quote(peer),
+                quote(reason),
+                refused,
+            )
 
     def intercept_service(
         self,
@@ -161,16 +188,26 @@ class TokenAuth(grpc.ServerInterceptor):  # type: ignore[misc]
         if hmac.compare_digest(_digest(given), self._expected):
             return handler
         reason = "wrong token" if given else "no token"
-        return _refusal(handler, f"{reason}: give the server's token with --token or OFFLOAD_TOKEN")
+        return _refusal(
+            handler,
+            f"{reason}: give the server's token with --token or OFFLOAD_TOKEN",
+            lambda context: self._refused(context, reason),
+        )
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(
+    handler: grpc.RpcMethodHandler,
+    message: str,
+    refused: Callable[[grpc.ServicerContext], None],
+) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED at once."""
 
     def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
+        refused(context)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     def refuse_streaming(_request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        refused(context)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - abort raises; this makes it a generator
 

@@ -16,8 +16,18 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from ._config import WHEN_FULL, ClientConfig, ClientSecurity, Limits, LinkConfig, field_default
+from ._config import (
+    COMPRESSION,
+    OUTAGE,
+    WHEN_FULL,
+    ClientConfig,
+    ClientSecurity,
+    Limits,
+    LinkConfig,
+    field_default,
+)
 from ._device.autosplit import check_auto, starting_split
+from ._device.buffer import check_folder
 from ._device.client import Client, check_split
 from ._device.embedded import EmbeddedServer
 from ._device.emulation import LinkEmulator, LinkSpec
@@ -101,7 +111,9 @@ def build_parser(
     parser.add_argument(
         "--server",
         metavar="HOST:PORT",
-        help="the server, with --local-tasks (default: start an embedded one on loopback)",
+        help="the server, with --local-tasks (default: start an embedded one on loopback); "
+        "replicas as IP:PORT,IP:PORT or dns:///NAME:PORT (every record of NAME), balanced "
+        "round robin",
     )
     parser.add_argument(
         "--pipeline",
@@ -126,6 +138,14 @@ def build_parser(
         default=field_default(ClientConfig, "device_id"),
         help="name this device reports (default: the host name)",
     )
+    parser.add_argument(
+        "--device-workers",
+        type=int,
+        default=ClientConfig.device_workers,
+        metavar="N",
+        help="run tasks [1, K) for up to N items at once on threads, results still in item order "
+        "(default %(default)s; 0: one per CPU); @stateful tasks still run one item at a time",
+    )
     parser.add_argument("--output", metavar="FILE", help="one JSON line per item, in item order")
     parser.add_argument("--report", metavar="FILE", help="write the summary as JSON")
     parser.add_argument(
@@ -142,6 +162,13 @@ def build_parser(
         default=Limits.max_message_bytes,
         metavar="BYTES",
         help="largest item or result on the wire (default %(default)s); the server must agree",
+    )
+    parser.add_argument(
+        "--compression",
+        choices=COMPRESSION,
+        default=ClientConfig.compression,
+        help="compress items at the cut, where the server reads it and a sample shrinks; "
+        "auto: the scheduler's choice with --fps, else the best installed (default %(default)s)",
     )
     faults = parser.add_argument_group("when the server is away")
     faults.add_argument(
@@ -172,6 +199,26 @@ def build_parser(
         metavar="SECONDS",
         help="after a broken stream, how long unanswered items wait for a reconnect before "
         "running here (default %(default)s)",
+    )
+    faults.add_argument(
+        "--outage",
+        choices=OUTAGE,
+        default=LinkConfig.outage,
+        help="while no server answers: run every task here (run-all, default), or all but the "
+        "last and hold the items for the server (hold-last: for a last task that keeps state)",
+    )
+    faults.add_argument(
+        "--buffer-bytes",
+        type=int,
+        default=LinkConfig.buffer_bytes,
+        metavar="BYTES",
+        help="the buffer's bound in bytes of encoded items (default %(default)s)",
+    )
+    faults.add_argument(
+        "--buffer-dir",
+        metavar="DIR",
+        help="with --outage hold-last: keep held items in SQLite in DIR, so that a restart "
+        "resends them",
     )
     security = parser.add_argument_group("security (with --server)")
     security.add_argument(
@@ -256,12 +303,17 @@ def _config(args: argparse.Namespace) -> ClientConfig:
         fps=args.fps,
         control_period=args.control_period,
         slowdown=args.emulate_slowdown,
+        device_workers=args.device_workers,
         limits=Limits(max_message_bytes=args.max_message_bytes),
+        compression=args.compression,
         link=LinkConfig(
             buffer=args.buffer,
             when_full=args.when_full,
             item_timeout=args.item_timeout,
             resend_grace=args.resend_grace,
+            outage=args.outage,
+            buffer_bytes=args.buffer_bytes,
+            buffer_dir=args.buffer_dir,
         ),
         security=ClientSecurity(
             tls=args.tls,
@@ -339,6 +391,8 @@ def _main(argv: list[str] | None) -> int:
         for option, path in (("--output", args.output), ("--report", args.report)):
             if path is not None:
                 _check_writable(option, path)
+        if args.buffer_dir is not None:
+            check_folder(args.buffer_dir)  # before anything runs: a usage error
         link = LinkSpec.parse(args.emulate_link) if args.emulate_link else None
         if args.server:
             channel_credentials(config.security)  # the PEM files are read (and checked) now

@@ -4,8 +4,9 @@
     ├── ConfigError              a bad option or argument; the message says which and what is valid
     ├── PipelineError            a pipeline cannot be imported or does not follow the Task Interface
     ├── CodecError               a value cannot be encoded, or a wire value is malformed or too big
-    └── ServerError              the server refused the stream or became unreachable
-        └── PipelineMismatch     client and server run different pipelines, or other code of one
+    ├── ServerError              the server refused the stream or became unreachable
+    │   └── PipelineMismatch     client and server run different pipelines, or other code of one
+    └── StateUnavailable         (server) the state store cannot be reached: the item is not run
 
 A task that raises does not raise out of offload: the item is reported FAILED with the task's
 index and the error, and the run carries on.
@@ -40,3 +41,7 @@ class ServerError(OffloadError):
 
 class PipelineMismatch(ServerError):
     """The server runs a different pipeline (or other code of it) than the client."""
+
+
+class StateUnavailable(OffloadError):
+    """The state store (``--state``) cannot be reached or is too slow: the item is not run."""

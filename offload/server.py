@@ -14,7 +14,7 @@ from types import FrameType
 from ._cloud.allocator import keep_large_buffers
 from ._cloud.prefork import reserve_port, run_processes
 from ._cloud.serve import grpc_address, serve
-from ._config import Limits, ServerConfig, ServerSecurity
+from ._config import COMPRESSION, Limits, ServerConfig, ServerSecurity
 from ._env import (
     OneLineParser,
     apply_env_defaults,
@@ -79,7 +79,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=int,
         default=1,
         help="server processes sharing the port (SO_REUSEPORT), forked at start; each keeps "
-        "its own per-device state, so aggregation sees only its own devices (default 1)",
+        "its own per-device state unless --state is shared (Redis) (default 1)",
     )
     parser.add_argument(
         "--grace",
@@ -105,6 +105,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "%(default)s)",
     )
     parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=ServerConfig.dashboard_port,
+        metavar="PORT",
+        help="serve the fleet dashboard at http(s)://HOST:PORT/ (0 picks a free port; "
+        "beyond loopback it needs --token; default: off; docs/dashboard.md)",
+    )
+    parser.add_argument(
         "--no-reflection",
         dest="reflection",
         action="store_false",
@@ -117,6 +125,83 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         default=Limits.max_message_bytes,
         metavar="BYTES",
         help="largest item or result on the wire (default %(default)s); clients must agree",
+    )
+    state = parser.add_argument_group("state (docs/state.md)")
+    state.add_argument(
+        "--state",
+        default=ServerConfig.state,
+        metavar="URL",
+        help="where the last task's state and the remembered answers live: memory (this "
+        "process) or redis://HOST:PORT/DB, rediss:// for TLS, shared by replicas (default "
+        "%(default)s)",
+    )
+    state.add_argument(
+        "--state-password",
+        help="the Redis password (prefer the environment: arguments show in ps)",
+    )
+    state.add_argument(
+        "--state-tls-ca",
+        metavar="PEM",
+        help="rediss://: the CA bundle that signed Redis' certificate",
+    )
+    state.add_argument(
+        "--state-timeout",
+        type=float,
+        default=ServerConfig.state_timeout,
+        metavar="SECONDS",
+        help="a slower Redis call answers the item UNAVAILABLE (default %(default)s)",
+    )
+    state.add_argument(
+        "--state-ttl",
+        type=float,
+        default=ServerConfig.state_ttl,
+        metavar="SECONDS",
+        help="a device's answers and state expire this long after its last item; at least the "
+        "time a device may buffer items (default %(default)s)",
+    )
+    state.add_argument(
+        "--state-max-bytes",
+        type=int,
+        default=ServerConfig.state_max_bytes,
+        metavar="BYTES",
+        help="largest state of one device, encoded (default %(default)s)",
+    )
+    state.add_argument(
+        "--state-answers",
+        type=int,
+        default=ServerConfig.state_answers,
+        metavar="N",
+        help="answers kept per device run in Redis, to replay resends (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=ServerConfig.max_connection_age,
+        metavar="SECONDS",
+        help="send GOAWAY to connections older than this (+-10%%), so device streams spread "
+        "over new replicas; devices reconnect and resend; 0 = never (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-connection-age-grace",
+        type=float,
+        default=ServerConfig.max_connection_age_grace,
+        metavar="SECONDS",
+        help="how long a stream may go on after its connection's GOAWAY (default %(default)s)",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=ServerConfig.health_port,
+        metavar="PORT",
+        help="also serve grpc.health.v1 alone, in plaintext, on PORT: for Kubernetes' gRPC "
+        "probes, which speak no TLS (default: off)",
+    )
+    parser.add_argument(
+        "--compression",
+        choices=COMPRESSION,
+        default=ServerConfig.compression,
+        help="compress large results for devices that read it (default %(default)s: the best "
+        "installed)",
     )
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
@@ -154,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--processes must be at least 1")
     if args.processes > 1 and args.metrics_port is not None:
         parser.error("--metrics-port serves one process's metrics: use it with --processes 1")
+    if args.processes > 1 and args.health_port is not None:
+        parser.error("--health-port serves one process's health: use it with --processes 1")
+    if args.processes > 1 and args.dashboard_port is not None:
+        parser.error("--dashboard-port shows one process's devices: use it with --processes 1")
     try:
         config = _config(args)
     except ConfigError as exc:
@@ -207,7 +296,20 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         reflection=args.reflection,
         metrics_port=args.metrics_port,
         metrics_max_devices=args.metrics_max_devices,
+        state=args.state,
+        state_password=args.state_password,
+        state_tls_ca=args.state_tls_ca,
+        state_timeout=args.state_timeout,
+        state_ttl=args.state_ttl,
+        state_max_bytes=args.state_max_bytes,
+        state_answers=args.state_answers,
+        # The command line's 0 is "never", which the dataclass spells None.
+        max_connection_age=args.max_connection_age or None,
+        max_connection_age_grace=args.max_connection_age_grace,
+        health_port=args.health_port,
+        dashboard_port=args.dashboard_port,
         limits=Limits(max_message_bytes=args.max_message_bytes),
+        compression=args.compression,
         security=ServerSecurity(
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -251,6 +353,10 @@ def _serve_until_signalled(
         print(f"listening on {grpc_address(config.host, running.port)}", flush=True)
         if running.metrics_port is not None:
             print(f"metrics on {grpc_address(config.host, running.metrics_port)}", flush=True)
+        if running.health_port is not None:
+            print(f"health on {grpc_address(config.host, running.health_port)}", flush=True)
+        if running.dashboard_port is not None:
+            print(f"dashboard on {grpc_address(config.host, running.dashboard_port)}", flush=True)
     running.wait()
     log.info("event=stopped")
     return 0

@@ -4,21 +4,28 @@
 and tasks) in a thread of this process behind the device's ``Transport`` protocol, with the same
 serialisation as the wire, so a ``Client`` runs end to end in a unit test. This is the only
 module that sees both sides of the fence (``offload._device`` and ``offload._cloud``).
+
+``run_with_state`` runs a stateful last task on its own, the way the server does: with a
+``State`` from a ``MemoryState`` (a fresh one, or the test's), committed if the task succeeds.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ._cloud.executor import RemoteExecutor, RequestRejected
 from ._device.transport import Stream
+from ._pipeline import ItemContext
+from ._pipeline import _current as _current_item
+from ._state import MemoryState, using
 from ._wire import server_error
 from .exceptions import ServerError
 from .v1 import offload_pb2 as pb
 
-__all__ = ["InProcessTransport", "RemoteExecutor"]
+__all__ = ["InProcessTransport", "MemoryState", "RemoteExecutor", "run_with_state"]
 
 _CLOSE = object()
 
@@ -84,3 +91,29 @@ class InProcessTransport:
 
     def close(self) -> None:
         pass
+
+
+def run_with_state(
+    task: Callable[..., Any],
+    *args: Any,
+    store: MemoryState | None = None,
+    device_id: str = "device",
+    run_id: str = "run",
+    item: int = 0,
+    capture_time: float = 0.0,
+) -> Any:
+    """Call ``task(*args)`` as the server calls a pipeline's last task for one item of
+    ``device_id``: ``current_item()`` and ``current_state()`` answer, and the state's changes
+    are committed to ``store`` unless the task raises (then it raises here). Returns what the
+    task returned."""
+    store = store if store is not None else MemoryState()
+    state = store.state(device_id)
+    token = _current_item.set(ItemContext(device_id, run_id, item, capture_time, on_server=True))
+    try:
+        with using(state):
+            returned = task(*args)
+    finally:
+        _current_item.reset(token)
+    if state.used and not store.apply(device_id, state.version, state.changes()):
+        raise RuntimeError(f"device {device_id!r}: another thread changed its state meanwhile")
+    return returned

@@ -18,7 +18,7 @@ import trustme
 from examples.ball_tracking import reset_state
 from offload import Pipeline, RunningServer, ServerConfig, load_pipeline, serve
 
-from .helpers import Pki
+from .helpers import Pki, RedisServer
 
 PROCESS_TESTS = Path(__file__).resolve().parent / "process"
 
@@ -98,3 +98,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         rogue_cert=write("rogue.pem", impostor.cert_chain_pems[0]),
         rogue_key=write("rogue.key", impostor.private_key_pem),
     )
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port (skipped without one, except on CI)."""
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()

@@ -3,6 +3,7 @@ runs, wire messages for the counter pipeline, command lines, certificates and co
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -11,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -234,6 +236,124 @@ class Pki:
     rogue_ca: Path  # a CA the server does not trust...
     rogue_cert: Path  # ...and a certificate it signed for "device-7"
     rogue_key: Path
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, its files in ``directory``; restartable
+    on the same port with its data (append-only file, fsync always)."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            reason = "redis-server is not installed (apt-get install redis-server)"
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"{reason}: .ci/run installs it on CI")
+            pytest.skip(f"{reason}; CI runs these tests")
+        self.binary = binary
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        import redis  # noqa: PLC0415  (the server extra)
+
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.directory), "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+             "--protected-mode", "no", "--logfile", str(self.directory / "redis.log")],
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        try:
+            ready = wait_until(lambda: _answers(client), 30)
+        finally:
+            client.close()
+        assert ready, (self.directory / "redis.log").read_text()
+
+    def client(self) -> Any:
+        import redis  # noqa: PLC0415
+
+        return redis.Redis.from_url(self.url, socket_timeout=5)
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM: the append-only file is complete)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def _answers(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:  # not up yet (refused) or still loading its data
+        return False
+
+
+class Relay:
+    """A TCP relay in front of server ports, as a Service is: each new connection goes to the
+    first target that accepts it; when that target dies, its connections are cut (the device
+    reconnects, and lands on the next live target)."""
+
+    def __init__(self, targets: list[int]) -> None:
+        self.targets = list(targets)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.address = f"127.0.0.1:{self.port}"
+        self._open: list[tuple[int, socket.socket]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = None
+            for target in list(self.targets):
+                with contextlib.suppress(OSError):
+                    upstream = socket.create_connection(("127.0.0.1", target), timeout=1)
+                    upstream.settimeout(None)
+                    break
+            if upstream is None:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [(target, client), (target, upstream)]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+
+    def cut(self, target: int) -> None:
+        """End the connections to ``target`` (a balancer dropping an endpoint that failed)."""
+        with self._lock:
+            cut = [s for t, s in self._open if t == target]
+            self._open = [(t, s) for t, s in self._open if t != target]
+        for s in cut:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while data := source.recv(65536):
+            sink.sendall(data)
+    for s in (sink, source):
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
 
 
 def documented_block(heading: str, language: str = "sh") -> str:

@@ -1,24 +1,22 @@
 """The seven tasks of the ball tracker (the classic pyimagesearch colour tracker, the "seed").
 
 Tasks 0-5 are pure per-frame work (task 0 owns the camera); task 6 aggregates across items and
-devices on the server and keeps its state here, behind a lock.
+devices on the server and keeps its state in the server's state store (``current_state``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import threading
-from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from offload._pipeline import current_item
+from offload import current_item, current_state, publish_view
+from offload._state import LOCAL
 
 from .camera import Frame, Source, open_source
 
@@ -41,8 +39,6 @@ CENTRE_COLOUR = (0, 0, 255)  # red, BGR
 
 TRAIL_LENGTH = 32
 ACTIVE_WINDOW_S = 30.0  # a device is active if its last capture is this close to the item's
-MAX_DEVICES = 10_000  # per-device state kept by aggregate; least recently seen evicted first
-MAX_FRAMES = 1024  # latest snapshots kept for a viewer: ~20 kB JPEGs
 JPEG_QUALITY = 80
 
 # What a real camera never sends is refused (an item from the wire may claim anything): a frame
@@ -51,8 +47,10 @@ JPEG_QUALITY = 80
 MAX_FRAME_HEIGHT = 2 * FRAME_WIDTH
 MAX_CONTOURS = 16_384  # an opened mask of the largest frame holds at most ~14 000 blobs
 MAX_SNAPSHOT_BYTES = 512 * 1024  # a JPEG of the largest frame of noise at quality 80 fits
-MAX_FRAMES_BYTES = 32 * 1024 * 1024
-ACTIVE_BUCKET_S = 1.0  # devices active are counted per whole second of capture time
+# Per-device state and snapshots are the store's: in this process, offload._state.LOCAL keeps
+# 10 000 devices, least recently seen first out, and snapshots within 32 MiB in all.
+MAX_DEVICES = LOCAL.max_devices
+MAX_FRAMES_BYTES = LOCAL.max_published_bytes
 
 # --- the source that task 0 reads -----------------------------------------------------------
 
@@ -201,43 +199,13 @@ def draw(
 
 
 # --- aggregation (task 6, on the server) ----------------------------------------------------
+#
+# The state lives in the server's store (offload.current_state(): this process's memory, or
+# Redis shared by replicas), so trail, items_seen, devices_active and the latest snapshot are
+# the same whichever replica runs an item, and survive a replica's death.
 
-
-@dataclass
-class _Device:
-    run_id: str
-    trail: deque[list[int]] = field(default_factory=lambda: deque(maxlen=TRAIL_LENGTH))
-    items_seen: int = 0
-    last_capture: float = float("-inf")
-
-
-_state_lock = threading.Lock()
-_devices: OrderedDict[str, _Device] = OrderedDict()  # least recently seen first
-_frames: OrderedDict[str, bytes] = OrderedDict()
-_frames_bytes = 0
-# Devices by the whole second of their latest capture: counting the active ones reads 61
-# buckets, whatever the number of devices.
-_active: dict[int, int] = {}
-
-
-def _bucket(capture_time: float) -> int | None:
-    if not math.isfinite(capture_time):
-        return None
-    return math.floor(capture_time / ACTIVE_BUCKET_S)
-
-
-def _move(device: _Device, capture_time: float | None) -> None:
-    """Move ``device`` from the bucket of its latest capture to that of ``capture_time``."""
-    old = _bucket(device.last_capture)
-    if old is not None:
-        _active[old] -= 1
-        if not _active[old]:
-            del _active[old]
-    if capture_time is not None:
-        device.last_capture = capture_time
-        new = _bucket(capture_time)
-        if new is not None:
-            _active[new] = _active.get(new, 0) + 1
+CAPTURES = "capture"  # fleet index: each device's latest capture time
+SNAPSHOT = "snapshot"  # published per device: the latest annotated JPEG
 
 
 def aggregate(
@@ -245,10 +213,9 @@ def aggregate(
 ) -> tuple[bool, dict[str, JSONValue]]:
     """Task 6: the ball's trail per device, items seen, devices active; a JSON-friendly result.
 
-    O(1) per item: the trail, the device's entry and the snapshot are bounded, and devices
-    active are counted by whole seconds of capture time.
+    O(log devices) per item: the trail, the device's state and the snapshot are bounded, and
+    the store counts devices active in a sorted index.
     """
-    global _frames_bytes
     if not isinstance(snapshot, bytes) or not snapshot.startswith(b"\xff\xd8"):
         raise ValueError("the snapshot is not a JPEG (draw makes one)")
     if len(snapshot) > MAX_SNAPSHOT_BYTES:
@@ -256,60 +223,43 @@ def aggregate(
             f"the snapshot is {len(snapshot)} bytes: a frame's JPEG is at most {MAX_SNAPSHOT_BYTES}"
         )
     ctx = current_item()
+    state = current_state()
     cx, cy = (int(v) for v in centre)
     x, y = (float(v) for v in circle_xy)
-    with _state_lock:
-        device = _devices.get(ctx.device_id)
-        if device is None or device.run_id != ctx.run_id:
-            if device is not None:
-                _move(device, None)
-            device = _devices[ctx.device_id] = _Device(ctx.run_id)  # a restart: new trail
-        _devices.move_to_end(ctx.device_id)
-        while len(_devices) > MAX_DEVICES:
-            _move(_devices.popitem(last=False)[1], None)
-        device.trail.append([cx, cy])
-        device.items_seen += 1
-        # The latest capture, not the latest arrival: a resent old item must not age a device.
-        if ctx.capture_time > device.last_capture:
-            _move(device, ctx.capture_time)
-        # Relative to the item's own capture time, so results depend on the data alone and not
-        # on when the server got round to it.
-        here = _bucket(ctx.capture_time)
-        window = math.ceil(ACTIVE_WINDOW_S / ACTIVE_BUCKET_S)
-        active = (
-            0
-            if here is None
-            else sum(_active.get(b, 0) for b in range(here - window, here + window + 1))
-        )
-        _frames_bytes += len(snapshot) - len(_frames.get(ctx.device_id, b""))
-        _frames[ctx.device_id] = snapshot
-        _frames.move_to_end(ctx.device_id)
-        while len(_frames) > MAX_FRAMES or _frames_bytes > MAX_FRAMES_BYTES:
-            _frames_bytes -= len(_frames.popitem(last=False)[1])
-        trail: list[JSONValue] = [list(p) for p in device.trail]
-        seen = device.items_seen
+    device = state.device
+    if device.get("run") != ctx.run_id:  # a restart of the device: a new trail
+        device.clear()
+        device.update(run=ctx.run_id, trail=[], seen=0)
+    trail: list[JSONValue] = device["trail"]
+    trail.append([cx, cy])
+    del trail[:-TRAIL_LENGTH]
+    device["seen"] += 1
+    # The latest capture, not the latest arrival: a resent old item must not age a device.
+    state.mark(CAPTURES, ctx.capture_time)
+    # Relative to the item's own capture time, so results depend on the data alone and not
+    # on when the server got round to it.
+    active = state.count(
+        CAPTURES, ctx.capture_time - ACTIVE_WINDOW_S, ctx.capture_time + ACTIVE_WINDOW_S
+    )
+    state.publish(SNAPSHOT, snapshot)  # kept in the state store
+    publish_view(snapshot)  # the server's dashboard shows it
     return True, {
         "item": ctx.item,
         "centre": [cx, cy],
         "circle": [x, y],
         "radius": float(radius),
-        "trail": trail,
-        "items_seen": seen,
+        "trail": [list(p) for p in trail],  # type: ignore[arg-type]
+        "items_seen": device["seen"],
         "devices_active": active,
     }
 
 
 def latest_frame(device_id: str) -> bytes | None:
-    """The last annotated snapshot (JPEG) aggregate saw from a device (for a viewer)."""
-    with _state_lock:
-        return _frames.get(device_id)
+    """The last annotated snapshot (JPEG) aggregate saw from a device, in this process's store
+    (a server with --state redis:// keeps it in Redis: ``RedisStore.published``)."""
+    return LOCAL.published(device_id, SNAPSHOT)
 
 
 def reset_state() -> None:
-    """Forget every device's trail, counts and frames (for tests and long-lived servers)."""
-    global _frames_bytes
-    with _state_lock:
-        _devices.clear()
-        _frames.clear()
-        _active.clear()
-        _frames_bytes = 0
+    """Forget every device's trail, counts and frames in this process (for tests)."""
+    LOCAL.clear()

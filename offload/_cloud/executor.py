@@ -13,15 +13,20 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .._codec import decode, encode_result
+from .. import _batch
+from .._codec import READS, compress_value, compressions, decode, encode_result, expand
 from .._config import ServerConfig
-from .._pipeline import ItemContext, Pipeline, Status, arity_error, run_tasks
+from .._pipeline import ItemContext, Outcome, Pipeline, Status, arity_error, run_tasks
+from .._state import Changes, State
+from .._state import using as using_state
 from .._wire import WIRE_STATUS
 from ..exceptions import CodecError
 from ..v1 import offload_pb2 as pb
+from .state import Store, StoreUnavailable, Verdict, open_store
 
 log = logging.getLogger("offload.server")
 
+MAX_ATTEMPTS = 8  # runs of the last task for one item when other replicas keep winning the race
 # A task's error text is kept whole up to this many characters: one that echoes its input
 # would otherwise make every answer (and every remembered answer) as large as that input.
 MAX_ERROR_CHARS = 4096
@@ -58,14 +63,18 @@ class _RunAnswers:
 class RemoteExecutor:
     """Runs the remaining tasks of items for many devices; thread-safe."""
 
-    def __init__(self, pipeline: Pipeline, config: ServerConfig = ServerConfig()) -> None:
+    def __init__(
+        self, pipeline: Pipeline, config: ServerConfig = ServerConfig(), store: Store | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.config = config
+        self.store = store if store is not None else open_store(config)
         self._runs: OrderedDict[tuple[str, str], _RunAnswers] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._remembered = 0  # answers kept over all runs
         self._remembered_bytes = 0  # their serialised size
         self._listeners: list[Callable[[pb.TaskState, pb.ItemResult], None]] = []
+        self._compressions = compressions(config.compression)
 
     def add_listener(self, listener: Callable[[pb.TaskState, pb.ItemResult], None]) -> None:
         """Call ``listener(state, answer)`` for every answer given (a refused item has none)."""
@@ -164,21 +173,12 @@ class RemoteExecutor:
                 result = pb.ItemResult.FromString(replay)
                 result.duplicate = True
                 return result, replay + DUPLICATE
-            if state.item <= answers.highest:
-                forgotten = pb.ItemResult(
-                    item=state.item,
-                    status=pb.ItemResult.FAILED,
-                    task=state.next_task,
-                    error=f"item {state.item} was already processed and its answer is no "
-                    f"longer remembered (ServerConfig.dedup_items={answers.capacity}, "
-                    f"dedup_total={self.config.dedup_total}, "
-                    f"dedup_bytes={self.config.dedup_bytes})",
-                    duplicate=True,
-                )
-                return forgotten, forgotten.SerializeToString()
-            result, kept = self._encoded(self._run(state))
+            # The store remembers answers beyond this process's (Redis: every replica's).
+            if state.item <= answers.highest and not self.store.remembers_answers:
+                return self._forgotten(state)
+            result, kept = self._run(state)
             answers.answers[state.item] = kept
-            answers.highest = state.item
+            answers.highest = max(answers.highest, state.item)
             delta, size = 1, len(kept)
             # One run alone may not exceed the byte budget either: its oldest answers go first
             # (the newest too, if it alone is larger; a resend of it is then refused as such).
@@ -192,26 +192,133 @@ class RemoteExecutor:
         self._account((state.device_id, state.run_id), answers, delta, size)
         return result, kept
 
-    def _run(self, state: pb.TaskState) -> pb.ItemResult:
+    def _run(self, state: pb.TaskState) -> tuple[pb.ItemResult, bytes]:
+        """Run the item's remaining tasks and commit its answer (and state) through the store."""
         cpu_began = time.thread_time()
-        # Checked on the wire value, before decoding (allocating) its arrays; the same message
-        # as run_tasks gives on the device, so a result does not depend on where it ran.
-        misfit = arity_error(self.pipeline, state.next_task, wire_arg_count(state.args))
-        if misfit is not None:
-            return pb.ItemResult(
-                item=state.item, status=pb.ItemResult.FAILED, task=state.next_task, error=misfit
-            )
         try:
-            args = decode(state.args, self.config.limits)
+            return self._run_and_commit(state, cpu_began)
+        except StoreUnavailable as exc:
+            raise RequestRejected("UNAVAILABLE", str(exc)) from None
+
+    def _run_and_commit(self, state: pb.TaskState, cpu_began: float) -> tuple[pb.ItemResult, bytes]:
+        last = len(self.pipeline.tasks) - 1
+        try:
+            wire_args = expand(state.args, self.config.limits)  # its size checked first
+            # Checked on the wire value, before decoding (allocating) its arrays; the same
+            # message as run_tasks gives on the device, so a result does not depend on where
+            # it ran.
+            misfit = arity_error(self.pipeline, state.next_task, wire_arg_count(wire_args))
+            args = decode(wire_args, self.config.limits) if misfit is None else None
         except CodecError as exc:
             raise RequestRejected("INVALID_ARGUMENT", f"item {state.item}: {exc}") from None
+        if misfit is not None:
+            result = pb.ItemResult(
+                item=state.item,
+                status=pb.ItemResult.FAILED,
+                task=state.next_task,
+                error=misfit,
+                accepts=READS,
+            )
+            return self._record(state, result, self._encoded(state, result, cpu_began))
         context = ItemContext(
             state.device_id, state.run_id, state.item, state.capture_time, on_server=True
         )
-        outcome = run_tasks(self.pipeline, state.next_task, len(self.pipeline.tasks), args, context)
+        before = run_tasks(self.pipeline, state.next_task, last, args, context)
+        if before.status is not Status.CONTINUE:
+            return self._record(state, *self._result(state, before, before.task_seconds, cpu_began))
+        # The last task runs on the device's state; a commit that finds the state changed by
+        # another item (another replica) runs it again on the state that won.
+        for _attempt in range(MAX_ATTEMPTS):
+            item_state = self.store.state(state.device_id)
+            with using_state(item_state):
+                outcome = run_tasks(self.pipeline, last, last + 1, before.value, context)
+            result, encoded = self._result(
+                state, outcome, before.task_seconds + outcome.task_seconds, cpu_began
+            )
+            changes = Changes()
+            if result.status != pb.ItemResult.FAILED and item_state.used:
+                try:
+                    changes = item_state.changes(self.config.state_max_bytes)
+                except CodecError as exc:
+                    result.ClearField("output")
+                    result.status = pb.ItemResult.FAILED
+                    result.task = last
+                    result.error = f"the state cannot be kept: {exc}"
+                    encoded = result.SerializeToString()
+            committed = self._commit(
+                state, result, encoded, item_state if item_state.used else None, changes
+            )
+            if committed is not None:
+                return committed
+        raise RequestRejected(
+            "UNAVAILABLE",
+            f"item {state.item}: the state of device {state.device_id!r} changed under each of "
+            f"{MAX_ATTEMPTS} attempts (other replicas run its items too): resend it",
+        )
+
+    def _record(
+        self, state: pb.TaskState, result: pb.ItemResult, encoded: bytes
+    ) -> tuple[pb.ItemResult, bytes]:
+        """Commit an answer that read no state (so is never stale)."""
+        committed = self._commit(state, result, encoded, None, Changes())
+        assert committed is not None
+        return committed
+
+    def _commit(
+        self,
+        state: pb.TaskState,
+        result: pb.ItemResult,
+        encoded: bytes,
+        read: State | None,
+        changes: Changes,
+    ) -> tuple[pb.ItemResult, bytes] | None:
+        """The answer to give once committed (a replayed one if another replica answered
+        first), or None if the state changed since it was read."""
+        outcome = self.store.commit(
+            state.device_id, state.run_id, state.item, read, changes, encoded
+        )
+        if outcome.verdict is Verdict.COMMITTED:
+            return result, encoded
+        if outcome.verdict is Verdict.REPLAY:
+            replayed = pb.ItemResult.FromString(outcome.answer)
+            replayed.duplicate = True
+            return replayed, outcome.answer + DUPLICATE
+        if outcome.verdict is Verdict.FORGOTTEN:
+            return self._forgotten(state)
+        return None
+
+    def _forgotten(self, state: pb.TaskState) -> tuple[pb.ItemResult, bytes]:
+        where = (
+            f"the store {self.store.name} keeps {self.config.state_answers} per run for "
+            f"--state-ttl {self.config.state_ttl:g}s"
+            if self.store.remembers_answers
+            else f"ServerConfig.dedup_items={self.config.dedup_items}, "
+            f"dedup_total={self.config.dedup_total}, dedup_bytes={self.config.dedup_bytes}"
+        )
+        forgotten = pb.ItemResult(
+            item=state.item,
+            status=pb.ItemResult.FAILED,
+            task=state.next_task,
+            error=f"item {state.item} was already processed and its answer is no longer "
+            f"remembered ({where})",
+            duplicate=True,
+        )
+        return forgotten, forgotten.SerializeToString()
+
+    def _result(
+        self,
+        state: pb.TaskState,
+        outcome: Outcome,
+        task_seconds: list[tuple[int, float]],
+        cpu_began: float,
+    ) -> tuple[pb.ItemResult, bytes]:
         result = pb.ItemResult(item=state.item, status=WIRE_STATUS[outcome.status])
+        result.accepts.extend(READS)
         if outcome.status is Status.COMPLETED:
-            error = encode_result(result.output, outcome.value, self.config.limits)
+            # Packed and compressed only for a device that said it reads them.
+            accepts = state.accepts
+            packed = pb.CODEC_PACKED in accepts
+            error = encode_result(result.output, outcome.value, self.config.limits, packed=packed)
             if error is not None:
                 result.status = pb.ItemResult.FAILED
                 result.task = len(self.pipeline.tasks) - 1
@@ -219,15 +326,15 @@ class RemoteExecutor:
         else:
             result.task = outcome.task
             result.error = truncate_error(outcome.error)
-        result.task_times.extend(pb.TaskTime(task=i, seconds=s) for i, s in outcome.task_seconds)
-        result.server_cpu_seconds = time.thread_time() - cpu_began
-        return result
+        result.task_times.extend(pb.TaskTime(task=i, seconds=s) for i, s in task_seconds)
+        return result, self._encoded(state, result, cpu_began)
 
-    def _encoded(self, result: pb.ItemResult) -> tuple[pb.ItemResult, bytes]:
-        """The answer and its encoding, made once (protobuf's ByteSize encodes it too); one too
-        large to send becomes a failure that says so."""
+    def _encoded(self, state: pb.TaskState, result: pb.ItemResult, cpu_began: float) -> bytes:
+        """The answer's encoding, made once (protobuf's ByteSize encodes too), with its CPU time;
+        one too large to send becomes a failure that says so."""
         encoded = result.SerializeToString()
         limit = self.config.limits.max_message_bytes
+        # Its size before compression: that is what the device decompresses and checks.
         if len(encoded) > limit:
             result.ClearField("output")
             result.status = pb.ItemResult.FAILED
@@ -237,7 +344,12 @@ class RemoteExecutor:
                 f"{limit}: raise it on the server and on the clients (Limits.max_message_bytes)"
             )
             encoded = result.SerializeToString()
-        return result, encoded
+        elif result.status == pb.ItemResult.COMPLETED:
+            codec = next((c for c in self._compressions if c in state.accepts), None)
+            if codec is not None and compress_value(result.output, codec) is not None:
+                encoded = result.SerializeToString()
+        result.server_cpu_seconds = time.thread_time() - cpu_began
+        return _batch.with_cpu(encoded, result.server_cpu_seconds)
 
 
 def truncate_error(text: str) -> str:

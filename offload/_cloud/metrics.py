@@ -15,6 +15,9 @@ so that a fleet of thousands of devices cannot blow up Prometheus' memory):
     offload_active_streams                   device streams open now
     offload_received_bytes_total             TaskState (and TaskBatch) bytes received
     offload_sent_bytes_total                 ItemResult (and ResultBatch) bytes sent
+    offload_unauthenticated_total            calls refused for a missing or wrong token
+    offload_state_errors_total{kind}         state store calls failed: unreachable / slow / refused
+    offload_state_up                         1 while the state store is reachable, else 0
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .._pipeline import Pipeline
 from .._wire import BATCH_METHOD, METHOD, status_name
 from ..exceptions import ConfigError
 from ..v1 import offload_pb2 as pb
+from .state import Store
 
 OTHER_DEVICES = "other"
 _STREAMS = (METHOD, BATCH_METHOD)
@@ -71,6 +75,14 @@ class ServerMetrics:
             "offload_received_bytes", "TaskState bytes received", registry=r
         )
         self.sent_bytes = Counter("offload_sent_bytes", "ItemResult bytes sent", registry=r)
+        self.unauthenticated = Counter(
+            "offload_unauthenticated", "Calls refused for a missing or wrong token", registry=r
+        )
+        self.state_errors = Counter(
+            "offload_state_errors", "State store calls that failed, by kind", ["kind"], registry=r
+        )
+        self.state_up = Gauge("offload_state_up", "1 while the state store answers", registry=r)
+        self.state_up.set(1)
         self._task_series: dict[int, Any] = {}  # task: its histogram
         self._item_series: dict[tuple[str, int], Any] = {}  # (device, status): its counter
         self._http: WSGIServer | None = None
@@ -110,6 +122,11 @@ class ServerMetrics:
                 series = self._task_series[t.task] = self.task_seconds.labels(str(t.task), name)
             series.observe(t.seconds)
         self.item_cpu_seconds.observe(result.server_cpu_seconds)
+
+    def watch_store(self, store: Store) -> None:
+        """Count the state store's failures and follow its reachability."""
+        store.add_error_listener(lambda kind: self.state_errors.labels(kind).inc())
+        store.add_health_listener(lambda up: self.state_up.set(int(up)))
 
     def start_http(self, host: str, port: int) -> int:
         """Serve /metrics on ``host:port`` (0 picks a free port); returns the bound port."""

@@ -6,20 +6,25 @@ let the kernel spread connections between them. Forking happens before gRPC star
 this process, as gRPC requires. Each process keeps its own per-device state: a device's stream
 lives on one process, but aggregation across devices sees only the devices of its process, and
 a reconnecting device may land on another process (its resent items are then not recognised).
+A child that dies is replaced; children die with their parent.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from types import FrameType
 
 from ..exceptions import ConfigError, OffloadError
 from .serve import bind_problem
+
+log = logging.getLogger("offload.server")
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -54,22 +59,33 @@ def _stop_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+RESTARTS = 5  # a child dying this often within RESTART_WINDOW seconds is a crash loop: stop
+RESTART_WINDOW = 60.0
+
+
 def run_processes(
     count: int, child: Callable[[int, Callable[[], None]], int]
 ) -> tuple[list[int], Callable[[], int]]:
     """Fork ``count`` children running ``child(index, ready)``; ``ready()`` tells the parent
-    the child serves. Returns the children's pids (once all are ready) and ``wait``, which
-    forwards SIGTERM / SIGINT to them and returns the worst exit code."""
-    pids: list[int] = []
-    pipes: list[int] = []
+    the child serves. Returns the children's pids (once all are ready; the list follows
+    restarts) and ``wait``, which forwards SIGTERM / SIGINT to them, restarts a child that dies
+    meanwhile (as the OOM killer's SIGKILL would), and returns the worst exit code."""
     parent = os.getpid()
-    for index in range(count):
+    pids: list[int] = []
+    index_of: dict[int, int] = {}
+    waiting: set[int] = set()  # read ends of the ready pipes not read yet
+    stopping = False
+
+    def fork(index: int) -> tuple[int, int]:
+        """A child serving as ``index``, and the pipe it says ``ready`` on."""
         read_end, write_end = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child
+        if pid == 0:  # the child: none of the parent's handlers or pipes
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             _stop_with_parent(parent)
             os.close(read_end)
-            for other in pipes:
+            for other in waiting:
                 os.close(other)
 
             def ready(fd: int = write_end) -> None:
@@ -85,13 +101,20 @@ def run_processes(
                 os._exit(code)
         os.close(write_end)
         pids.append(pid)
-        pipes.append(read_end)
-    failed = False
-    for fd in pipes:
-        failed |= os.read(fd, 1) != b"1"  # EOF: the child exited before serving
-        os.close(fd)
+        index_of[pid] = index
+        waiting.add(read_end)
+        return pid, read_end
+
+    def started(fd: int) -> bool:
+        try:
+            return os.read(fd, 1) == b"1"  # EOF: the child exited before serving
+        finally:
+            os.close(fd)
+            waiting.discard(fd)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
         for pid in pids:
             try:
                 os.kill(pid, signum)
@@ -100,20 +123,44 @@ def run_processes(
 
     def wait() -> int:
         worst = 0
-        remaining = set(pids)
-        while remaining:
+        restarts: list[float] = []
+        while pids:
             pid, status = os.wait()
-            if pid not in remaining:
+            if pid not in index_of:
                 continue
-            remaining.discard(pid)
+            pids.remove(pid)
+            index = index_of.pop(pid)
             code = os.waitstatus_to_exitcode(status)
-            if code != 0 and remaining:
-                forward(signal.SIGTERM, None)  # one failed: stop the rest, do not limp on
-            worst = max(worst, abs(code))
+            if stopping:
+                worst = max(worst, abs(code))
+                continue
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+            if len(restarts) > RESTARTS:
+                log.error(
+                    "event=child-crash-loop index=%d pid=%d code=%d restarts=%d window_s=%.0f",
+                    index,
+                    pid,
+                    code,
+                    RESTARTS,
+                    RESTART_WINDOW,
+                )
+                forward(signal.SIGTERM, None)
+                worst = max(worst, abs(code), 1)
+                continue
+            log.warning("event=child-restart index=%d pid=%d code=%d", index, pid, code)
+            _new, fd = fork(index)
+            if not started(fd):
+                forward(signal.SIGTERM, None)  # it cannot start again: stop, do not limp on
+                worst = 1
         return worst
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    pipes = [fork(index)[1] for index in range(count)]
+    failed = False
+    for fd in pipes:
+        failed |= not started(fd)
     if failed:
         forward(signal.SIGTERM, None)
         wait()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import socket
 import sys
 from concurrent import futures
@@ -31,6 +32,7 @@ from .executor import RemoteExecutor
 from .servicer import SPARE_THREADS, OffloadServicer
 
 if TYPE_CHECKING:
+    from .dashboard_http import Dashboard
     from .metrics import ServerMetrics
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("offload.server")
+HEALTH_MAX_CALLS = 8  # the plaintext health port (--health-port): calls at once...
+HEALTH_MAX_BYTES = 4096  # ...and the largest request it reads
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -116,7 +120,52 @@ def server_options(config: ServerConfig, share_port: bool = False) -> list[tuple
         # Client pings closer together than this count as strikes; too many: too_many_pings.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
+        # Hostile connections (docs/security.md): streams and connections at once, a deadline
+        # for the handshake (TLS, HTTP/2 preface), a connection without a stream closed like an
+        # idle stream (not before 10 s: a client connects before it streams), and headers (the
+        # token included) of at most 8 KiB, 16 KiB hard.
+        ("grpc.max_concurrent_streams", config.streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
+        ("grpc.max_connection_idle_ms", int(max(config.stream_idle_seconds, 10.0) * 1000)),
+        ("grpc.max_metadata_size", 8 * 1024),
+        ("grpc.absolute_max_metadata_size", 16 * 1024),
+        *connection_age_options(config),
     ]
+
+
+def connection_age_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """GOAWAY to connections older than ``max_connection_age`` (streams rebalance over
+    replicas), which keep ``max_connection_age_grace`` seconds to finish."""
+    if config.max_connection_age is None:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(config.max_connection_age * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace * 1000)),
+    ]
+
+
+def raise_open_files_limit(config: ServerConfig) -> None:
+    """Raise the soft limit on open files to fit ``max_connections`` (and the threads' own), as
+    far as the hard limit allows; say so if it does not (the common soft limit is 1024)."""
+    needed = config.max_connections + 2 * config.workers + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        log.warning(
+            "event=open-files-limit soft=%d hard=%d needed=%d reason=%s",
+            target,
+            hard,
+            needed,
+            quote(
+                "the hard limit on open files is below what --workers and "
+                "ServerConfig.max_connections need: raise it (ulimit -Hn, LimitNOFILE=)"
+            ),
+        )
 
 
 @dataclass
@@ -129,20 +178,38 @@ class RunningServer:
     servicer: OffloadServicer
     metrics: ServerMetrics | None = None
     metrics_port: int | None = None
+    health_server: grpc.Server | None = None  # plaintext health only (--health-port)
+    health_port: int | None = None
+    dashboard: Dashboard | None = None
+    dashboard_port: int | None = None
+    stopping: bool = False
+
+    def set_health(self, serving: bool) -> None:
+        """SERVING only while the state store is reachable and the server is not stopping."""
+        if self.health is None:
+            return
+        serving = serving and not self.stopping and self.servicer.executor.store.reachable
+        response = server_extra("grpc_health.v1.health_pb2").HealthCheckResponse
+        status = response.SERVING if serving else response.NOT_SERVING
+        self.health.set("", status)
+        self.health.set(SERVICE_NAME, status)
 
     def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, refuse new streams, let in-flight ones finish within ``grace``."""
-        if self.health is not None:
-            health_pb2 = server_extra("grpc_health.v1.health_pb2")
-            self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-            self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.stopping = True
+        self.set_health(False)
         stopped = self.server.stop(grace)  # refuses new streams from now on
         self.servicer.drain()  # streams end UNAVAILABLE after their current item
         stopped.wait()
         self.servicer.close()
+        self.servicer.executor.store.close()
         # Metrics stay readable until the last stream has ended, then the endpoint closes.
         if self.metrics is not None:
             self.metrics.stop_http()
+        if self.health_server is not None:  # it said NOT_SERVING until now
+            self.health_server.stop(None)
+        if self.dashboard is not None:
+            self.dashboard.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -168,6 +235,7 @@ def serve(
     """
     pipeline = pipeline or load_pipeline(config.pipeline)
     limit_task_threads(config.task_threads)
+    raise_open_files_limit(config)
     credentials = server_credentials(config.security)
     token = config.security.token
     if config.metrics_port is not None:
@@ -185,16 +253,28 @@ def serve(
     metrics = None
     executor = RemoteExecutor(pipeline, config)
     # The token is checked first: an unauthenticated call reaches nothing else.
-    interceptors: list[grpc.ServerInterceptor] = [TokenAuth(token)] if token is not None else []
+    auth = TokenAuth(token) if token is not None else None
+    interceptors: list[grpc.ServerInterceptor] = [auth] if auth is not None else []
     if config.metrics_port is not None:
         from .metrics import ServerMetrics, StreamMetrics  # noqa: PLC0415
 
         metrics = ServerMetrics(pipeline, config.metrics_max_devices)
         executor.add_listener(metrics.observe)
+        if auth is not None:
+            auth.add_listener(metrics.unauthenticated.inc)
+        metrics.watch_store(executor.store)
         interceptors.append(StreamMetrics(metrics))
+    dashboard = None
+    if config.dashboard_port is not None:
+        from .dashboard import FleetBoard  # noqa: PLC0415
+        from .dashboard_http import Dashboard  # noqa: PLC0415
+
+        dashboard = Dashboard(FleetBoard(pipeline), config)
+        executor.add_listener(dashboard.board.observe)
     # The servicer refuses device streams beyond `workers` itself (saying so, and logging it);
+    # as many again may wait for their first item without holding a worker (OffloadServicer);
     # the spare threads answer health checks and those refusals when every worker is busy.
-    threads = config.workers + SPARE_THREADS
+    threads = 2 * config.workers + SPARE_THREADS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="offload"),
         interceptors=interceptors,
@@ -243,14 +323,40 @@ def serve(
             server.stop(None)
             servicer.close()
             raise
+    health_server, health_port = None, None
+    dashboard_port = None
+    try:
+        if config.health_port is not None:
+            health_server, health_port = _health_only(config, health_servicer)
+        if dashboard is not None:
+            dashboard_port = dashboard.start()
+    except ConfigError:
+        server.stop(None)
+        servicer.close()
+        if metrics is not None:
+            metrics.stop_http()
+        if health_server is not None:
+            health_server.stop(None)
+        raise
     server.start()
-    if health_servicer is not None:
-        serving = server_extra("grpc_health.v1.health_pb2").HealthCheckResponse.SERVING
-        health_servicer.set("", serving)
-        health_servicer.set(SERVICE_NAME, serving)
+    running = RunningServer(
+        server,
+        port,
+        health_servicer,
+        servicer,
+        metrics,
+        metrics_port,
+        health_server,
+        health_port,
+        dashboard,
+        dashboard_port,
+    )
+    # NOT_SERVING while the state store is unreachable: a load balancer sends devices elsewhere.
+    executor.store.add_health_listener(running.set_health)
+    running.set_health(True)
     log.info(
         "event=start address=%s pipeline=%s fingerprint=%s tasks=%d workers=%d "
-        "health=%s reflection=%s metrics=%s tls=%s client_certs=%s token=%s "
+        "health=%s reflection=%s metrics=%s dashboard=%s tls=%s client_certs=%s token=%s "
         "max_message_bytes=%d",
         grpc_address(config.host, port),
         pipeline.name,
@@ -260,9 +366,43 @@ def serve(
         "on" if health_servicer is not None else "off",
         "on" if reflection is not None else "off",
         grpc_address(config.host, metrics_port) if metrics_port is not None else "off",
+        grpc_address(config.host, dashboard_port) if dashboard_port is not None else "off",
         "on" if credentials is not None else "off",
         "required" if config.security.tls_client_ca is not None else "off",
         "required" if token is not None else "off",
         config.limits.max_message_bytes,
     )
-    return RunningServer(server, port, health_servicer, servicer, metrics, metrics_port)
+    if health_port is not None:
+        log.info("event=health-port address=%s", grpc_address(config.host, health_port))
+    log.info("event=state store=%s", quote(executor.store.name))
+    return running
+
+
+def _health_only(config: ServerConfig, health_servicer: Any) -> tuple[grpc.Server, int]:
+    """A plaintext server of grpc.health.v1 alone (Kubernetes' gRPC probes speak no TLS): the
+    main server's health servicer, so both say the same; started at once."""
+    assert config.health_port is not None
+    if health_servicer is None:
+        server_extra("grpc_health.v1.health", "--health-port")  # says what to install
+    problem = bind_problem(config.host, config.health_port)
+    if problem is not None:
+        raise ConfigError(problem.replace("--port", "--health-port"))
+    # Probes ask one tiny question at a time: 8 calls at once, 4 kB each, is plenty.
+    health = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        options=[("grpc.max_receive_message_length", HEALTH_MAX_BYTES)],
+        maximum_concurrent_rpcs=HEALTH_MAX_CALLS,
+    )
+    stubs = server_extra("grpc_health.v1.health_pb2_grpc")
+
+    class CheckOnly(stubs.HealthServicer):  # type: ignore[misc,name-defined]
+        """Check, as the main port answers it; Watch (a call held open) is left UNIMPLEMENTED,
+        so that no client can hold the calls the probes need."""
+
+        def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+            return health_servicer.Check(request, context)
+
+    stubs.add_HealthServicer_to_server(CheckOnly(), health)
+    port = health.add_insecure_port(grpc_address(config.host, config.health_port))
+    health.start()
+    return health, port

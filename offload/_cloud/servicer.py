@@ -14,8 +14,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .. import _batch
-from .._logging import quote
-from .._security import peer_device_id
+from .._codec import wire_problem
+from .._logging import RefusalLog, quote
+from .._security import REFUSAL_LOG_INTERVAL, peer_device_id
 from .._wire import BATCH_METHOD_NAME, METHOD_NAME, SERVICE_NAME, TOO_LARGE, status_code
 from ..v1 import offload_pb2 as pb
 from .executor import MAX_ID_CHARS, RemoteExecutor, RequestRejected
@@ -28,18 +29,73 @@ class _Watch:
 
     def __init__(self, context: grpc.ServicerContext) -> None:
         self.context = context
-        self.last_activity = time.monotonic()
+        self.opened = self.last_activity = time.monotonic()
+        # No item yet: the stream holds a thread but not one of `workers` (a stream of headers
+        # alone must not keep devices out).
+        self.waiting = True
         self.busy = False  # running an item: not idle, however long the tasks take
         self.dropped = False
+        self.held = 0  # bytes read and not yet answered (under ReadBudget's lock)
+        self.closed = False
 
 
-_READ_AHEAD = 16  # items read and stamped ahead of the one running; then TCP pushes back
+class ReadBudget:
+    """The bytes of items read and not yet answered, per stream and over all streams.
+
+    A stream reads its next message only while it holds less than ``per_stream`` bytes and the
+    server less than ``total``; then TCP pushes back. A stream that holds nothing may always read
+    one, so that honest devices keep being served (an item at a time) while others hold the
+    budget. So a stream holds at most ``per_stream`` plus one message (up to twice
+    ``--max-message-bytes``), and the server ``total`` plus one message per stream.
+    """
+
+    def __init__(self, per_stream: int, total: int) -> None:
+        self.per_stream = per_stream
+        self.total = total
+        self.held = 0
+        self.peak = 0  # the most ever held
+        self.waiting = 0  # streams waiting for room now
+        self._room = threading.Condition()
+
+    def wait_for_room(self, stream: _Watch) -> bool:
+        """Wait until ``stream`` may read its next message; False once the stream has ended."""
+        with self._room:
+            while not stream.closed and stream.context.is_active():
+                if stream.held == 0 or (stream.held < self.per_stream and self.held < self.total):
+                    return True
+                self.waiting += 1
+                self._room.wait(0.25)
+                self.waiting -= 1
+            return False
+
+    def take(self, stream: _Watch, size: int) -> None:
+        with self._room:
+            if not stream.closed:
+                stream.held += size
+                self.held += size
+                self.peak = max(self.peak, self.held)
+
+    def give(self, stream: _Watch, size: int) -> None:
+        with self._room:
+            size = min(size, stream.held)
+            stream.held -= size
+            self.held -= size
+            self._room.notify_all()
+
+    def close(self, stream: _Watch) -> None:
+        """The stream ended: what it still holds (read, never run) is given back."""
+        with self._room:
+            stream.closed = True
+            self.held -= stream.held
+            stream.held = 0
+            self._room.notify_all()
+
+
+_READ_AHEAD = 16  # items read ahead of the one running, whatever their bytes (ReadBudget)
 _END = object()
+TASK_STATE_ARGS = pb.TaskState.DESCRIPTOR.fields_by_name["args"].number
 # Threads beyond `workers`: health checks, and refusing streams beyond `workers`, still get one.
 SPARE_THREADS = 4
-# How long a refused stream may take to send its first item, which names the device for the log.
-_NAME_WAIT = 1.0
-_REFUSAL_LOG_INTERVAL = 10.0  # a device refused again within this is counted, not logged
 SHUTTING_DOWN = (
     "the server is shutting down: reconnect (to another server, or to this one once it is "
     "back) and resend the items it has not answered"
@@ -47,15 +103,28 @@ SHUTTING_DOWN = (
 
 
 def _read_ahead(
-    requests: Iterator[bytes], context: grpc.ServicerContext, draining: threading.Event
+    requests: Iterator[bytes],
+    watch: _Watch,
+    budget: ReadBudget,
+    draining: threading.Event,
 ) -> Iterator[tuple[bytes, float]]:
     """Yield items with the time each finished arriving, read by a thread of its own.
 
     Reading while the previous item runs stamps arrival times that reflect the link rather
-    than the server's pace, which is what lets the device measure its link's bandwidth.
+    than the server's pace, which is what lets the device measure its link's bandwidth. What
+    is read counts against ``budget`` until the answering side gives it back.
     Waiting for an item while the server drains ends the stream UNAVAILABLE.
     """
+    context = watch.context
     inbox: queue.Queue[object] = queue.Queue(maxsize=_READ_AHEAD)
+
+    def wake() -> None:  # a cancelled stream frees its thread now, not at the next poll
+        try:
+            inbox.put_nowait(_END)
+        except queue.Full:
+            pass  # the answering side is not waiting
+
+    context.add_callback(wake)
 
     def offer(entry: object) -> bool:
         while context.is_active():
@@ -68,7 +137,11 @@ def _read_ahead(
 
     def read() -> None:
         try:
-            for state in requests:
+            while budget.wait_for_room(watch):
+                state = next(requests, None)
+                if state is None:
+                    break
+                budget.take(watch, len(state))
                 if not offer((state, time.monotonic())):
                     return
         except Exception as exc:  # the stream broke: hand the error to the answering side
@@ -94,58 +167,6 @@ def _read_ahead(
         yield entry  # type: ignore[misc]
 
 
-def _first_message(requests: Iterator[bytes], wait: float) -> bytes | None:
-    """The stream's first message if it arrives within ``wait`` seconds, else None."""
-    box: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
-
-    def read() -> None:
-        try:
-            box.put(next(requests, None))
-        except Exception:  # the stream ended or broke: nothing to name it by
-            box.put(None)
-
-    threading.Thread(target=read, name="offload-refused", daemon=True).start()
-    try:
-        return box.get(timeout=wait)
-    except queue.Empty:
-        return None
-
-
-def _device_of(data: bytes | None) -> str | None:
-    """The device id a stream's first message claims, if it is a TaskState that names one."""
-    if data is None:
-        return None
-    try:
-        return pb.TaskState.FromString(data).device_id or None
-    except DecodeError:
-        return None
-
-
-class _RefusalLog:
-    """Which refusals to log: a device's first, then at most one per ``interval`` with the
-    number refused meanwhile, so that a device retrying in a loop cannot flood the log."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._seen: dict[str, tuple[float, int]] = {}  # device: (last logged, refused since)
-
-    def count(self, device: str) -> int:
-        """Count a refusal; the refusals to report now (this one included), or 0 for none."""
-        now = time.monotonic()
-        with self._lock:
-            if len(self._seen) > 10_000:  # forget devices quiet for an interval
-                self._seen = {
-                    d: seen for d, seen in self._seen.items() if now - seen[0] < self.interval
-                }
-            logged, since = self._seen.get(device, (-self.interval, 0))
-            if now - logged < self.interval:
-                self._seen[device] = (logged, since + 1)
-                return 0
-            self._seen[device] = (now, 0)
-            return since + 1
-
-
 class OffloadServicer:
     """The gRPC face of ``RemoteExecutor``.
 
@@ -158,23 +179,23 @@ class OffloadServicer:
         self._idle_limit = executor.config.stream_idle_seconds
         self._stream_limit = executor.config.workers
         self._watches: dict[int, _Watch] = {}
+        self._working = 0  # streams that have sent an item: at most `workers`
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._draining = threading.Event()
-        self._refusals = _RefusalLog(_REFUSAL_LOG_INTERVAL)
+        self._refusals = RefusalLog(REFUSAL_LOG_INTERVAL)
+        config = executor.config
+        self.read_budget = ReadBudget(config.read_ahead_bytes, config.read_ahead_total_bytes)
         self._reaper = threading.Thread(target=self._reap, name="offload-reaper", daemon=True)
         self._reaper.start()
 
     def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.stream_stream_rpc_method_handler(
-            self.ExecuteRemaining,
-            request_deserializer=None,
-            response_serializer=pb.ItemResult.SerializeToString,
-        )
-        batches = grpc.stream_stream_rpc_method_handler(self.ExecuteBatches)  # bytes each way
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME, {METHOD_NAME: method, BATCH_METHOD_NAME: batches}
-        )
+        # Bytes each way: requests are parsed here, answers encoded once by the executor.
+        methods = {
+            METHOD_NAME: grpc.stream_stream_rpc_method_handler(self.ExecuteRemaining),
+            BATCH_METHOD_NAME: grpc.stream_stream_rpc_method_handler(self.ExecuteBatches),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
     def close(self) -> None:
         self._closed.set()
@@ -211,116 +232,117 @@ class OffloadServicer:
 
     def ExecuteRemaining(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
-    ) -> Iterator[pb.ItemResult]:
-        peer = context.peer()
-        proven = peer_device_id(context)
-        device = None
-        count = 0
-        watch = _Watch(context)
-        with self._lock:
-            open_streams = len(self._watches)
-            full = open_streams >= self._stream_limit
-            if not full:
-                self._watches[id(watch)] = watch
-        if full:
-            self._refuse_full(request_iterator, context, proven, open_streams)
-        try:
-            for data, arrived in _read_ahead(request_iterator, context, self._draining):
-                watch.busy = True
-                state = self._parse(data, count, context, peer)
-                if proven is not None and state.device_id != proven:
-                    if device is None:
-                        log.warning(
-                            "event=device-id-override claimed=%s certificate=%s peer=%s",
-                            quote(state.device_id[:MAX_ID_CHARS]),
-                            quote(proven),
-                            quote(peer),
-                        )
-                    state.device_id = proven  # the certificate, not the message, names the device
-                if device is None:
-                    device = state.device_id[:MAX_ID_CHARS]  # longer: refused, named in short
-                    log.info("event=connect device=%s peer=%s", quote(device), quote(peer))
-                try:
-                    result = self.executor.execute(state)
-                except RequestRejected as exc:
-                    log.warning(
-                        "event=reject device=%s peer=%s code=%s reason=%s",
-                        quote(state.device_id[:MAX_ID_CHARS]),
-                        quote(peer),
-                        exc.code,
-                        quote(exc),
-                    )
-                    context.abort(status_code(exc.code), str(exc))
-                result.server_receive_time = arrived
-                result.server_seconds = time.monotonic() - arrived
-                watch.busy = False
-                yield result
-                watch.last_activity = time.monotonic()
-                count += 1
-                if self._draining.is_set():
-                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        finally:
-            with self._lock:
-                del self._watches[id(watch)]
-            if device is not None:
-                log.info(
-                    "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
-                )
+    ) -> Iterator[bytes]:
+        """One item per message each way (bytes each way: the servicer parses, the executor
+        encodes each answer once)."""
+        return self._serve(request_iterator, context, batched=False)
 
     def ExecuteBatches(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        """``ExecuteRemaining`` with several items per message each way.
+        """``ExecuteRemaining`` with several items per message each way (``_batch.py``)."""
+        return self._serve(request_iterator, context, batched=True)
 
-        A batch is one hand-over from the read-ahead thread; each item is parsed, checked and run
-        as it would be alone, and its answer encoded once (by the executor, which remembers it)
-        and sent at once, framed as a ResultBatch.
-        """
+    def _serve(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext, batched: bool
+    ) -> Iterator[bytes]:
+        """Both RPCs: each item of a message is parsed, checked, admitted and run as it would be
+        alone, and its answer sent as soon as it is ready (held for a batch's later items, it
+        would wait behind work of any length, and the device counts a stall from its latest
+        answer); a batch's bytes are given back to the read budget item by item."""
         peer = context.peer()
         proven = peer_device_id(context)
         device = None
         count = 0
         watch = _Watch(context)
-        with self._lock:
-            open_streams = len(self._watches)
-            full = open_streams >= self._stream_limit
-            if not full:
-                self._watches[id(watch)] = watch
-        if full:
-            self._refuse_full(request_iterator, context, proven, open_streams)
+        self._admit_waiting(watch)
         try:
-            for data, arrived in _read_ahead(request_iterator, context, self._draining):
-                for item in self._split(data, count, context, peer):
+            for data, arrived in _read_ahead(requests, watch, self.read_budget, self._draining):
+                watch.busy = True
+                held = len(data)
+                for item in self._split(data, count, context, peer) if batched else (data,):
                     watch.busy = True
-                    state = self._parse(item, count, context, peer)
+                    state = self._parse(item, count, context, peer, batched)
+                    if watch.waiting:
+                        self._admit_working(watch, proven or state.device_id[:MAX_ID_CHARS])
                     device = self._claim(state, proven, device, peer)
-                    _, answer = self._execute(state, context, peer)
-                    watch.busy = False
-                    # Each answer goes as soon as it is ready: held for the batch's next items it
-                    # would wait for work of any length (a slow item), and the device counts a
-                    # stall from its latest answer.
-                    yield _batch.join(
-                        (_batch.stamped(answer, arrived, time.monotonic() - arrived),)
+                    answer = _batch.stamped(
+                        self._execute(state, context, peer), arrived, time.monotonic() - arrived
                     )
+                    watch.busy = False
+                    size = _batch.framing(len(item)) + len(item) if batched else held
+                    self.read_budget.give(watch, size)
+                    held -= size
+                    yield _batch.join((answer,)) if batched else answer
                     watch.last_activity = time.monotonic()
                     count += 1
                     if self._draining.is_set():
                         context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                self.read_budget.give(watch, held)  # a batch's unknown fields
         finally:
+            self.read_budget.close(watch)
             with self._lock:
                 del self._watches[id(watch)]
+                self._working -= not watch.waiting
             if device is not None:
                 log.info(
                     "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
                 )
 
+    def _admit_waiting(self, watch: _Watch) -> None:
+        """Admit a new stream as waiting for its first item; with ``workers`` waiting already,
+        the one that has waited longest is ended (a device sends its first item at once)."""
+        with self._lock:
+            waiting = [w for w in self._watches.values() if w.waiting and not w.dropped]
+            evict = None
+            if len(waiting) >= self._stream_limit:
+                evict = min(waiting, key=lambda w: w.opened)
+                evict.dropped = True
+            self._watches[id(watch)] = watch
+        if evict is not None:
+            log.warning(
+                "event=idle-drop peer=%s idle_s=%.1f reason=%s",
+                quote(evict.context.peer()),
+                time.monotonic() - evict.opened,
+                quote("no item yet, and a newer stream waits for its first"),
+            )
+            evict.context.cancel()
+
+    def _admit_working(self, watch: _Watch, device: str) -> None:
+        """A stream's first item: it takes one of ``workers``, or is refused (naming the device)."""
+        with self._lock:
+            full = self._working >= self._stream_limit
+            if not full:
+                self._working += 1
+                watch.waiting = False
+            working = self._working
+        if full:
+            self._refuse_full(watch.context, device, working)
+
     def _split(
         self, data: bytes, index: int, context: grpc.ServicerContext, peer: str
-    ) -> list[bytes]:
-        """The items of a TaskBatch; a batch of several counts whole against the message limit
-        (a batch of one is its item, checked as such)."""
+    ) -> Iterator[bytes]:
+        """The items of a TaskBatch, one at a time (a batch holds one item in memory beside
+        its message); a batch of several counts whole against the message limit (a batch of one
+        is its item, checked as such)."""
+        items = _batch.split(data)
+        limit = self.executor.config.limits.max_message_bytes
         try:
-            items = _batch.split(data)
+            if len(data) > limit:
+                first = next(items, None)
+                if next(items, None) is not None:
+                    self._reject(
+                        context,
+                        peer,
+                        "RESOURCE_EXHAUSTED",
+                        f"a batch of several items after item {index} is {len(data)} bytes, "
+                        f"{TOO_LARGE[1]} {limit}: send fewer items per message (--batch-bytes), "
+                        "or raise it on the server and on the client",
+                    )
+                if first is not None:
+                    yield first
+                return
+            yield from items
         except _batch.BatchError as exc:
             self._reject(
                 context,
@@ -328,17 +350,6 @@ class OffloadServicer:
                 "INVALID_ARGUMENT",
                 f"a batch after item {index} is not an offload.v1.TaskBatch: {exc}",
             )
-        limit = self.executor.config.limits.max_message_bytes
-        if len(items) > 1 and len(data) > limit:
-            self._reject(
-                context,
-                peer,
-                "RESOURCE_EXHAUSTED",
-                f"a batch of {len(items)} items after item {index} is {len(data)} bytes, "
-                f"{TOO_LARGE[1]} {limit}: send fewer items per message (--batch-bytes), or "
-                "raise it on the server and on the client",
-            )
-        return items
 
     def _reject(
         self, context: grpc.ServicerContext, peer: str, code: str, message: str
@@ -357,17 +368,16 @@ class OffloadServicer:
                     quote(proven),
                     quote(peer),
                 )
-            state.device_id = proven
+            state.device_id = proven  # the certificate, not the message, names the device
         if device is None:
-            device = state.device_id[:MAX_ID_CHARS]
+            device = state.device_id[:MAX_ID_CHARS]  # longer: refused, named in short
             log.info("event=connect device=%s peer=%s", quote(device), quote(peer))
         return device
 
-    def _execute(
-        self, state: pb.TaskState, context: grpc.ServicerContext, peer: str
-    ) -> tuple[pb.ItemResult, bytes]:
+    def _execute(self, state: pb.TaskState, context: grpc.ServicerContext, peer: str) -> bytes:
+        """The encoded answer to ``state``; a refused item ends the stream."""
         try:
-            return self.executor.execute_encoded(state)
+            return self.executor.execute_encoded(state)[1]
         except RequestRejected as exc:
             log.warning(
                 "event=reject device=%s peer=%s code=%s reason=%s",
@@ -380,11 +390,7 @@ class OffloadServicer:
             raise  # pragma: no cover - abort raises
 
     def _refuse_full(
-        self,
-        requests: Iterator[bytes],
-        context: grpc.ServicerContext,
-        proven: str | None,
-        open_streams: int,
+        self, context: grpc.ServicerContext, device: str | None, open_streams: int
     ) -> None:
         """End a stream beyond ``workers`` with RESOURCE_EXHAUSTED, and log it (rate-limited)."""
         limit = self._stream_limit
@@ -393,7 +399,6 @@ class OffloadServicer:
             f"(--workers {limit}) and has {open_streams} open; retry later, or raise the "
             "server's --workers or add servers"
         )
-        device = proven or _device_of(_first_message(requests, _NAME_WAIT))
         refused = self._refusals.count(device or context.peer())
         if refused:
             log.warning(
@@ -408,31 +413,37 @@ class OffloadServicer:
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     def _parse(
-        self, data: bytes, index: int, context: grpc.ServicerContext, peer: str
+        self,
+        data: bytes,
+        index: int,
+        context: grpc.ServicerContext,
+        peer: str,
+        batched: bool = False,
     ) -> pb.TaskState:
-        limit = self.executor.config.limits.max_message_bytes
-        if len(data) > limit:
+        """An item checked before parsing: its size, then its elements (``wire_problem``)."""
+        what = f"{'item' if batched else 'message'} {index} of the stream"
+        limits = self.executor.config.limits
+        if len(data) > limits.max_message_bytes:
             # gRPC lets messages up to twice the limit through (server_options) so that the
             # refusal can say which option to raise; its own text does not.
-            message = (
-                f"message {index} of the stream is {len(data)} bytes, {TOO_LARGE[1]} {limit}: "
-                "raise it on the server and on the client"
+            self._reject(
+                context,
+                peer,
+                "RESOURCE_EXHAUSTED",
+                f"{what} is {len(data)} bytes, {TOO_LARGE[1]} {limits.max_message_bytes}: "
+                "raise it on the server and on the client",
             )
-            log.warning(
-                "event=reject peer=%s code=RESOURCE_EXHAUSTED reason=%s",
-                quote(peer),
-                quote(message),
+        problem = wire_problem(data, TASK_STATE_ARGS, limits)
+        if problem is not None:
+            self._reject(
+                context, peer, "INVALID_ARGUMENT", f"{what} has {problem}: refused before parsing"
             )
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         try:
             return pb.TaskState.FromString(data)
         except DecodeError as exc:
-            message = f"message {index} of the stream is not an offload.v1.TaskState: {exc}"
-            log.warning(
-                "event=reject peer=%s code=INVALID_ARGUMENT reason=%s", quote(peer), quote(message)
+            self._reject(
+                context, peer, "INVALID_ARGUMENT", f"{what} is not an offload.v1.TaskState: {exc}"
             )
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-            raise  # pragma: no cover - abort raises
 
     @property
     def active_streams(self) -> int:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .._codec import encode
+from .._codec import CODEC_NAMES, Codec, compression_cost, compressions, encode
 from .._config import ClientConfig, Limits
 from .._logging import quote
 from .._pipeline import Pipeline
@@ -60,6 +60,10 @@ class AutoSplit:
         self.target = config.fps
         self.control_period = config.control_period
         self.split = split  # tasks run on the device for the next item
+        # The codecs the policy may choose among (besides none): --compression auto, all those
+        # installed; a named one, that one alone; none, none.
+        self.codecs: tuple[Codec, ...] = compressions(config.compression)
+        self.codec: Codec | None = self.codecs[0] if self.codecs else None  # until it chooses
         self.history: list[dict[str, Any]] = []  # each change of split, and why
         self.periods: list[dict[str, Any]] = []  # each decision's period, as measured
         self._origin: float | None = None
@@ -102,9 +106,20 @@ class AutoSplit:
             cut = index + 1
             if cut < self.split:
                 # The cut in use is measured exactly when sent; the others cost one encode.
-                self.telemetry.cut_size(cut, encode(value, limits).ByteSize())
+                raw = encode(value, limits).SerializeToString()
+                self.telemetry.cut_size(cut, len(raw))
+                self.sample_codecs(cut, raw)
 
         return sample
+
+    def sample_codecs(self, cut: int, raw: bytes, but: Codec | None = None) -> None:
+        """Note what each codec (``but`` the one just measured for real) would do at ``cut``."""
+        for codec in self.codecs:
+            if codec != but:
+                ratio, seconds = compression_cost(raw, codec)
+                self.telemetry.compression(
+                    cut, CODEC_NAMES[codec], len(raw), round(len(raw) / ratio), seconds
+                )
 
     def _decide(self, now: float) -> Decision:
         measurements = self.telemetry.snapshot(self.split, now - self._period_start, self._settled)
@@ -123,16 +138,42 @@ class AutoSplit:
             {
                 "seconds": self._seconds(now),
                 "split": self.split,
+                "codec": self._codec_name(),
                 "throughput_per_second": round(measurements.throughput, 3),
                 "settled": self._settled,
                 "device_cpu_percent": measurements.device_cpu_percent,
                 "device_memory_percent": round(measurements.device_memory_percent, 2),
+                # Items the device's workers were measured to run at once (None: not yet).
+                "device_parallelism": None
+                if math.isnan(measurements.device_parallelism)
+                else round(measurements.device_parallelism, 2),
             }
         )
         return decision
 
     def apply(self, decision: Decision, now: float) -> None:
-        """Take ``decision``: its split, and what it says of the target."""
+        """Take ``decision``: its split, its codec, and what it says of the target."""
+        if decision.codec is not None:
+            codec = next((c for c in self.codecs if CODEC_NAMES[c] == decision.codec), None)
+            if codec != self.codec:
+                log.info(
+                    "event=codec old=%s new=%s split=%d reason=%s",
+                    self._codec_name(),
+                    decision.codec,
+                    decision.split,
+                    quote(decision.reason),
+                )
+                self.codec = codec
+                if decision.split == self.split:
+                    self.history.append(
+                        {
+                            "seconds": self._seconds(now),
+                            "from": self.split,
+                            "to": self.split,
+                            "codec": self._codec_name(),
+                            "reason": decision.reason,
+                        }
+                    )
         # Said once, and only when two decisions in a row agree: one noisy period is no verdict.
         # Withdrawn, once, when a decision expects the target met again.
         self._infeasible_streak = self._infeasible_streak + 1 if decision.infeasible else 0
@@ -163,10 +204,14 @@ class AutoSplit:
                 "seconds": self._seconds(now),
                 "from": self.split,
                 "to": decision.split,
+                "codec": self._codec_name(),
                 "reason": decision.reason,
             }
         )
         self.split = decision.split
+
+    def _codec_name(self) -> str:
+        return "none" if self.codec is None else CODEC_NAMES[self.codec]
 
     def _seconds(self, now: float) -> float:
         return round(now - (self._origin if self._origin is not None else now), 3)
@@ -189,6 +234,7 @@ class AutoSplit:
             "target_per_second": self.target,
             "control_period_seconds": self.control_period,
             "final_split": self.split,
+            "final_codec": self._codec_name(),
             "history": self.history,
             "periods": self.periods,
         }

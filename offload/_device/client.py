@@ -13,23 +13,39 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from typing import IO, Any
 
-from .._codec import check_size, encode_into
+from .._codec import (
+    CODEC_NAMES,
+    READS,
+    Codec,
+    Compressed,
+    check_message_size,
+    check_size,
+    compress_value,
+    compressions,
+    encode_into,
+)
 from .._config import ClientConfig
-from .._pipeline import ItemContext, Pipeline, Status, run_tasks
+from .._logging import quote
+from .._pipeline import ItemContext, Outcome, Pipeline, Status, run_tasks
 from ..exceptions import ConfigError, OffloadError, ServerError
 from ..v1 import offload_pb2 as pb
 from .autosplit import AutoSplit, check_auto, starting_split
+from .buffer import DurableBuffer
 from .emulation import SlowDevice
-from .ledger import Ledger
+from .ledger import Ledger, Recovered
 from .link import Link, Pending
-from .report import Recorder, run_report
+from .report import DeviceUsage, Recorder, run_report
 from .scheduler import ModelPolicy, SplitPolicy
 from .telemetry import Telemetry
 from .transport import Transport
+from .workers import DeviceWorkers, Job
 
 log = logging.getLogger("offload.client")
+RECOVERED_FILE = "recovered.jsonl"  # in --buffer-dir: the ends of earlier runs' held items
 
 
 def check_split(pipeline: Pipeline, local_tasks: int | None) -> None:
@@ -73,7 +89,14 @@ class Client:
         self.config = config
         self.transport = transport if needs_server else None
         self.run_id = uuid.uuid4().hex
-        self.telemetry = Telemetry(n, config.window)
+        # Items on the device's workers count against the link's window and buffer.
+        extra = config.workers - 1
+        window = config.window - extra
+        # In automatic mode the scheduler chooses the codec too: it samples each one allowed.
+        allowed = compressions(config.compression) if config.fps is not None else ()
+        self.telemetry = Telemetry(
+            n, window, config.workers, pipeline.serial_tasks, tuple(CODEC_NAMES[c] for c in allowed)
+        )
         self.recorder = Recorder(pipeline, output)
         self._stop = stop or threading.Event()
         self.device = SlowDevice(config.slowdown)  # its sleep debt lasts the run
@@ -85,12 +108,40 @@ class Client:
             if config.fps is not None
             else None
         )
+        self._compressions = compressions(config.compression)
+        # Per codec: items compressed, their serialised and their compressed bytes.
+        self._compressed: dict[str, list[int]] = {}
+        self._sent_as_is = 0  # items whose args could have been compressed but did not shrink
+        self._count_lock = threading.Lock()
         # The link owns the stream: credits, resends, reconnects, the offline buffer.
+        self._hold_at = n - 1 if config.link.outage == "hold-last" else None
+        self.store = (
+            DurableBuffer(config.link.buffer_dir)
+            if config.link.buffer_dir is not None and self.transport is not None
+            else None
+        )
         self.link = (
             None
             if self.transport is None
-            else Link(self.transport, config.link, config.window, self.ledger)
+            else Link(
+                self.transport,
+                replace(config.link, buffer=config.link.buffer - extra),
+                window,
+                self.ledger,
+                self._hold_at,
+                self.store,
+                self.run_id,
+            )
         )
+        self.recovering: list[Link] = []  # for earlier runs' items found in the durable buffer
+        self._recovered: Recovered | None = None
+        self.workers = (
+            DeviceWorkers(config.workers, pipeline, self.device, self._encode, self._hand_over)
+            if config.workers > 1
+            else None
+        )
+        self.telemetry.watch(self.workers.busy if self.workers is not None else None)
+        self.usage = DeviceUsage(config.workers)
 
     @property
     def split(self) -> int:
@@ -103,23 +154,38 @@ class Client:
 
     def run(self) -> dict[str, Any]:
         """Capture and process until the source ends, ``frames`` is reached or ``stop()``."""
+        self.usage.start()
         if self.link is not None:
             self.link.start()  # it says so if the server does not answer yet
+        if self.workers is not None:
+            self.workers.start()
         try:
+            self._recover()
             self._capture_loop()
+            if self.workers is not None:
+                self.workers.drain()
             self.device.pay(everything=True)  # the sleep the last items still owe
             if self.link is not None:
                 self.link.finish()
+            for link in self.recovering:
+                link.finish()
         except BaseException as exc:  # a second Ctrl-C, or a bug: still account for every item
             why = (
                 "the run was interrupted before this item finished"
                 if isinstance(exc, KeyboardInterrupt)
                 else f"the run stopped before this item finished: {type(exc).__name__}: {exc}"
             )
-            if self.link is not None:
-                self.link.abort(why)
+            if self.workers is not None:
+                self.workers.close()
+            for each in [self.link, *self.recovering]:
+                if each is not None:
+                    each.abort(why)
             self.recorder.end_unfinished(why)
             raise
+        finally:
+            self._close_buffer()
+        if self.workers is not None:
+            self.workers.close()
         # Nothing is left unless a LinkOwner call failed; an item never goes missing.
         self.recorder.end_unfinished("the run ended before this item finished")
         return self.report()
@@ -130,6 +196,9 @@ class Client:
         return self.link.error if self.link is not None else None
 
     def report(self) -> dict[str, Any]:
+        link = self.link.report() if self.link is not None else None
+        if link is not None and self._recovered is not None:
+            link["recovered"] = self._recovered.ended  # earlier runs' items, ended this run
         return run_report(
             self.recorder,
             self.config,
@@ -137,15 +206,59 @@ class Client:
             split=self.split,
             server=getattr(self.transport, "target", None),
             error=str(self.error) if self.error else self.recorder.write_error,
-            link=self.link.report() if self.link is not None else None,
+            link=link,
             scheduler=self.auto.report() if self.auto is not None else None,
+            device=self.usage.report(self.workers.busy() if self.workers is not None else None),
+            compression=self.compression_report() if self.link is not None else None,
         )
+
+    def _recover(self) -> None:
+        """Resend what earlier runs left in the durable buffer, each run on a link of its own
+        (answers name only the item): their ends go to RECOVERED_FILE in the buffer's folder."""
+        if self.store is None or self.transport is None:
+            return
+        earlier = self.store.earlier(self.run_id)
+        if not earlier:
+            return
+        path = self.store.path.parent / RECOVERED_FILE
+        self._recovered = Recovered(
+            self.pipeline, self.config, open(path, "a", encoding="utf-8"), self.device
+        )
+        for run_id, rows in earlier.items():
+            link = Link(
+                self.transport,
+                self.config.link,
+                self.config.window,
+                self._recovered,
+                self._hold_at,
+                self.store,
+                run_id,
+            )
+            now = time.perf_counter()
+            link.adopt([Pending(h.item, h.next_task, h.data, now, stored=True) for h in rows])
+            link.start()
+            self.recovering.append(link)
+        log.warning(
+            "event=recovered runs=%d items=%d msg=%s",
+            len(earlier),
+            sum(len(rows) for rows in earlier.values()),
+            quote(f"resending items earlier runs held; their answers go to {path}"),
+        )
+
+    def _close_buffer(self) -> None:
+        if self._recovered is not None:
+            self._recovered.output.close()
+        if self.store is not None:
+            self.store.close()
 
     def _capture_loop(self) -> None:
         item = 0
+        workers = self.workers
         while not self._stop.is_set() and self.error is None and not self.recorder.write_error:
             if self.config.frames is not None and item >= self.config.frames:
                 break
+            if workers is not None and not workers.acquire(self._stop):
+                break  # stopped (or a worker failed) while every worker was busy
             split = (
                 self.split if self.auto is None else self.auto.split_for(item, time.perf_counter())
             )
@@ -153,40 +266,113 @@ class Client:
             began = time.perf_counter()
             context = ItemContext(self.config.device_id, self.run_id, item, capture_time, False)
             sizes = self.auto.size_sampler(item, self.config.limits) if self.auto else None
+            # With workers, task 0 here and the rest on a worker; else all of [0, split) here.
+            stop = split if workers is None else 1
             outcome = run_tasks(
-                self.pipeline, 0, split, None, context, pace=self.device, on_output=sizes
+                self.pipeline, 0, stop, None, context, pace=self.device, on_output=sizes
             )
-            if outcome.task == 0 and outcome.status is Status.FILTERED:
-                log.info("event=end-of-stream items=%d", item)
-                break
-            if outcome.task == 0 and outcome.status is Status.FAILED:
-                raise OffloadError(f"capture (task 0) failed: {outcome.error}")
+            if outcome.task == 0 and outcome.status is not Status.CONTINUE:
+                if workers is not None:
+                    workers.release()
+                if outcome.status is Status.FILTERED:
+                    log.info("event=end-of-stream items=%d", item)
+                    break
+                if outcome.status is Status.FAILED:
+                    raise OffloadError(f"capture (task 0) failed: {outcome.error}")
             self.ledger.captured(item, began, outcome.task_seconds)
-            if outcome.status is Status.CONTINUE:
-                self._send(item, split, outcome.value, capture_time, began)
+            if workers is not None:
+                workers.submit(Job(item, split, outcome.value, context, began, sizes))
+            elif outcome.status is Status.CONTINUE:
+                self._send(item, split, outcome.value, context, began, sizes)
             else:
                 self.ledger.ended_here(item, outcome, began)
             item += 1
+        if workers is not None and workers.error is not None:
+            raise workers.error
 
-    def _send(self, item: int, split: int, args: Any, capture_time: float, began: float) -> None:
+    def _encode(self, job: Job, args: Any) -> bytes | str:
+        """The item's TaskState at the cut, or why it cannot be sent."""
         assert self.link is not None
         state = pb.TaskState(
             pipeline=self.pipeline.name,
             fingerprint=self.pipeline.fingerprint,
             device_id=self.config.device_id,
             run_id=self.run_id,
-            item=item,
-            next_task=split,
-            capture_time=capture_time,
+            item=job.item,
+            next_task=job.split,
+            capture_time=job.context.capture_time,
+            accepts=READS,
         )
+        # Packed and compressed only if the server said it reads them.
+        reads = self.link.server_reads
+        wanted = self._compressions if self.auto is None else (self.auto.codec,)
+        codec = next((c for c in wanted if c in reads), None)
+        what = f"item {job.item}"
         try:
-            encode_into(state.args, args, self.config.limits)
+            encode_into(state.args, args, self.config.limits, packed=pb.CODEC_PACKED in reads)
+            if job.on_output is not None and self.auto is not None:  # the other codecs, here
+                self.auto.sample_codecs(job.split, state.args.SerializeToString(), but=codec)
+            if codec is not None:
+                check_message_size(state.ByteSize(), self.config.limits, what)
+                self._count(job.split, compress_value(state.args, codec), codec)
             data = state.SerializeToString()
-            check_size(data, self.config.limits, f"item {item}")
+            check_size(data, self.config.limits, what)
         except OffloadError as exc:
-            self.ledger.failed(item, split - 1, f"cannot send: {exc}", began)
+            return f"cannot send: {exc}"
+        return data
+
+    def _hand_over(self, job: Job, outcome: Outcome, data: bytes | str | None) -> None:
+        """A worker is done with ``job``: send it, or end it here (called in item order)."""
+        self.ledger.worker_times(job.item, outcome.task_seconds)
+        if isinstance(data, bytes):
+            assert self.link is not None
+            self.link.submit(Pending(job.item, job.split, data, job.began))
+        elif data is not None:
+            self.ledger.failed(job.item, job.split - 1, data, job.began)
+        else:
+            self.ledger.ended_here(job.item, outcome, job.began)
+
+    def _send(
+        self,
+        item: int,
+        split: int,
+        args: Any,
+        context: ItemContext,
+        began: float,
+        sizes: Callable[[int, Any], None] | None,
+    ) -> None:
+        assert self.link is not None
+        data = self._encode(Job(item, split, args, context, began, sizes), args)
+        if isinstance(data, str):
+            self.ledger.failed(item, split - 1, data, began)
             return
         self.link.submit(Pending(item, split, data, began))
+
+    def _count(self, split: int, done: Compressed | None, codec: Codec) -> None:
+        name = CODEC_NAMES[codec]
+        if done is None:  # it would not shrink: to the scheduler, a ratio of 1 (CPU: the sample)
+            self.telemetry.compression(split, name, 1, 1, 0.0)
+            with self._count_lock:  # device workers encode at once
+                self._sent_as_is += 1
+            return
+        self.telemetry.compression(split, name, done.raw_bytes, done.wire_bytes, done.seconds)
+        self.telemetry.compressed(split, done.raw_bytes - done.wire_bytes)
+        with self._count_lock:
+            counts = self._compressed.setdefault(name, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += done.raw_bytes
+            counts[2] += done.wire_bytes
+
+    def compression_report(self) -> dict[str, Any]:
+        """The report's ``compression`` section: what crossed the cut compressed, how much."""
+        return {
+            "setting": self.config.compression,
+            "sent_as_is": self._sent_as_is,
+            "codecs": {
+                name: {"items": n, "ratio": round(raw / max(wire, 1), 2)}
+                for name, (n, raw, wire) in self._compressed.items()
+            },
+        }
 
 
 def run_client(

@@ -14,9 +14,10 @@ from typing import IO
 
 from ..exceptions import ServerError
 
-# What the client's own child does without: reflection (nobody browses a child on loopback) and
-# the info log (its warnings are enough, among the client's lines).
-EMBEDDED_OPTIONS = ("--no-reflection", "--log-level", "WARNING")
+# What the client's own child does without: reflection (nobody browses a child on loopback), the
+# info log (its warnings are enough, among the client's lines) and GOAWAY by connection age (it
+# has no replicas to rebalance over).
+EMBEDDED_OPTIONS = ("--no-reflection", "--log-level", "WARNING", "--max-connection-age", "0")
 
 
 class EmbeddedServer:

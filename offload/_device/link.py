@@ -4,7 +4,10 @@ Every item handed to the link is *pending* until exactly one of these ends it:
 
 * the server's answer, on whichever stream it arrives (a resent item's replayed answer counts
   once; a late answer for an item already ended elsewhere is ignored);
-* the device running the item's remaining tasks itself, because the server is away;
+* the device running the item's remaining tasks itself, because the server is away (outage
+  mode run-all; with hold-last it runs all but the last and the item waits for a server, held,
+  in the durable buffer too if there is one: it ends only by an answer, or ``failed`` after
+  ``max_sends`` sends without one);
 * a full offline buffer dropping it (``when_full`` drop-oldest / reject-new: counted, reported);
 * a fatal refusal (wrong token, other pipeline): the run stops, and the item is reported
   ``not_run`` with the reason (so is one handed over after it, and each one left by ``abort``).
@@ -41,7 +44,8 @@ from .._logging import quote
 from .._wire import too_large
 from ..exceptions import OffloadError, ServerError
 from ..v1 import offload_pb2 as pb
-from .pending import Pending, PendingTable
+from .buffer import DurableBuffer
+from .pending import ItemState, Pending, PendingTable
 from .transport import Stream, Transport
 
 # Pending lives in the pending table's module; the client and tests import it from here.
@@ -76,8 +80,14 @@ class LinkOwner(Protocol):
 
     def run_locally(self, pending: Pending) -> None: ...
 
+    def hold(self, pending: Pending) -> bool:
+        """Outage mode hold-last: run the item's tasks here up to the last one and re-encode it
+        (``pending.data``, ``next_task``) to wait for the server; False if it ended here."""
+        ...
+
     def lost(self, pending: Pending, status: str, reason: str) -> None:
-        """``status`` is "dropped" (full buffer) or "not_run" (a fatal refusal, an abort)."""
+        """``status`` is "dropped" (full buffer), "not_run" (a fatal refusal, an abort) or
+        "failed" (hold-last: sent ``max_sends`` times, never answered)."""
         ...
 
 
@@ -91,19 +101,33 @@ class LinkStats:
     item_timeouts: int = 0
     refused: int = 0  # streams the server refused because it was full (RESOURCE_EXHAUSTED)
     late_answers: int = 0  # answers for items that had already ended (ignored)
+    held: int = 0  # items run here up to the last task, to wait for the server (hold-last)
     events: list[str] = field(default_factory=list)  # the first few connects / faults
 
 
 class Link:
     def __init__(
-        self, transport: Transport, config: LinkConfig, window: int, owner: LinkOwner
+        self,
+        transport: Transport,
+        config: LinkConfig,
+        window: int,
+        owner: LinkOwner,
+        hold_at: int | None = None,
+        store: DurableBuffer | None = None,
+        run_id: str = "",
     ) -> None:
+        """``hold_at``: outage mode hold-last, the last task's index; ``store`` keeps the items
+        held while the server is away (``run_id``'s rows), so that a restart resends them."""
         self.transport = transport
         self.config = config
         self.owner = owner
         self.stats = LinkStats()
         # Every decision over the items (window, buffer, what next, requeue) is the table's.
-        self._pending = PendingTable(window, config.buffer, config.when_full, config.max_sends)
+        self._pending = PendingTable(
+            window, config.buffer, config.when_full, config.max_sends, config.buffer_bytes, hold_at
+        )
+        self._store = store
+        self._run_id = run_id
         self._lock = threading.Lock()
         # One lock, a condition per kind of waiter: ``_space`` (submit and finish: an item
         # ended), ``_sendable`` (the pump: something queued can go), ``_changed`` (the
@@ -132,6 +156,9 @@ class Link:
         self._answering = 0  # answers taken off pending whose owner.answered has not returned
         self._finishing = False
         self._said_unreachable: str | None = None  # the reason last said, during this outage
+        # The encodings (pb.Codec) the server of the current stream reads, from its first
+        # answer; none until then, so that an older server is never sent one.
+        self.server_reads: frozenset[int] = frozenset()
 
     # --- the client's side --------------------------------------------------------------------
 
@@ -157,6 +184,13 @@ class Link:
             self._threads.append(thread)
         return reached
 
+    def adopt(self, items: list[Pending]) -> None:
+        """Take the items an earlier run left in the durable buffer, before ``start``: they are
+        queued for the server in item order (its bounds held them once already)."""
+        with self._lock:
+            for pending in items:
+                self._pending.add(pending)
+
     def submit(self, pending: Pending) -> bool:
         """Hand over an item; blocks for a credit, or per ``when_full`` while offline.
 
@@ -174,7 +208,7 @@ class Link:
                             self._send(pending, self._stream)
                             return True
                         break
-                elif self._pending.has_room():
+                elif self._pending.has_room(pending):
                     break
                 else:
                     victim = self._pending.victim(pending)
@@ -187,8 +221,11 @@ class Link:
                     self.stats.dropped += 1
                     if victim is not pending:
                         self._pending.drop(victim)
+                        self._unstore(victim)
                 if victim is not pending:
                     self._pending.add(pending)
+                    if self._stream is None:
+                        self._keep(pending)
                 if self._stream is not None:
                     self._sendable.notify()
                 else:
@@ -254,7 +291,10 @@ class Link:
                 "item_timeouts": s.item_timeouts,
                 "refused": s.refused,
                 "late_answers": s.late_answers,
+                "held": s.held,
+                "outage": self.config.outage,
                 "buffer": self.config.buffer,
+                "buffer_bytes": self.config.buffer_bytes,
                 "when_full": self.config.when_full,
                 "events": list(s.events),
             }
@@ -289,6 +329,16 @@ class Link:
         # Under the lock, so a stream that breaks now requeues this item too.
         self.owner.sent(pending, stream.send_bytes(pending.data))
 
+    def _keep(self, pending: Pending) -> None:  # holds the lock; it waits for the server
+        if self._store is not None:
+            self._store.put(self._run_id, pending.item, pending.next_task, pending.data)
+            pending.stored = True
+
+    def _unstore(self, pending: Pending) -> None:  # holds the lock; it ended
+        if pending.stored and self._store is not None:
+            self._store.delete(self._run_id, pending.item)
+            pending.stored = False
+
     def _event(self, text: str) -> None:
         if len(self.stats.events) < 20:
             self.stats.events.append(text)
@@ -302,6 +352,7 @@ class Link:
             self._generation += 1
             generation = self._generation
             self._stream = stream
+            self.server_reads = frozenset()
             self._last_answer = self._up_since = time.perf_counter()
             self.stats.connects += 1
             # (A probe is said if refused.)
@@ -396,12 +447,32 @@ class Link:
                     # Polls too: a requeued item becomes runnable when its grace ends.
                     self._changed.wait(0.05)
                 self._pending.mark_running_here(chosen)
+            kept = False
             try:
-                self.owner.run_locally(chosen)
+                if self._pending.hold_at is None:
+                    self.owner.run_locally(chosen)
+                elif chosen.sends < self.config.max_sends:
+                    kept = self.owner.hold(chosen)
+                else:  # its last task runs only on the server, which never answers it
+                    self.owner.lost(
+                        chosen,
+                        "failed",
+                        f"sent {chosen.sends} times and never answered: with --outage "
+                        "hold-last its last task runs only on the server",
+                    )
             finally:
                 with self._lock:
-                    self._pending.ran_here(chosen)
-                    self.stats.ran_locally += 1
+                    if kept:
+                        self._pending.held(chosen)
+                        self.stats.held += 1
+                        self._keep(chosen)
+                        if self._stream is not None:
+                            self._sendable.notify()
+                    else:
+                        self._pending.ran_here(chosen)
+                        self._unstore(chosen)
+                        if self._pending.hold_at is None:
+                            self.stats.ran_locally += 1
                     self._space.notify_all()
 
     def _guarded(self, target: Callable[[], None], name: str) -> Callable[[], None]:
@@ -431,13 +502,20 @@ class Link:
 
     def _read(self, stream: Stream, generation: int) -> None:
         error: ServerError | None = None
+        learned = False
         try:
             for answer, size in stream.results():
+                if not learned:
+                    learned = True
+                    with self._lock:
+                        if generation == self._generation:
+                            self.server_reads = frozenset(answer.accepts)
                 with self._lock:
                     pending = self._pending.answered(answer.item)
                     if pending is None:
                         self.stats.late_answers += 1
                         continue
+                    self._unstore(pending)
                     self._answering += 1
                     self._stalls = 0
                     if self._pending.probing:
@@ -489,6 +567,10 @@ class Link:
             stalled = full or generation == self._stalled_generation
             grace_end = now + (0.0 if stalled else self.config.resend_grace)
             unanswered = self._pending.requeue(grace_end)
+            if self._store is not None:
+                for item in self._pending.values():
+                    if item.state is ItemState.QUEUED and not item.stored:
+                        self._keep(item)
             reason = str(error) if error is not None else "the server ended the stream"
             target = quote(getattr(self.transport, "target", "the server"))
             if not full:

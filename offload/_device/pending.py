@@ -30,16 +30,29 @@ class Pending:
     sends: int = 0
     sent_at: float = 0.0
     not_before: float = 0.0  # back from a broken stream: wait until then for a resend
+    stored: bool = False  # in the durable buffer (--buffer-dir) until it ends
 
 
 class PendingTable:
     """The items handed to the link and not yet ended, in item order; each ends once."""
 
-    def __init__(self, window: int, buffer: int, when_full: str, max_sends: int) -> None:
+    def __init__(
+        self,
+        window: int,
+        buffer: int,
+        when_full: str,
+        max_sends: int,
+        buffer_bytes: int = 64 << 20,
+        hold_at: int | None = None,
+    ) -> None:
         self.window = window
         self.buffer = buffer  # queued items while offline, beyond which ``when_full`` decides
+        self.buffer_bytes = buffer_bytes  # ... and their encoded bytes (one item always fits)
         self.when_full = when_full  # block | drop-oldest | reject-new
         self.max_sends = max_sends
+        # Outage mode hold-last: the last task's index. Offline, an item runs here up to it,
+        # then waits for the server; None: run-all (the item runs to its end here).
+        self.hold_at = hold_at
         # After a refusal, a stream carries one item until it is answered: a full server refuses
         # it having received one item, not a window of them.
         self.probing = False
@@ -74,9 +87,13 @@ class PendingTable:
     def has_queued(self) -> bool:
         return any(p.state is ItemState.QUEUED for p in self._items.values())
 
-    def has_room(self) -> bool:
-        """Whether the offline buffer takes one more queued item."""
-        return self.counts()[ItemState.QUEUED] < self.buffer
+    def has_room(self, new: Pending | None = None) -> bool:
+        """Whether the offline buffer takes one more queued item (``new``, for its bytes)."""
+        queued = [p for p in self._items.values() if p.state is ItemState.QUEUED]
+        if len(queued) >= self.buffer:
+            return False
+        size = sum(len(p.data) for p in queued) + (len(new.data) if new is not None else 0)
+        return not queued or size <= self.buffer_bytes
 
     def victim(self, new: Pending) -> Pending | None:
         """With the offline buffer full, the item to drop per ``when_full``; None: block."""
@@ -106,6 +123,8 @@ class PendingTable:
                 continue
             if p.sends >= self.max_sends:
                 return p  # the server never answers it: finish it here
+            if self.hold_at is not None and p.next_task >= self.hold_at:
+                continue  # held: only the server runs the last task
             if not up and p.not_before <= now:
                 return p
             # An item back from a broken stream waits out its resend grace, but nothing behind
@@ -128,6 +147,10 @@ class PendingTable:
 
     def mark_running_here(self, pending: Pending) -> None:
         pending.state = ItemState.LOCAL
+
+    def held(self, pending: Pending) -> None:
+        """``pending`` ran here up to the last task (``hold_at``): it waits for the server."""
+        pending.state = ItemState.QUEUED
 
     def requeue(self, grace_end: float) -> int:
         """A stream broke: its sent items wait for a resend until ``grace_end``; how many."""

@@ -18,12 +18,14 @@ from collections.abc import Iterator
 from typing import Protocol, TextIO
 
 from .report import Recorder
+from .workers import DeviceWorkers
 
 CLEAR_TO_END = "\x1b[K"
 
 
 class _Watched(Protocol):
     recorder: Recorder
+    workers: DeviceWorkers | None
 
     @property
     def split(self) -> int: ...
@@ -58,9 +60,11 @@ class ProgressLine:
             self._samples.popleft()
         t0, done0 = self._samples[0]
         rate = (done - done0) / (now - t0) if now > t0 else 0.0
+        workers = self.client.workers
+        busy = "" if workers is None else f"  {workers.n} workers {workers.held}/{workers.n} busy"
         return (
             f"offload: {done} done ({completed} completed, {filtered} filtered, {failed} failed)"
-            f"  {rate:.1f} items/s  split {self.client.split}"
+            f"  {rate:.1f} items/s  split {self.client.split}{busy}"
         )
 
     def _draw(self, end: str = "") -> None:

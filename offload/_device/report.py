@@ -7,14 +7,17 @@ import json
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
+import psutil
 
 from .._config import ClientConfig
 from .._logging import quote
 from .._pipeline import Pipeline
+from .workers import WorkerStats
 
 log = logging.getLogger("offload.client")
 
@@ -248,6 +251,36 @@ class Recorder:
             }
 
 
+class DeviceUsage:
+    """The device's CPU over the run (this process: an embedded server is another) and how busy
+    its workers were."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._process = psutil.Process()
+        self._cpu = 0.0
+        self._began = 0.0
+
+    def start(self) -> None:
+        times = self._process.cpu_times()
+        self._cpu, self._began = times.user + times.system, time.perf_counter()
+
+    def report(self, stats: WorkerStats | None) -> dict[str, Any]:
+        """The report's ``device`` section (``stats``: the workers', None with one worker)."""
+        times = self._process.cpu_times()
+        cpu = times.user + times.system - self._cpu
+        wall = time.perf_counter() - self._began if self._began else 0.0
+        busy = None
+        if stats is not None and wall > 0:
+            busy = round(100 * stats.busy_seconds / (self.workers * wall), 1)
+        return {
+            "workers": self.workers,
+            "cpu_seconds": round(cpu, 3),
+            "cpu_percent": round(100 * cpu / wall, 1) if wall > 0 else 0.0,  # of one core
+            "workers_busy_percent": busy,  # None: one worker, the capture loop's own thread
+        }
+
+
 def run_report(
     recorder: Recorder,
     config: ClientConfig,
@@ -258,9 +291,11 @@ def run_report(
     error: str | None,
     link: dict[str, Any] | None,
     scheduler: dict[str, Any] | None,
+    device: dict[str, Any] | None = None,
+    compression: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run's report (the ``--report`` file): the recorder's summary, the cloud cost, and
-    the scheduler's section in automatic mode."""
+    """The run's report (the ``--report`` file): the recorder's summary, the cloud cost, the
+    device's CPU and workers, and the scheduler's section in automatic mode."""
     if scheduler is not None:
         mode = f"automatic, target {config.fps:g}/s, final split {split}"
     elif config.local_tasks is None:
@@ -278,8 +313,16 @@ def run_report(
         link=link,
     )
     report["cloud"] = cloud_cost(report, recorder.answers, split)
+    if device is not None:
+        captured = report["items"]["captured"]
+        device["cpu_ms_per_item"] = (
+            round(1000 * device["cpu_seconds"] / captured, 3) if captured else 0.0
+        )
+        report["device"] = device
     if scheduler is not None:
         report["scheduler"] = scheduler
+    if compression is not None:
+        report["compression"] = compression
     return report
 
 
@@ -320,6 +363,16 @@ def format_summary(report: dict[str, Any]) -> str:
         f"  bytes      sent {_size(report['bytes']['sent'])}, "
         f"received {_size(report['bytes']['received'])}",
     ]
+    compression = report.get("compression") or {}
+    if compression.get("codecs"):
+        shown = ", ".join(
+            f"{name} {c['items']} items ({c['ratio']:g}x smaller)"
+            for name, c in compression["codecs"].items()
+        )
+        as_is = compression["sent_as_is"]
+        lines.append(
+            f"  compressed {shown}" + (f"; {as_is} did not shrink: sent as is" * bool(as_is))
+        )
     cloud = report.get("cloud") or {}
     if cloud.get("server_cpu_seconds_per_item"):
         line = f"  cloud      server CPU {1000 * cloud['server_cpu_seconds_per_item']:.2f} ms/item"
@@ -329,6 +382,16 @@ def format_summary(report: dict[str, Any]) -> str:
                 f"; split {report['local_tasks']} saves {saving:.0f}% of the server work of "
                 "sending everything (K=1)"
             )
+        lines.append(line)
+    device = report.get("device")
+    if device:
+        workers = device["workers"]
+        line = f"  device     {workers} worker{'s' if workers != 1 else ''}"
+        if device.get("workers_busy_percent") is not None:
+            line += f", {device['workers_busy_percent']:.0f}% busy"
+        line += (
+            f"; CPU {device['cpu_percent']:.0f}% of a core, {device['cpu_ms_per_item']:.2f} ms/item"
+        )
         lines.append(line)
     emulation = report.get("emulation") or {}
     emulated = [
@@ -341,7 +404,8 @@ def format_summary(report: dict[str, Any]) -> str:
     periods = scheduler.get("periods") or []
     if periods:
         shown = ", ".join(
-            f"K={p['split']} {p['throughput_per_second']:.1f}/s" for p in periods[-8:]
+            f"K={p['split']}{_with_codec(p.get('codec'))} {p['throughput_per_second']:.1f}/s"
+            for p in periods[-8:]
         )
         if len(periods) > 8:
             shown += f" (the last 8 of {len(periods)})"
@@ -366,6 +430,10 @@ def format_summary(report: dict[str, Any]) -> str:
     for error in report["errors"][:5]:
         lines.append(f"  error      {error}")
     return "\n".join(lines)
+
+
+def _with_codec(codec: str | None) -> str:
+    return f" {codec}" if codec not in (None, "none") else ""
 
 
 def _size(n: float) -> str:

@@ -3,7 +3,10 @@
 The model (Neurosurgeon-like, re-decided continuously like Odessa): items are pipelined, so the
 throughput of split K is bounded by the slowest of
 
-* the device:  1 / (sum of device times of tasks [0, K)),
+* the device:  1 / (sum of device times of tasks [0, K)); with N device workers, task 0 runs on
+  its own thread and tasks [1, K) for P items at once, P the parallelism measured (1 until
+  measured, at most N), and each stateful task for one item at a time:
+  1 / max(time of task 0, (sum of times of tasks [1, K)) / P, time of each stateful task),
 * the link:    bandwidth / (bytes an item carries when cut after task K-1),
 * the server:  workers / (sum of server times of tasks [K, N)),
 * the window:  W / (time one item holds a credit: RTT + transmission + server time).
@@ -11,6 +14,11 @@ throughput of split K is bounded by the slowest of
 The policy picks the **largest** K (most work on the device, least cloud cost) whose predicted
 throughput of completed items meets the target with a margin, in either direction, with
 hysteresis so it does not flap. Replace it with any object that has ``decide``.
+
+Compression at the cut is part of the choice: each codec the device may use has a measured
+ratio and device CPU cost per cut (``CodecCost``); at each K the model takes the cheapest codec
+(least CPU, none first) that meets the target, else the one predicted fastest. A compressed
+item costs the device its compression and carries ``cut / ratio`` bytes.
 """
 
 from __future__ import annotations
@@ -21,6 +29,19 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 UNKNOWN = math.nan
+
+
+@dataclass(frozen=True)
+class CodecCost:
+    """One codec at every cut: ``ratio[k]`` (serialised / compressed bytes) and ``seconds[k]``
+    (device CPU to compress) for an item cut after task k-1; NaN where never measured."""
+
+    name: str
+    ratio: tuple[float, ...]
+    seconds: tuple[float, ...]
+
+
+NO_CODEC = "none"
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,12 @@ class Measurements:
     server_workers: int = 1  # items of one device stream the server runs at once
     device_cpu_percent: float = UNKNOWN
     device_memory_percent: float = UNKNOWN
+    device_workers: int = 1  # items the device runs tasks [1, K) for at once (--device-workers)
+    # Items the workers were measured to run at once while they were the bottleneck (NaN: not
+    # yet measured, taken as 1): contention for the cores is in the task times measured there.
+    device_parallelism: float = UNKNOWN
+    serial_tasks: tuple[int, ...] = ()  # tasks run for one item at a time (@stateful, the last)
+    codecs: tuple[CodecCost, ...] = ()  # the codecs the device may use besides none
 
     @property
     def tasks(self) -> int:
@@ -52,6 +79,7 @@ class Prediction:
     throughput: float  # completed items per second
     bottleneck: str  # device, link, server or window
     rates: dict[str, float] = field(default_factory=dict)  # items per second per resource
+    codec: str = NO_CODEC  # compression at the cut this prediction assumes
 
 
 @dataclass(frozen=True)
@@ -63,6 +91,7 @@ class Decision:
     hold_items: int | None = None  # decide once this many items at it finished, not per period
     rate: float = math.nan  # completed items/s the policy expects at ``split`` (NaN: no figure)
     measured: bool = False  # ``rate`` was measured at ``split`` (recently), not predicted
+    codec: str | None = None  # compression at the cut; None: the policy does not choose it
 
 
 class SplitPolicy(Protocol):
@@ -71,11 +100,15 @@ class SplitPolicy(Protocol):
     def decide(self, m: Measurements) -> Decision: ...
 
 
-def predict(m: Measurements, k: int) -> Prediction:
-    """Predicted throughput of completed items at split ``k`` (tasks [0, k) on the device)."""
-    device = sum(m.device_seconds[:k])
+def predict(m: Measurements, k: int, codec: CodecCost | None = None) -> Prediction:
+    """Predicted throughput of completed items at split ``k`` (tasks [0, k) on the device),
+    sending its cut compressed with ``codec`` (None: as it is)."""
+    device = _device_seconds(m, k)
     server = sum(m.server_seconds[k:])
     cut = m.cut_bytes[k] if k < m.tasks else 0.0
+    if codec is not None and k < m.tasks:
+        device += codec.seconds[k]
+        cut /= codec.ratio[k]
     transmit = cut / m.bandwidth if m.bandwidth else 0.0
     rates = {
         "device": 1 / device if device > 0 else math.inf,
@@ -84,7 +117,33 @@ def predict(m: Measurements, k: int) -> Prediction:
         "window": m.window / (m.rtt + transmit + server) if k < m.tasks else math.inf,
     }
     bottleneck = min(rates, key=lambda name: rates[name])
-    return Prediction(k, rates[bottleneck] * m.completed_fraction, bottleneck, rates)
+    name = codec.name if codec is not None else NO_CODEC
+    return Prediction(k, rates[bottleneck] * m.completed_fraction, bottleneck, rates, name)
+
+
+def predict_cheapest(m: Measurements, k: int, target: float) -> Prediction:
+    """At split ``k``: the prediction with the cheapest codec (none, then by CPU) that meets
+    ``target``, else the fastest; codecs never measured at this cut are no choice."""
+    plain = predict(m, k)
+    if k >= m.tasks:
+        return plain
+    known = [c for c in m.codecs if not math.isnan(c.ratio[k] + c.seconds[k])]
+    options = [plain] + [predict(m, k, c) for c in sorted(known, key=lambda c: c.seconds[k])]
+    meeting = [p for p in options if p.throughput >= target]
+    if meeting:
+        return meeting[0]
+    return max(options, key=lambda p: (round(p.throughput, 6), -options.index(p)))
+
+
+def _device_seconds(m: Measurements, k: int) -> float:
+    """Device seconds per item at split ``k``: one worker runs them in turn; several run task 0
+    on the capture thread while tasks [1, k) run for P items at once (see the module doc)."""
+    if m.device_workers <= 1 or any(math.isnan(t) for t in m.device_seconds[:k]):
+        return sum(m.device_seconds[:k])  # (NaN if one is unknown)
+    parallel = 1.0 if math.isnan(m.device_parallelism) else m.device_parallelism
+    parallel = min(float(m.device_workers), max(1.0, parallel))
+    serial = [m.device_seconds[t] for t in m.serial_tasks if 1 <= t < k]
+    return max([m.device_seconds[0], sum(m.device_seconds[1:k]) / parallel, *serial])
 
 
 def _with_carried_bandwidth(m: Measurements, observed: float | None) -> Measurements:
@@ -143,9 +202,14 @@ class _Rates:
         return p.throughput * self.efficiency.get(p.bottleneck, 1.0)
 
     def figure(self, k: int) -> str:
+        codec = self.by_split[k].codec if k in self.by_split else NO_CODEC
+        with_codec = f" with {codec}" if codec != NO_CODEC else ""
         if self.measured(k) is not None:
-            return f"K={k} measured {self.expected(k):.1f}/s"
-        return f"K={k} predicted {self.expected(k):.1f}/s ({self.by_split[k].bottleneck}-bound)"
+            return f"K={k}{with_codec} measured {self.expected(k):.1f}/s"
+        return (
+            f"K={k}{with_codec} predicted {self.expected(k):.1f}/s "
+            f"({self.by_split[k].bottleneck}-bound)"
+        )
 
     def head(self, new: int) -> str:
         return f"split {self.m.split} -> {new}" if new != self.m.split else f"split {new}"
@@ -165,13 +229,20 @@ class _Rates:
     def decision(self, split: int, reason: str, infeasible: bool = False) -> Decision:
         rate = self.expected(split) if split in self.by_split else math.nan
         measured = self.measured(split) is not None
-        return Decision(split, reason, self.predictions, infeasible, rate=rate, measured=measured)
+        chosen = self.by_split.get(split)
+        codec = chosen.codec if chosen is not None and self.m.codecs else None
+        return Decision(
+            split, reason, self.predictions, infeasible, rate=rate, measured=measured, codec=codec
+        )
 
 
-def _predictions(m: Measurements, first: int, last: int) -> tuple[Prediction, ...]:
-    """Splits the policy has not measured enough to predict (see ``_probe``) are no choice."""
+def _predictions(m: Measurements, first: int, last: int, target: float) -> tuple[Prediction, ...]:
+    """Splits the policy has not measured enough to predict (see ``_probe``) are no choice.
+    Each with the cheapest codec that meets ``target`` (with the policy's margin)."""
     return tuple(
-        p for k in range(first, last + 1) if not math.isnan((p := predict(m, k)).throughput)
+        p
+        for k in range(first, last + 1)
+        if not math.isnan((p := predict_cheapest(m, k, target)).throughput)
     )
 
 
@@ -267,7 +338,8 @@ class ModelPolicy:
         self._decisions += 1
         observed = self._observe(m)
         m = _with_carried_bandwidth(m, observed)
-        predictions = _predictions(m, first, last)
+        # The target with the margin: the codec must meet what the split must.
+        predictions = _predictions(m, first, last, self.target * (1 + self.margin))
         if not predictions:
             return Decision(m.split, f"stay at {m.split}: no split can be predicted yet")
         current = next((p for p in predictions if p.split == m.split), None)

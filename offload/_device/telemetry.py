@@ -9,16 +9,21 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import psutil
 
-from .scheduler import UNKNOWN, Measurements
+from .scheduler import UNKNOWN, CodecCost, Measurements
+from .workers import WorkerStats
 
 ALPHA = 0.2  # EWMA weight of a new sample: ~5 recent items dominate, noise is damped
 MAX_DRIFT = 4.0
 WARMUP_ITEMS = 2  # the first items pay for imports, caches and opening the camera: not typical
 _LINK_SAMPLES = 32
 _TRANSIT_SAMPLES = 256  # items over which the least transit time is the link's baseline
+# The workers were the device's bottleneck in a period when capture waited this share of it for
+# a free worker, and handing items over (the link's window) took less than it.
+SATURATED = 0.2
 
 
 class _Ewma:
@@ -61,11 +66,31 @@ class _Ewma:
         return tuple(out)
 
 
+def _smooth(values: list[float], index: int, sample: float) -> None:
+    old = values[index]
+    values[index] = sample if math.isnan(old) else old + ALPHA * (sample - old)
+
+
 class Telemetry:
-    def __init__(self, tasks: int, window: int) -> None:
+    def __init__(
+        self,
+        tasks: int,
+        window: int,
+        workers: int = 1,
+        serial: frozenset[int] = frozenset(),
+        codecs: tuple[str, ...] = (),
+    ) -> None:
         self.tasks = tasks
         self.window = window
+        self.workers = workers
+        self.serial = tuple(sorted(serial))
+        self._workers: Callable[[], WorkerStats] | None = None
+        self._worker_stats = WorkerStats()
+        self._parallelism = UNKNOWN
         self._lock = threading.Lock()
+        # Per codec the device may use: ratio and compression seconds per cut, smoothed.
+        self._codecs = {name: ([UNKNOWN] * (tasks + 1), [UNKNOWN] * (tasks + 1)) for name in codecs}
+        self._saved = [0] * (tasks + 1)  # bytes the codec in use removed from the latest item
         self._device = _Ewma(tasks, reference=0)
         self._server = _Ewma(tasks, reference=tasks - 1)
         self._cuts = [UNKNOWN] * (tasks + 1)
@@ -85,6 +110,29 @@ class Telemetry:
         self._process = psutil.Process()
         psutil.cpu_percent(None)  # the first call only starts the measurement
 
+    def watch(self, workers: Callable[[], WorkerStats] | None) -> None:
+        """Read the device workers' counters at each snapshot (None: one worker)."""
+        self._workers = workers
+
+    def _learn_parallelism(self, period_seconds: float) -> None:  # holds the lock
+        """Items the workers ran at once, on average, over a period in which they were the
+        device's bottleneck: their busy seconds per second (Little's law). With task times
+        measured on the workers as they run together (contention for the cores and the GIL is
+        in them), parallelism / (time per item) is the device's measured rate, not N times the
+        rate of one worker. Turns at a stateful task and an idle worker lower it."""
+        if self._workers is None or period_seconds <= 0:
+            return
+        now, before = self._workers(), self._worker_stats
+        self._worker_stats = now
+        waited = (now.slot_wait_seconds - before.slot_wait_seconds) / period_seconds
+        handing = (now.hand_over_seconds - before.hand_over_seconds) / period_seconds
+        if now.items - before.items < self.workers or waited < SATURATED or handing >= SATURATED:
+            return
+        busy = (now.busy_seconds - before.busy_seconds) / period_seconds
+        sample = min(float(self.workers), max(1.0, busy))
+        old = self._parallelism
+        self._parallelism = sample if math.isnan(old) else old + 0.5 * (sample - old)
+
     def device_times(self, item: int, timings: list[tuple[int, float]]) -> None:
         if item < WARMUP_ITEMS:
             return
@@ -93,10 +141,26 @@ class Telemetry:
                 self._device.add(task, seconds)
 
     def cut_size(self, cut: int, size: int) -> None:
-        """An item cut after task ``cut - 1`` takes ``size`` bytes on the wire."""
+        """An item cut after task ``cut - 1`` takes ``size`` bytes on the wire (before any
+        compression: what the codec in use removed from the item is added back)."""
         with self._lock:
-            old = self._cuts[cut]
-            self._cuts[cut] = size if math.isnan(old) else old + ALPHA * (size - old)
+            _smooth(self._cuts, cut, size + self._saved[cut])
+            self._saved[cut] = 0
+
+    def compression(self, cut: int, codec: str, raw: int, wire: int, seconds: float) -> None:
+        """Compressing an item cut after task ``cut - 1`` with ``codec`` took ``seconds`` and
+        made ``raw`` serialised bytes ``wire``."""
+        with self._lock:
+            costs = self._codecs.get(codec)
+            if costs is None:
+                return
+            _smooth(costs[0], cut, raw / max(wire, 1))
+            _smooth(costs[1], cut, seconds)
+
+    def compressed(self, cut: int, saved: int) -> None:
+        """The item about to be sent at ``cut`` is ``saved`` bytes smaller for its codec."""
+        with self._lock:
+            self._saved[cut] = saved
 
     def answer(
         self,
@@ -176,6 +240,7 @@ class Telemetry:
             finished = self._period_finished / period_seconds if period_seconds > 0 else 0.0
             throughput = finished * fraction
             self._period_finished = 0
+            self._learn_parallelism(period_seconds)
             return Measurements(
                 split=split,
                 device_seconds=self._device.estimates(),
@@ -189,4 +254,11 @@ class Telemetry:
                 settled=settled,
                 device_cpu_percent=psutil.cpu_percent(None),
                 device_memory_percent=self._process.memory_percent(),
+                device_workers=self.workers,
+                device_parallelism=self._parallelism,
+                serial_tasks=self.serial,
+                codecs=tuple(
+                    CodecCost(name, tuple(ratio), tuple(seconds))
+                    for name, (ratio, seconds) in self._codecs.items()
+                ),
             )

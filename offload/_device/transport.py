@@ -5,19 +5,20 @@ network).
 
 from __future__ import annotations
 
+import json
 import queue
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
 
 from .. import _batch
-from .._config import ClientConfig, ClientSecurity
+from .._config import ClientConfig, ClientSecurity, grpc_target
 from .._security import call_metadata, channel_credentials
 from .._wire import (
     BATCH_METHOD,
@@ -68,9 +69,18 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def client_options(config: ClientConfig) -> list[tuple[str, int]]:
-    """The channel's size limits, keepalive (a dead link is noticed) and reconnect backoff."""
+# Several replicas: round_robin keeps a connection to each one ready, so a stream that breaks
+# opens again on another replica at once (pick_first would first have to connect to one); each
+# new stream goes to the next replica, and gRPC starts each channel's round at a random one, so
+# devices spread. A replica that goes away leaves the round until it answers again.
+LOAD_BALANCING = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def client_options(config: ClientConfig) -> list[tuple[str, int | str]]:
+    """The channel's size limits, keepalive (a dead link is noticed), reconnect backoff and load
+    balancing over the server's replicas."""
     return [
+        ("grpc.service_config", LOAD_BALANCING),
         *size_options(config.limits.max_message_bytes),
         *keepalive_options(config.keepalive),
         # gRPC reconnects with exponential backoff and jitter; cap it so a returning server is
@@ -78,6 +88,9 @@ def client_options(config: ClientConfig) -> list[tuple[str, int]]:
         ("grpc.initial_reconnect_backoff_ms", 500),
         ("grpc.min_reconnect_backoff_ms", 500),
         ("grpc.max_reconnect_backoff_ms", int(config.link.reconnect_backoff_max * 1000)),
+        # A device's own connection: gRPC otherwise shares one among channels of identical
+        # settings, and the server takes a bounded number of streams per connection.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 
@@ -193,6 +206,15 @@ def diagnose(
             tls=True,
         )
     return ConnectFailure(last)
+
+
+def _tls_name(address: str) -> str | None:
+    """For a list of replicas (``ipv4:``/``ipv6:``), the name their certificates are checked
+    against: the first address (gRPC would check the whole list, which no certificate names)."""
+    scheme, _, rest = address.partition(":")
+    if scheme not in ("ipv4", "ipv6"):
+        return None
+    return rest.split(",")[0].rpartition(":")[0].strip("[]")
 
 
 class _GrpcStream:
@@ -383,7 +405,7 @@ class GrpcTransport:
     def __init__(
         self,
         target: str,
-        options: list[tuple[str, int]],
+        options: Sequence[tuple[str, int | str]],
         connect_timeout: float,
         security: ClientSecurity = ClientSecurity(),
         batching: Batching = Batching(),
@@ -394,10 +416,14 @@ class GrpcTransport:
         # Until a server answers ExecuteBatches UNIMPLEMENTED (an older one): then one per message.
         self.batches = batching.items > 1
         credentials = channel_credentials(security)
+        address = grpc_target(target)  # the list of replicas as gRPC spells it
         if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=options)
+            self.channel = grpc.insecure_channel(address, options=options)
         else:
-            self.channel = grpc.secure_channel(target, credentials, options=options)
+            name = _tls_name(address)
+            if name is not None:
+                options = [*options, ("grpc.ssl_target_name_override", name)]
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         self._metadata = call_metadata(security)
         self._check = self.channel.unary_unary(HEALTH_CHECK)  # bytes in, bytes out
         # Not reachable yet is not an error: the client runs every task itself meanwhile, and

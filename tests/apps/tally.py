@@ -35,6 +35,12 @@ def reset() -> None:
     _delay["seconds"] = SERVER_DELAY
 
 
+def restart() -> None:
+    """As a fresh process: items count from 1 again, no run seen."""
+    _next["n"] = 0
+    _seen.clear()
+
+
 def emit():
     _next["n"] += 1
     return True, _next["n"]

@@ -32,10 +32,7 @@ class _Server:
         self.servicer = OffloadServicer(RemoteExecutor(self.pipeline, ServerConfig()))
         self.batches: list[int] = []  # items per TaskBatch received
         methods = {
-            METHOD_NAME: grpc.stream_stream_rpc_method_handler(
-                self.servicer.ExecuteRemaining,
-                response_serializer=pb.ItemResult.SerializeToString,
-            )
+            METHOD_NAME: grpc.stream_stream_rpc_method_handler(self.servicer.ExecuteRemaining)
         }
         if batches:
             methods[BATCH_METHOD_NAME] = grpc.stream_stream_rpc_method_handler(self._counted)
@@ -49,7 +46,7 @@ class _Server:
     def _counted(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         def noted() -> Iterator[bytes]:
             for data in requests:
-                self.batches.append(len(_batch.split(data)))
+                self.batches.append(len(list(_batch.split(data))))
                 yield data
 
         return self.servicer.ExecuteBatches(noted(), context)

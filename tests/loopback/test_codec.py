@@ -14,14 +14,17 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import zstandard
 
 from offload import (
     Client,
     ClientConfig,
     GrpcTransport,
+    Limits,
     Pipeline,
     RunningServer,
     current_item,
+    decode,
     encode,
     load_pipeline,
 )
@@ -127,20 +130,25 @@ def _huge_empty() -> pb.Value:
     return value
 
 
+def _exchange(port: int, messages: list[pb.TaskState]) -> list[pb.ItemResult]:
+    """``messages`` on one stream to the server on ``port``, as any client would send them."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(
+            "/offload.v1.Offload/ExecuteRemaining",
+            request_serializer=pb.TaskState.SerializeToString,
+            response_deserializer=pb.ItemResult.FromString,
+        )
+        return list(call(iter(messages), timeout=10))
+
+
 def test_the_server_refuses_an_empty_array_with_huge_dimensions_as_invalid_argument(
     start_server: Callable[..., RunningServer],
 ) -> None:
     server = start_server(COUNTER)
     message = state(0, 1)
     message.args.CopyFrom(_huge_empty())
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        call = channel.stream_stream(
-            "/offload.v1.Offload/ExecuteRemaining",
-            request_serializer=pb.TaskState.SerializeToString,
-            response_deserializer=pb.ItemResult.FromString,
-        )
-        with pytest.raises(grpc.RpcError) as err:
-            list(call(iter([message]), timeout=10))
+    with pytest.raises(grpc.RpcError) as err:
+        _exchange(server.port, [message])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     details = err.value.details() or ""
     assert ".shape" in details and "larger than NumPy can index" in details
@@ -182,3 +190,74 @@ def test_the_device_refuses_an_answer_with_an_empty_array_of_huge_dimensions() -
     assert "INVALID_ARGUMENT" in report["error"] or "bad answer" in report["error"]
     assert ".shape" in report["error"] and "larger than NumPy can index" in report["error"]
     assert "\n" not in report["error"]
+
+
+def _wire_states(accepts: list[int]) -> list[pb.TaskState]:
+    pipeline = load_pipeline("tests.apps.mask")
+    frame = np.zeros((200, 200), np.uint8)
+    outline = [[1, 2], [3, 4]]
+    states = []
+    for item in range(3):
+        message = pb.TaskState(
+            pipeline=pipeline.name,
+            fingerprint=pipeline.fingerprint,
+            device_id="old-device",
+            run_id="r1",
+            item=item,
+            next_task=2,
+            accepts=accepts,  # type: ignore[arg-type]
+        )
+        message.args.CopyFrom(encode((frame > 0, outline)))
+        states.append(message)
+    return states
+
+
+def _kinds(value: pb.Value) -> set[str]:
+    kind = value.WhichOneof("kind") or "none"
+    if kind == "map_value":
+        return {kind}.union(*(_kinds(e.value) for e in value.map_value.entries))
+    return {kind}
+
+
+@pytest.mark.parametrize(
+    ("accepts", "expected"),
+    [
+        ([], {"map_value", "int_value", "list_value", "array"}),
+        ([pb.CODEC_PACKED], {"map_value", "int_value", "packed_list", "array"}),
+        ([pb.CODEC_PACKED, pb.CODEC_LZ4], {"compressed"}),
+    ],
+    ids=["says-nothing", "packed", "packed-lz4"],
+)
+def test_a_device_is_answered_only_in_the_encodings_it_said_it_reads(
+    start_server: Callable[..., RunningServer], accepts: list[int], expected: set[str]
+) -> None:
+    # A device that says nothing is today's Node.js client, or any client built before the
+    # encodings: it is never handed a kind it would misread.
+    server = start_server("tests.apps.mask")
+    answers = _exchange(server.port, _wire_states(accepts))
+    assert [a.status for a in answers] == [pb.ItemResult.COMPLETED] * 3
+    for answer in answers:
+        assert _kinds(answer.output) == expected
+        assert set(answer.accepts) >= {pb.CODEC_PACKED, pb.CODEC_ZSTD, pb.CODEC_LZ4}
+        assert decode(answer.output)["outline"] == [[1, 2], [3, 4]]
+
+
+def test_the_server_refuses_a_compression_bomb_before_decompressing_it(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server("tests.apps.mask", limits=Limits(max_message_bytes=1024 * 1024))
+    message = _wire_states([])[0]
+    raw = encode((np.zeros((4096, 4096), np.uint8), [[1, 2]])).SerializeToString()
+    message.args.CopyFrom(
+        pb.Value(
+            compressed=pb.Compressed(
+                codec=pb.CODEC_ZSTD, size=len(raw), data=zstandard.ZstdCompressor().compress(raw)
+            )
+        )
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        _exchange(server.port, [message])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"compressed.size: {len(raw)} bytes, more than --max-message-bytes 1048576" in (
+        err.value.details() or ""
+    )

@@ -42,23 +42,33 @@ def test_seed_format_app_runs_unchanged_at_every_split(
         assert report["error"] is None
 
 
+@pytest.mark.parametrize("compression", ["none", "lz4", "zstd"])
 def test_ball_tracking_every_split_matches_client_only(
-    start_server: Callable[..., RunningServer],
+    start_server: Callable[..., RunningServer], compression: str
 ) -> None:
     pipeline = load_pipeline(BALL)
     server = start_server(pipeline)
     reference, ref_report = run_split(pipeline, None, source="synthetic", frames=60)
     assert ref_report["items"]["captured"] == 60
     assert ref_report["items"]["filtered"] >= 5  # the synthetic ball hides now and then
+    compressed = 0
     for k in range(1, len(pipeline) + 1):
-        lines, report = run_split(pipeline, k, server.port, source="synthetic", frames=60)
+        lines, report = run_split(
+            pipeline, k, server.port, source="synthetic", frames=60, compression=compression
+        )
         assert lines == reference, f"split {k} differs from client-only"
+        codecs = report.get("compression", {}).get("codecs", {})  # none at K=N: no link
+        compressed += sum(c["items"] for c in codecs.values())
         remote = [t for t in report["tasks"] if t["server_runs"]]
         assert [t["index"] for t in remote] == list(range(k, len(pipeline)))
         assert (report["bytes"]["sent"] > 0) == (k < len(pipeline))
+    # The synthetic frames are noisy: only frame + mask (K=3) shrinks enough to be compressed.
+    assert (compressed > 0) == (compression != "none")
 
 
 @pytest.mark.skipif(not WEBCAM_CLIP.exists(), reason=f"webcam clip not found at {WEBCAM_CLIP}")
+# Seven runs of the whole clip: ~80 s on a shared 2-core machine; the timeout only guards a hang.
+@pytest.mark.timeout(600)
 def test_real_webcam_clip_gives_identical_results_at_every_split(
     start_server: Callable[..., RunningServer],
 ) -> None:

@@ -28,7 +28,7 @@ from offload import (
     load_pipeline,
     serve,
 )
-from offload._codec import ALLOWED_DTYPES
+from offload._codec import ALLOWED_DTYPES, compress_value
 from offload._device.report import to_json
 from offload.v1 import offload_pb2 as pb
 
@@ -92,6 +92,34 @@ values = st.recursive(
 def test_any_supported_value_round_trips_exactly(value: Any) -> None:
     wire = encode(value).SerializeToString()
     assert_same(value, decode(pb.Value.FromString(wire)))
+
+
+numeric_lists = (
+    st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=6)
+    | st.lists(st.floats(allow_nan=False), min_size=1, max_size=6)
+    | st.integers(1, 3).flatmap(
+        lambda width: st.lists(
+            st.lists(st.integers(-(2**63), 2**63 - 1), min_size=width, max_size=width)
+            | st.lists(st.floats(allow_nan=False), min_size=width, max_size=width),
+            min_size=1,
+            max_size=4,
+        )
+    )
+)
+
+
+@FUZZ
+@given(
+    st.recursive(
+        scalars | arrays | numeric_lists, lambda inner: containers(inner, 4), max_leaves=12
+    )
+)
+def test_any_value_round_trips_exactly_packed_and_compressed(value: Any) -> None:
+    for codec in (None, pb.CODEC_ZSTD, pb.CODEC_LZ4):
+        wire = encode(value, packed=True)
+        if codec is not None:
+            compress_value(wire, codec)
+        assert_same(value, decode(pb.Value.FromString(wire.SerializeToString())))
 
 
 every_array = st.builds(

@@ -136,6 +136,24 @@ def test_a_missing_or_wrong_token_is_unauthenticated(
     assert "--token or OFFLOAD_TOKEN" in err.value.details()
 
 
+def test_refused_tokens_are_logged_rate_limited_with_the_peer_and_counted(
+    start_server: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="offload.server")
+    server = start_server(COUNTER, security=ServerSecurity(token="s3cret-t0ken"), metrics_port=0)
+    for token in [None, *["guess-" + "x" * i for i in range(12)]]:  # 13 refusals in a loop
+        with pytest.raises(grpc.RpcError):
+            exchange(server.port, ClientSecurity(), [state(0, 1)], token)
+    lines = [r.getMessage() for r in caplog.records if "code=UNAUTHENTICATED" in r.getMessage()]
+    # The first is logged at once, naming the peer and the reason; the rest within the interval
+    # are counted into the next line, and no line shows what was given.
+    assert len(lines) == 1, lines
+    assert "peer=ipv4:127.0.0.1:" in lines[0] and 'reason="no token"' in lines[0]
+    assert not any("guess" in line or "s3cret" in line for line in lines)
+    assert server.metrics is not None
+    assert server.metrics.registry.get_sample_value("offload_unauthenticated_total") == 13
+
+
 def test_unauthenticated_arrives_before_the_client_sends_anything(
     token_server: RunningServer,
 ) -> None:

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offload import ConfigError, RunningServer, ServerConfig, decode, serve
-from offload._cloud import servicer as _servicer
+from offload._logging import RefusalLog
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
@@ -185,7 +185,7 @@ def test_a_full_server_still_answers_health_checks(
 
 
 def test_a_device_refused_again_soon_is_counted_into_its_next_log_line() -> None:
-    refusals = _servicer._RefusalLog(interval=0.5)
+    refusals = RefusalLog(interval=0.5)
     assert refusals.count("pi") == 1  # the first is logged at once
     assert refusals.count("other") == 1
     quiet = 0

@@ -190,10 +190,14 @@ def test_every_client_option_can_come_from_the_environment() -> None:
         "report": ("run.json", "run.json"),
         "connect_timeout": ("2.5", 2.5),
         "max_message_bytes": ("65536", 65536),
+        "compression": ("lz4", "lz4"),
         "buffer": ("5", 5),
         "when_full": ("drop-oldest", "drop-oldest"),
         "item_timeout": ("7", 7.0),
         "resend_grace": ("0", 0.0),
+        "outage": ("hold-last", "hold-last"),
+        "buffer_bytes": ("4096", 4096),
+        "buffer_dir": ("/var/lib/offload", "/var/lib/offload"),
         "tls": ("1", True),
         "tls_ca": ("ca.pem", "ca.pem"),
         "tls_cert": ("device.pem", "device.pem"),
@@ -203,6 +207,7 @@ def test_every_client_option_can_come_from_the_environment() -> None:
         "batch_items": ("4", 4),
         "batch_bytes": ("65536", 65536),
         "linger_ms": ("25", 25.0),
+        "device_workers": ("2", 2),
     }
     dests = {a.dest for a in option_actions(build_parser({}))}
     assert dests == set(values), "a new option needs a line here"
@@ -410,14 +415,17 @@ class Lines:
             return "".join(self.lines)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["1-worker", "2-workers"])
 @pytest.mark.parametrize("split", [[], ["--local-tasks", "1"]], ids=["here", "at-the-server"])
-def test_a_second_ctrl_c_stops_at_once_quietly_with_130(tmp_path: Path, split: list[str]) -> None:
+def test_a_second_ctrl_c_stops_at_once_quietly_with_130(
+    tmp_path: Path, split: list[str], workers: str
+) -> None:
     # Task 1 never returns: finishing the item in flight would take forever.
     out = tmp_path / "out.jsonl"
     client = subprocess.Popen(
         [
             *(sys.executable, "-m", "offload.client", "--pipeline", "tests.apps.hang", *split),
-            *("--output", str(out)),
+            *("--output", str(out), "--device-workers", workers),
         ],
         cwd=ROOT,
         env=ENV,
@@ -439,11 +447,14 @@ def test_a_second_ctrl_c_stops_at_once_quietly_with_130(tmp_path: Path, split: l
         client.wait(timeout=10)
     said = err.text()
     assert "Traceback" not in said and "Exception" not in said, said
-    # Items sent to the server end as interrupted. (An item stuck in a task here, inside the
-    # capture loop, is not captured yet: it has no line.)
+    # Items sent to the server end as interrupted, and so do items stuck on a device worker.
+    # (An item stuck in a task inside the capture loop, one worker, is not captured yet: it has
+    # no line.)
     ends = {(e["status"], e["error"]) for e in map(json.loads, out.read_text().splitlines())}
     assert ends == (
-        {("not_run", "the run was interrupted before this item finished")} if split else set()
+        {("not_run", "the run was interrupted before this item finished")}
+        if split or workers != "1"
+        else set()
     )
     if embedded is not None:  # the embedded server went with it
         port = int(embedded.rsplit(":", 1)[1])
@@ -486,7 +497,8 @@ def test_ctrl_c_at_a_terminal_lets_the_embedded_server_finish_the_items_in_fligh
     assert link["disconnects"] == 0 and link["ran_locally"] == 0
 
 
-def test_ctrl_c_stops_the_client_cleanly_with_a_summary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["1-worker", "2-workers"])
+def test_ctrl_c_stops_the_client_cleanly_with_a_summary(tmp_path: Path, workers: str) -> None:
     out = tmp_path / "out.jsonl"
     report_path = tmp_path / "report.json"
     client = subprocess.Popen(
@@ -494,6 +506,8 @@ def test_ctrl_c_stops_the_client_cleanly_with_a_summary(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "offload.client",
+            "--device-workers",
+            workers,
             "--local-tasks",
             "4",
             "--output",
@@ -536,3 +550,31 @@ def test_a_full_output_disk_ends_the_run_with_one_line_naming_the_file() -> None
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
     assert "--output /dev/full" in errors[0] and "No space left on device" in errors[0]
+
+
+def test_device_workers_from_the_environment_give_the_output_of_one_worker(
+    tmp_path: Path,
+) -> None:
+    args = ("--local-tasks", "4", "--frames", "60", "--source", "synthetic:3")
+    one = cli_output(tmp_path, "one", *args)
+    report = tmp_path / "report.json"
+    result = offload(
+        "offload.client",
+        *("--output", str(tmp_path / "two.jsonl"), "--report", str(report), "--device-id", "cli"),
+        *args,
+        env={"OFFLOAD_DEVICE_WORKERS": "2"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "two.jsonl").read_text().splitlines() == one
+    assert json.loads(report.read_text())["device"]["workers"] == 2
+    assert "  device     2 workers, " in result.stdout
+
+
+def test_more_device_workers_than_the_window_is_one_line_naming_both() -> None:
+    line = one_error_line(
+        offload("offload.client", "--local-tasks", "3", "--window", "2", "--device-workers", "3")
+    )
+    assert line == (
+        "error: --device-workers 3 exceeds --window 2: items on the device's workers count "
+        "against it; raise --window or give fewer"
+    )

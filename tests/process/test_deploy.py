@@ -3,36 +3,53 @@ works; the wheel carries generated stubs and console scripts; a device install s
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.parser import Parser
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 
+from deploy.image.build import dockerignore_patterns, ignored, pip_settings
 from offload import RunningServer
+from offload._env import env_name, option_actions
+from offload.server import build_parser
 
 from ..helpers import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile.server"
-SERVER_ONLY = ("grpc_health", "grpc_reflection", "prometheus_client")
-SERVER_PACKAGES = {"grpcio-health-checking", "grpcio-reflection", "prometheus-client"}
+SERVER_ONLY = ("grpc_health", "grpc_reflection", "prometheus_client", "redis")
+SERVER_PACKAGES = {
+    "grpcio-health-checking",
+    "grpcio-reflection",
+    "prometheus-client",
+    "redis",
+    "zstandard",
+    "lz4",
+}
 
 
 @dataclass
 class Stage:
-    base: str
+    base: str  # with the global ARGs' defaults in
     name: str | None
+    written: str = ""  # the base as FROM writes it
     instructions: list[tuple[str, str]] = field(default_factory=list)
 
     def all(self, keyword: str) -> list[str]:
@@ -46,18 +63,24 @@ class Stage:
 
 
 def parse_dockerfile(path: Path) -> list[Stage]:
-    """The stages of a Dockerfile: instructions joined across continuation lines."""
+    """The stages of a Dockerfile: instructions joined across continuation lines; the ARGs
+    before the first FROM are the defaults of the variables FROM may use."""
     text = re.sub(r"\\\n", " ", path.read_text())
     stages: list[Stage] = []
+    global_args: dict[str, str] = {}
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         keyword, _, args = line.partition(" ")
         keyword, args = keyword.upper(), " ".join(args.split())
-        if keyword == "FROM":
-            base, _, name = args.partition(" AS ")
-            stages.append(Stage(base, name or None))
+        if keyword == "ARG" and not stages:
+            name, _, default = args.partition("=")
+            global_args[name] = default
+        elif keyword == "FROM":
+            written, _, name = args.partition(" AS ")
+            base = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m.group(1)], written)
+            stages.append(Stage(base, name or None, written))
         else:
             stages[-1].instructions.append((keyword, args))
     return stages
@@ -67,26 +90,6 @@ def exec_form(args: str) -> list[str]:
     command = json.loads(args)
     assert isinstance(command, list), f"{args}: use the exec (JSON) form"
     return [str(c) for c in command]
-
-
-def dockerignore_patterns() -> list[re.Pattern[str]]:
-    """.dockerignore as regular expressions (Docker's syntax: *, ?, **; no ! exceptions used)."""
-    patterns = []
-    for raw in (ROOT / ".dockerignore").read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        assert not line.startswith("!"), "exceptions are not handled by this test"
-        regex = re.escape(line.strip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*")
-        patterns.append(re.compile(regex.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")))
-    return patterns
-
-
-def ignored(relative: Path, patterns: list[re.Pattern[str]]) -> bool:
-    """Docker excludes a path when a pattern matches it or any directory above it."""
-    parts = relative.parts
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(p.fullmatch(prefix) for p in patterns for prefix in prefixes)
 
 
 def copy_sources(stage: Stage) -> list[tuple[list[str], str]]:
@@ -109,7 +112,11 @@ def stages() -> list[Stage]:
 def test_the_image_is_multi_stage_slim_and_runs_unprivileged(stages: list[Stage]) -> None:
     build, final = stages[0], stages[-1]
     assert len(stages) == 2 and build.name == "build"
-    assert all(re.fullmatch(r"python:3\.\d+-slim", s.base) for s in stages)
+    # One base for both (the environment's interpreter is the base's), by default the Python
+    # of requires-python's floor; `make image` may pass a stand-in (ARG BASE).
+    assert [s.written for s in stages] == ["${BASE}", "${BASE}"]
+    floor = re.search(r'requires-python = ">=(\d+\.\d+)"', (ROOT / "pyproject.toml").read_text())
+    assert floor is not None and build.base == f"python:{floor.group(1)}-slim"
     assert any(args.startswith("--from=build ") for args in final.all("COPY"))
     # The build tools stay in the build stage: the final one installs nothing itself.
     assert not any("pip install" in args for args in final.all("RUN"))
@@ -190,6 +197,8 @@ def test_the_wheel_carries_offload_alone_with_stubs_scripts_and_a_lean_base(whee
     assert {n.split("/")[0] for n in names} == {"offload", info}
     assert {"offload/v1/offload_pb2.py", "offload/v1/offload_pb2_grpc.py"} <= names
     assert "offload/healthcheck.py" in names
+    assets = {"index.html", "login.html", "dashboard.js", "uPlot.iife.min.js", "uPlot.LICENSE"}
+    assert {f"offload/_cloud/dashboard_assets/{a}" for a in assets} <= names
     assert "offload-client = offload.client:main" in entry_points
     assert "offload-server = offload.server:main" in entry_points
     requires = [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
@@ -301,6 +310,9 @@ def test_a_device_runs_without_the_server_packages(
     assert refused.returncode == 2
     assert "pip install '.[server]'" in refused.stderr  # from this checkout
     assert "Traceback" not in refused.stderr
+    no_redis = without_server_packages("offload.server", "--port", "0", "--state", "redis://x:1/0")
+    assert no_redis.returncode == 2, no_redis.stderr
+    assert "--state redis:// needs redis" in no_redis.stderr and "Traceback" not in no_redis.stderr
 
 
 def test_the_image_entry_point_and_healthcheck_work_with_the_image_environment(
@@ -351,3 +363,256 @@ def test_the_image_entry_point_and_healthcheck_work_with_the_image_environment(
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
     assert server.returncode == 0
+
+
+CLOUD_INIT = ROOT / "deploy" / "compute-engine" / "cloud-init.yaml"
+COS_COMMANDS = ("/usr/bin/docker", "/usr/bin/docker-credential-gcr", "/bin/bash", "/bin/mkdir")
+
+
+@pytest.fixture(scope="module")
+def cloud_config() -> dict[str, Any]:
+    text = CLOUD_INIT.read_text()
+    assert text.startswith("#cloud-config\n"), "cloud-init reads user data as config by its header"
+    config = yaml.safe_load(text)
+    assert isinstance(config, dict)
+    return config
+
+
+def written_file(cloud_config: dict[str, Any], path: str) -> str:
+    (content,) = [f["content"] for f in cloud_config["write_files"] if f["path"] == path]
+    return str(content)
+
+
+def unit_directives(unit: str) -> dict[str, list[str]]:
+    """A systemd unit's directives (continuation lines joined), each with all its values."""
+    directives: dict[str, list[str]] = {}
+    for line in re.sub(r"\\\n\s*", " ", unit).splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", "[")):
+            directives.setdefault(key.strip(), []).append(value.strip())
+    return directives
+
+
+def test_the_compute_engine_cloud_config_writes_the_units_and_starts_the_server(
+    cloud_config: dict[str, Any],
+) -> None:
+    paths = {f["path"]: f for f in cloud_config["write_files"]}
+    assert set(paths) == {
+        "/etc/offload/fetch.sh",
+        "/etc/systemd/system/offload-fetch.service",
+        "/etc/systemd/system/offload-server.service",
+    }
+    assert all(isinstance(f["permissions"], str) for f in paths.values()), "octal as a string"
+    assert cloud_config["runcmd"] == [
+        "systemctl daemon-reload",
+        "systemctl start offload-server.service",
+    ]
+    server = unit_directives(
+        written_file(cloud_config, "/etc/systemd/system/offload-server.service")
+    )
+    assert server["Restart"] == ["always"]
+    assert (
+        "offload-fetch.service" in server["Requires"][0] and "docker.service" in server["After"][0]
+    )
+
+
+def test_cloud_init_accepts_the_compute_engine_cloud_config_and_refuses_a_broken_one(
+    tmp_path: Path,
+) -> None:
+    if shutil.which("cloud-init") is None:
+        pytest.skip("Debian's cloud-init package is not installed (.ci/run installs it)")
+
+    def schema(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["cloud-init", "schema", "--config-file", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+
+    valid = schema(CLOUD_INIT)
+    assert valid.returncode == 0 and "Valid cloud-config" in valid.stdout, valid
+    broken = tmp_path / "broken.yaml"
+    config = yaml.safe_load(CLOUD_INIT.read_text())
+    del config["write_files"][0]["path"]
+    broken.write_text("#cloud-config\n" + yaml.safe_dump(config))
+    refused = schema(broken)
+    assert refused.returncode == 1 and "'path' is a required property" in refused.stderr, refused
+
+
+def test_the_units_pass_systemd_analyze_verify_with_the_commands_of_container_optimized_os(
+    cloud_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """``systemd-analyze verify`` in a root holding systemd's own units, the two units, and
+    stand-ins for what COS has (docker.service, docker, docker-credential-gcr, bash, mkdir)."""
+    analyze, units = shutil.which("systemd-analyze"), Path("/usr/lib/systemd/system")
+    if analyze is None or not (units / "multi-user.target").exists():
+        pytest.skip("systemd-analyze and systemd's units are needed")
+    root = tmp_path / "root"
+    shutil.copytree(units, root / "usr/lib/systemd/system", symlinks=True)
+    system = root / "etc/systemd/system"
+    system.mkdir(parents=True)
+    for command in COS_COMMANDS:
+        stand_in = root / command.lstrip("/")
+        stand_in.parent.mkdir(parents=True, exist_ok=True)
+        stand_in.write_text("#!/bin/sh\n")
+        stand_in.chmod(0o755)
+    (system / "docker.service").write_text("[Service]\nExecStart=/usr/bin/docker\n")
+    names = ["offload-fetch.service", "offload-server.service"]
+    for name in names:
+        (system / name).write_text(written_file(cloud_config, f"/etc/systemd/system/{name}"))
+    verify = subprocess.run(
+        [analyze, f"--root={root}", "verify", *(f"/etc/systemd/system/{n}" for n in names)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    # Any complaint (an unknown directive, a missing command) is a failure, not only errors.
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+
+
+def test_the_docker_run_line_publishes_the_image_ports_and_sets_server_variables(
+    cloud_config: dict[str, Any], stages: list[Stage]
+) -> None:
+    final = stages[-1]
+    server = unit_directives(
+        written_file(cloud_config, "/etc/systemd/system/offload-server.service")
+    )
+    (exec_start,) = server["ExecStart"]
+    words = shlex.split(exec_start)
+    assert words[:3] == ["/usr/bin/docker", "run", "--rm"] and words[-1] == "${OFFLOAD_IMAGE}"
+
+    def values(flag: str) -> list[str]:
+        return [words[i + 1] for i, w in enumerate(words) if w == flag]
+
+    published = {tuple(p.split(":")) for p in values("--publish")}
+    exposed = set(final.all("EXPOSE")[0].split())
+    assert published == {(port, port) for port in exposed}
+    env = dict(e.split("=", 1) for e in values("--env"))
+    # The env file holds what fetch.sh writes there: the token.
+    fetch = written_file(cloud_config, "/etc/offload/fetch.sh")
+    (env_file,) = values("--env-file")
+    assert env_file == "/run/offload/server.env"
+    from_file = re.findall(r"'(OFFLOAD_\w+)=%s\\n' \"\$\w+\" > \"\$run/server.env\"", fetch)
+    assert from_file == ["OFFLOAD_TOKEN"]
+    known = {env_name(a) for a in option_actions(build_parser({}))}
+    assert {*env, *from_file} <= known, "every variable is a server option's"
+    (volume,) = values("--volume")
+    assert volume == "/run/offload/tls:/certs:ro"
+    assert {os.path.dirname(env["OFFLOAD_TLS_CERT"]), os.path.dirname(env["OFFLOAD_TLS_KEY"])} == {
+        "/certs"
+    }
+    assert server["EnvironmentFile"] == ["/run/offload/image.env"]
+    # docker stop's timeout leaves the server its grace for the streams in flight.
+    (stop,) = server["ExecStop"]
+    assert int(stop.split("--time ")[1].split()[0]) > int(final.env().get("OFFLOAD_GRACE", "5"))
+
+
+class FakeGoogle(http.server.BaseHTTPRequestHandler):
+    """The metadata server and Secret Manager's REST API, as far as fetch.sh asks them."""
+
+    image = "europe-west1-docker.pkg.dev/my-project/offload/offload-server:0.1.0"
+    secrets: ClassVar[dict[str, bytes]] = {}
+
+    def do_GET(self) -> None:
+        metadata = {
+            "/computeMetadata/v1/instance/attributes/offload-image": self.image,
+            "/computeMetadata/v1/project/project-id": "my-project",
+            "/computeMetadata/v1/instance/service-accounts/default/token": json.dumps(
+                {"access_token": "ya29.vm", "expires_in": 3599, "token_type": "Bearer"}
+            ),
+        }
+        prefix, suffix = "/v1/projects/my-project/secrets/", "/versions/latest:access"
+        body: str | None = None
+        if self.path in metadata and self.headers["Metadata-Flavor"] == "Google":
+            body = metadata[self.path]
+        elif self.path.startswith(prefix) and self.path.endswith(suffix):
+            name = self.path.removeprefix(prefix).removesuffix(suffix)
+            if name in self.secrets and self.headers["Authorization"] == "Bearer ya29.vm":
+                data = base64.b64encode(self.secrets[name]).decode()
+                payload = {"data": data, "dataCrc32c": "1"}
+                body = json.dumps({"name": name, "payload": payload}, indent=2)
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        self.wfile.write((body or "not found").encode())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="fetch.sh gives the key to uid 10001: root only")
+def test_the_fetch_script_writes_the_image_and_the_secrets_for_the_container_user(
+    cloud_config: dict[str, Any], tmp_path: Path
+) -> None:
+    script = tmp_path / "fetch.sh"
+    script.write_text(written_file(cloud_config, "/etc/offload/fetch.sh"))
+    cert, key = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", b"KEY\n"
+    FakeGoogle.secrets = {
+        "offload-token": b"t0ken",
+        "offload-tls-cert": cert,
+        "offload-tls-key": key,
+    }
+    google = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeGoogle)
+    threading.Thread(target=google.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{google.server_address[1]}"
+    run_dir = tmp_path / "run"
+
+    def fetch() -> subprocess.CompletedProcess[str]:
+        env = {
+            "PATH": os.environ["PATH"],
+            "METADATA_URL": f"{base}/computeMetadata/v1",
+            "SECRET_MANAGER_URL": f"{base}/v1",
+            "RUN_DIR": str(run_dir),
+        }
+        return subprocess.run(
+            ["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    try:
+        done = fetch()
+        assert done.returncode == 0, done.stderr
+        assert (run_dir / "image.env").read_text() == (
+            f"OFFLOAD_IMAGE={FakeGoogle.image}\nOFFLOAD_REGISTRY=europe-west1-docker.pkg.dev\n"
+        )
+        assert (run_dir / "server.env").read_text() == "OFFLOAD_TOKEN=t0ken\n"
+        assert (run_dir / "server.env").stat().st_mode & 0o777 == 0o600
+        for name, content in (("server.crt", cert), ("server.key", key)):
+            path = run_dir / "tls" / name
+            assert path.read_bytes() == content
+            assert (path.stat().st_uid, path.stat().st_mode & 0o777) == (10001, 0o400)
+        # A secret that cannot be read stops the unit (and so the server's start).
+        del FakeGoogle.secrets["offload-tls-key"]
+        failed = fetch()
+        assert failed.returncode != 0 and "404" in failed.stderr, failed
+    finally:
+        google.shutdown()
+        google.server_close()
+
+
+def test_the_build_passes_pip_its_settings_with_the_environment_first_and_the_paths_they_name(
+    tmp_path: Path,
+) -> None:
+    """``pip config list`` (as ``make image`` reads it) becomes one pip.conf for the build's
+    secret; the local paths it names are what the build mounts (an index: with its files)."""
+    index, wheels = tmp_path / "pypi" / "simple", tmp_path / "wheels"
+    index.mkdir(parents=True)
+    wheels.mkdir()
+    listing = "\n".join(
+        [
+            f"global.extra-index-url='file://{index} https://mirror.example/simple'",
+            "global.find-links='/nowhere/at/all'",
+            "install.no-compile='1'",
+            f":env:.find-links='{wheels}'",
+            ":env:.config-file='/ignored.conf'",
+        ]
+    )
+    text, paths = pip_settings(listing)
+    assert text == (
+        "[global]\n"
+        f"extra-index-url = file://{index} https://mirror.example/simple\n"
+        f"find-links = {wheels}\n"
+        "[install]\nno-compile = 1\n"
+    )
+    assert paths == sorted([tmp_path / "pypi", wheels])

@@ -11,12 +11,10 @@ import io
 import json
 import logging
 import signal
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
 from typing import Any
 
 import pytest
@@ -44,7 +42,7 @@ from offload._device.link import Pending
 from offload._pipeline import fingerprint
 from tests.apps import gate, tally
 
-from ..helpers import free_port, run_split, spawn_server, wait_until
+from ..helpers import Relay, free_port, run_split, spawn_server, wait_until
 
 STATELESS = "tests.apps.ball_stateless"
 
@@ -139,20 +137,32 @@ def test_unreachable_at_start_runs_here_then_returns_to_the_split(
 
 
 @pytest.mark.parametrize(
-    ("signum", "resend_grace"),
-    [(signal.SIGKILL, 5.0), (signal.SIGKILL, 0.0), (signal.SIGTERM, 5.0)],
-    ids=["sigkill-resend", "sigkill-run-here", "sigterm-resend"],
+    ("signum", "resend_grace", "workers"),
+    [
+        (signal.SIGKILL, 5.0, 1),
+        (signal.SIGKILL, 0.0, 1),
+        (signal.SIGTERM, 5.0, 1),
+        (signal.SIGKILL, 0.0, 2),
+    ],
+    ids=["sigkill-resend", "sigkill-run-here", "sigterm-resend", "sigkill-run-here-2-workers"],
 )
 def test_a_server_dying_mid_stream_loses_and_duplicates_nothing(
     server_processes: Callable[..., subprocess.Popen[str]],
     signum: signal.Signals,
     resend_grace: float,
+    workers: int,
 ) -> None:
     frames = 300
     expected = reference(frames)
     port = free_port()
     first = server_processes(port)
-    run = ClientThread(STATELESS, port, frames, link=LinkConfig(resend_grace=resend_grace))
+    run = ClientThread(
+        STATELESS,
+        port,
+        frames,
+        link=LinkConfig(resend_grace=resend_grace),
+        device_workers=workers,
+    )
     assert wait_until(lambda: run.finished >= 40, 60)
     first.send_signal(signum)
     assert first.wait(15) == (0 if signum == signal.SIGTERM else -signal.SIGKILL)
@@ -347,11 +357,14 @@ def test_a_fatal_refusal_still_ends_every_captured_item_in_the_output(
     assert all("UNAUTHENTICATED" in r["error"] for r in records)
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])
 def test_stopping_mid_run_finishes_every_captured_item(
-    start_server: Callable[..., RunningServer],
+    start_server: Callable[..., RunningServer], workers: int
 ) -> None:
     server = start_server("tests.apps.tally")
-    run = ClientThread("tests.apps.tally", server.port, 1_000_000, local_tasks=1)
+    run = ClientThread(
+        "tests.apps.tally", server.port, 1_000_000, local_tasks=1, device_workers=workers
+    )
     assert wait_until(lambda: run.finished >= 30, 60)
     run.client.stop()
     lines, report = run.join()
@@ -403,59 +416,15 @@ def test_an_interrupted_run_says_which_items_it_did_not_run(
     assert client.recorder.not_run == 7
 
 
-class Proxy:
-    """A TCP relay to a port, whose connections a test can cut (a network blip)."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            with self.lock:
-                self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        with suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        with suppress(OSError):
-            sink.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        with self.lock:
-            cut, self.sockets = self.sockets, []
-        for s in cut:
-            with suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        self.cut()
-
-
 def test_a_network_blip_is_resent_and_a_stateful_aggregate_counts_each_item_once(
     start_server: Callable[..., RunningServer],
 ) -> None:
     server = start_server("tests.apps.tally")
-    proxy = Proxy(server.port)
+    proxy = Relay([server.port])  # a TCP relay whose connections the test cuts: a blip
     try:
         run = ClientThread("tests.apps.tally", proxy.port, 300, local_tasks=1)
         assert wait_until(lambda: run.finished >= 60, 60)
-        proxy.cut()
+        proxy.cut(server.port)
         lines, report = run.join()
     finally:
         proxy.close()

@@ -110,9 +110,12 @@ def test_the_python_floor_is_the_same_everywhere() -> None:
     assert config["mypy"]["python_version"] == str(floor)
     install = (ROOT / "README.md").read_text().split("## Install", 1)[1]
     assert f"Python {floor} or newer" in install
-    # The image runs the Python the suite is proven on.
-    bases = re.findall(r"^FROM python:(\S+)-slim", (ROOT / "Dockerfile.server").read_text(), re.M)
-    assert bases and set(bases) == {str(floor)}
+    # The image runs the Python the suite is proven on (its default base; the stand-in of
+    # `make image` is Debian's Python of the same minor version).
+    bases = re.findall(
+        r"^ARG BASE=python:(\S+)-slim$", (ROOT / "Dockerfile.server").read_text(), re.M
+    )
+    assert bases == [str(floor)]
 
 
 def test_ci_runs_the_suite_on_the_python_floor() -> None:

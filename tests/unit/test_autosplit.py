@@ -6,12 +6,14 @@ import logging
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import pytest
 
 from offload import Client, ClientConfig, ConfigError, ModelPolicy, load_pipeline
 from offload._device.autosplit import SIZE_SAMPLE_EVERY, AutoSplit
 from offload._device.scheduler import Decision, Measurements
 from offload._device.telemetry import Telemetry
+from offload.v1 import offload_pb2 as pb
 
 TASKS = 6
 PERIOD = 1.0
@@ -45,7 +47,7 @@ def test_the_split_changes_when_the_policy_says_and_only_once_a_period() -> None
     assert control.split_for(4, 12.0) == 4
     assert control.split == 4 and len(script.seen) == 2
     assert control.history == [
-        {"seconds": 2.0, "from": 2, "to": 4, "reason": "split 2 -> 4: faster"}
+        {"seconds": 2.0, "from": 2, "to": 4, "codec": "zstd", "reason": "split 2 -> 4: faster"}
     ]
     assert [(p["seconds"], p["split"], p["settled"]) for p in control.periods] == [
         (1.0, 2, True),
@@ -133,3 +135,41 @@ def test_a_policy_without_a_target_is_refused_rather_than_ignored() -> None:
     pipeline = load_pipeline("tests.apps.counter")
     with pytest.raises(ConfigError, match=r"only in automatic mode: set the target"):
         Client(pipeline, ClientConfig(pipeline=pipeline.name), policy=ModelPolicy(10.0))
+
+
+def test_the_codec_the_policy_chooses_is_used_from_the_next_item_and_said_in_the_history() -> None:
+    control, _, _ = auto(Decision(2, "lz4 suffices", codec="lz4"), Decision(3, "up", codec="none"))
+    assert control.codec == pb.CODEC_ZSTD  # --compression auto: the best installed, until told
+    control.split_for(0, 10.0)
+    control.split_for(1, 11.0)
+    assert (control.split, control.codec) == (2, pb.CODEC_LZ4)
+    control.split_for(2, 12.0)
+    assert control.split == 3 and control.codec is None
+    assert [(h["to"], h["codec"], h["reason"]) for h in control.history] == [
+        (2, "lz4", "lz4 suffices"),
+        (3, "none", "up"),
+    ]
+    assert control.report()["final_codec"] == "none"
+
+
+def test_each_codec_is_sampled_at_every_cut_for_the_policy() -> None:
+    telemetry = Telemetry(TASKS, window=4, codecs=("zstd", "lz4"))
+    config = ClientConfig(pipeline="tests.apps.stages", fps=10.0, control_period=PERIOD)
+    control = AutoSplit(ModelPolicy(10.0), telemetry, config, 5)
+    sample = control.size_sampler(0, config.limits)
+    assert sample is not None
+    sample(0, np.zeros(50_000, np.uint8))  # the cut after task 0: 50 kB of zeros
+    sample(1, b"tiny")
+    codecs = {c.name: c for c in telemetry.snapshot(5, 1.0, True).codecs}
+    assert codecs["zstd"].ratio[1] > 100 and codecs["lz4"].ratio[1] > 100
+    assert codecs["zstd"].seconds[1] > 0
+    assert codecs["zstd"].ratio[2] == 1.0  # too small to compress: sent as it is
+    assert math.isnan(codecs["zstd"].ratio[3])
+
+
+def test_a_compressed_cut_counts_its_bytes_before_compression() -> None:
+    telemetry = Telemetry(TASKS, window=4)
+    telemetry.compressed(2, 9000)
+    telemetry.cut_size(2, 1000)  # on the wire
+    telemetry.cut_size(3, 1000)
+    assert telemetry.snapshot(2, 1.0, True).cut_bytes[2:4] == (10_000, 1000)

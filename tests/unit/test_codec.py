@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import lz4.block as lz4_block  # type: ignore[import-untyped]
 import numpy as np
 import pytest
+import zstandard
 
 from offload import CodecError, Limits, decode, encode
-from offload._codec import ALLOWED_DTYPES
+from offload._codec import ALLOWED_DTYPES, CODEC_NAMES, Codec, compress_value
 from offload.v1 import offload_pb2 as pb
 
 from ..helpers import assert_same
+
+CODECS = [pb.CODEC_ZSTD, pb.CODEC_LZ4]
 
 
 def roundtrip(value: Any, limits: Limits = Limits()) -> Any:
@@ -137,3 +141,172 @@ def test_decode_errors_name_the_nested_field() -> None:
 
 
 # --- a result's fate does not depend on where the last task ran ------------------------------
+
+
+# --- packed lists and compression (only between peers that said they read them) ---------------
+
+TRAIL = {"device": "d", "seen": 9, "trail": [[3 * i, 480 - i] for i in range(32)]}
+NOT_PACKABLE = [
+    [1, True],  # a bool is no int
+    [1, 2.0],  # nor a float an int: each keeps its own type
+    [np.int64(3), 4],
+    [[1, 2], [3]],  # ragged rows
+    [[1, 2], (3, 4)],  # a tuple row
+    [[], []],
+    [[1.5], [2]],
+]
+
+
+def packed_roundtrip(value: Any, limits: Limits = Limits()) -> Any:
+    wire = encode(value, limits, packed=True).SerializeToString()
+    return decode(pb.Value.FromString(wire), limits)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [1, -2, 2**63 - 1, -(2**63)],
+        [0.5, -0.0, float("inf"), 1e300],
+        [[1, 2], [3, 4], [5, 6]],
+        [[0.5, 1.5, 2.5]],
+        TRAIL,
+        (5, [1, 2]),  # a tuple stays a tuple; the list inside it is packed
+        *NOT_PACKABLE,
+    ],
+    ids=repr,
+)
+def test_a_packed_value_decodes_to_the_same_python_values(value: Any) -> None:
+    assert_same(value, packed_roundtrip(value))
+
+
+def test_numeric_lists_and_rows_of_them_travel_packed_in_fewer_bytes() -> None:
+    packed = encode(TRAIL, packed=True)
+    trail = next(e.value for e in packed.map_value.entries if e.key == "trail")
+    assert trail.WhichOneof("kind") == "packed_list"
+    assert trail.packed_list.row_length == 2
+    assert packed.ByteSize() < encode(TRAIL).ByteSize() / 2
+
+
+@pytest.mark.parametrize("value", NOT_PACKABLE, ids=repr)
+def test_a_list_that_is_not_all_ints_or_all_floats_is_not_packed(value: list[Any]) -> None:
+    assert encode(value, packed=True).WhichOneof("kind") == "list_value"
+
+
+def test_an_int_beyond_64_bits_in_a_list_is_refused_packed_or_not() -> None:
+    for packed in (False, True):
+        with pytest.raises(CodecError, match=r"args\[1\]: int .* does not fit in 64 bits"):
+            encode([1, 2**64], packed=packed)
+
+
+@pytest.mark.parametrize(
+    ("packed", "error"),
+    [
+        (pb.PackedList(ints=[1, 2, 3], row_length=2), "3 values do not make rows of 2"),
+        (pb.PackedList(ints=[1], floats=[2.0]), "both ints and floats"),
+        (pb.PackedList(ints=range(11)), "11 elements, more than 10"),
+        (pb.PackedList(ints=range(22), row_length=2), "rows of 2, more than 10"),
+        (pb.PackedList(ints=range(11), row_length=11), "rows of 11, more than 10"),
+    ],
+)
+def test_a_malformed_packed_list_is_refused(packed: pb.PackedList, error: str) -> None:
+    with pytest.raises(CodecError, match=error):
+        decode(pb.Value(packed_list=packed), Limits(max_elements=10))
+
+
+FRAME = np.zeros((480, 640, 3), np.uint8)
+FRAME[100:200, 300:400] = (0, 0, 255)
+
+
+def compressed(value: Any, codec: Codec) -> pb.Value:
+    wire = encode(value)
+    assert compress_value(wire, codec) is not None
+    assert wire.WhichOneof("kind") == "compressed"
+    return pb.Value.FromString(wire.SerializeToString())
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=CODEC_NAMES.get)
+def test_a_compressed_value_decodes_to_the_same_value(codec: Codec) -> None:
+    value = (FRAME, {"mask": FRAME[:, :, 2] > 0, "trail": [[1, 2]] * 500, "name": "x" * 3000})
+    wire = compressed(value, codec)
+    assert wire.ByteSize() < encode(value).ByteSize() / 50
+    assert_same(value, decode(wire))
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=CODEC_NAMES.get)
+def test_what_does_not_shrink_is_sent_as_it_is(codec: Codec) -> None:
+    noise = np.random.default_rng(3).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    for value in (noise, cv2_jpeg(), b"tiny" * 100):
+        wire = encode(value)
+        assert compress_value(wire, codec) is None
+        assert wire == encode(value)
+
+
+def cv2_jpeg() -> bytes:
+    cv2 = pytest.importorskip("cv2")
+    frame = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", cv2.GaussianBlur(frame, (5, 5), 0))
+    assert ok
+    return bytes(jpeg)
+
+
+LIMIT = 1024 * 1024
+
+
+def bomb(codec: Codec, size: int, declared: int, content_size: bool = True) -> pb.Value:
+    """``size`` zero bytes (a Value of ``size`` + 5 bytes), compressed, declaring ``declared``."""
+    raw = pb.Value(bytes_value=bytes(size)).SerializeToString()
+    if codec == pb.CODEC_ZSTD:
+        data = zstandard.ZstdCompressor(level=1, write_content_size=content_size).compress(raw)
+    else:
+        data = lz4_block.compress(raw, store_size=False)
+    return pb.Value(compressed=pb.Compressed(codec=codec, size=declared, data=data))
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=CODEC_NAMES.get)
+def test_a_compressed_value_declaring_more_than_the_limit_is_refused_before_decompressing(
+    codec: Codec,
+) -> None:
+    # 16 MiB of zeros in a message well within the limit: refused by the size it declares.
+    value = bomb(codec, 16 * LIMIT, 16 * LIMIT + 5)
+    assert value.ByteSize() < LIMIT / 2
+    with pytest.raises(CodecError, match=r"args\.compressed\.size: 16777221 bytes, more than "):
+        decode(value, Limits(max_message_bytes=LIMIT))
+
+
+@pytest.mark.parametrize(
+    ("codec", "content_size"),
+    [(pb.CODEC_ZSTD, True), (pb.CODEC_ZSTD, False), (pb.CODEC_LZ4, False)],
+)
+def test_a_compressed_value_that_inflates_beyond_its_declared_size_is_refused(
+    codec: Codec, content_size: bool
+) -> None:
+    # It declares 1000 bytes and holds 16 MiB: decompression stops at the declared size.
+    value = bomb(codec, 16 * LIMIT, 1000, content_size)
+    with pytest.raises(CodecError, match=r"args\.compressed"):
+        decode(value, Limits(max_message_bytes=LIMIT))
+
+
+def test_a_compressed_value_inside_another_is_refused() -> None:
+    inner = compressed(FRAME, pb.CODEC_ZSTD)
+    twice = pb.Value(
+        compressed=pb.Compressed(
+            codec=pb.CODEC_ZSTD,
+            size=inner.ByteSize(),
+            data=zstandard.ZstdCompressor().compress(inner.SerializeToString()),
+        )
+    )
+    with pytest.raises(CodecError, match="holds another compressed value"):
+        decode(twice)
+    nested = pb.Value(list_value=pb.ValueList(items=[inner]))
+    with pytest.raises(CodecError, match=r"args\[0\]: a compressed value inside another value"):
+        decode(nested)
+
+
+def test_compressed_garbage_is_refused_naming_the_field() -> None:
+    for codec in CODECS:
+        value = pb.Value(compressed=pb.Compressed(codec=codec, size=100, data=b"\x01" * 40))
+        with pytest.raises(CodecError, match=r"args\.compressed"):
+            decode(value)
+    unknown = pb.Value(compressed=pb.Compressed(codec=pb.CODEC_PACKED, size=10, data=b"x"))
+    with pytest.raises(CodecError, match="packed cannot be read here"):
+        decode(unknown)

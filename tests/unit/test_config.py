@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import socket
+import sys
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from offload._config import (
     ServerConfig,
     ServerSecurity,
     field_default,
+    grpc_target,
 )
 from offload.exceptions import ConfigError
 
@@ -52,6 +55,15 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (LinkConfig, "max_sends", 0, "LinkConfig.max_sends 0: an item must be sent at least once"),
     (ClientConfig, "pipeline", " ", "--pipeline is empty"),
     (ClientConfig, "server", "cloud", "--server 'cloud': give HOST:PORT, e.g. cloud:50051"),
+    (ClientConfig, "server", "10.0.0.1:1,cloud:2", "'cloud' is not an IP address; a list takes"),
+    (ClientConfig, "server", "10.0.0.1:1,[::1]:2", "mixes IPv4 and IPv6 addresses"),
+    (ClientConfig, "server", "10.0.0.1:1,10.0.0.1:1", "an address is given twice"),
+    (ClientConfig, "server", "dns:///cloud:0", "'0' in 'cloud:0' is not a port (1..65535)"),
+    (ClientConfig, "server", "::1:50051", "put an IPv6 address in brackets: [::1]:50051"),
+    (LinkConfig, "outage", "keep", "--outage 'keep': use one of run-all, hold-last"),
+    (LinkConfig, "buffer_bytes", 100, "--buffer-bytes 100: give at least 1024 bytes"),
+    (LinkConfig, "buffer_dir", " ", "--buffer-dir is empty"),
+    (LinkConfig, "buffer_dir", "/var/lib/x", "--buffer-dir /var/lib/x keeps the items held"),
     (ClientConfig, "window", 0, "--window 0: at least 1 item must be in flight"),
     (ClientConfig, "device_id", " ", "--device-id ' ': give this device a name"),
     (ClientConfig, "frames", -1, "--frames -1: give 0 or more items"),
@@ -65,18 +77,39 @@ REFUSED: list[tuple[type, str, Any, str]] = [
     (ClientConfig, "batch_bytes", 0, "--batch-bytes 0: give 1 or more bytes"),
     (ClientConfig, "linger_ms", -1.0, "--linger-ms -1: give milliseconds, 0 or more"),
     (ClientConfig, "linger_ms", math.inf, "--linger-ms inf"),
+    (ClientConfig, "device_workers", -1, "--device-workers -1: give 1 or more (0: one per CPU)"),
     (ServerConfig, "pipeline", "", "--pipeline is empty"),
     (ServerConfig, "host", "", "--host is empty: give an address"),
     (ServerConfig, "host", "[]", "--host is empty"),
     (ServerConfig, "port", 65536, "--port 65536 is not a port: use 0..65535"),
     (ServerConfig, "port", -1, "--port -1 is not a port"),
     (ServerConfig, "metrics_port", 70000, "--metrics-port 70000 is not a port"),
+    (ServerConfig, "dashboard_port", 70000, "--dashboard-port 70000 is not a port"),
     (ServerConfig, "workers", 0, "--workers 0: at least 1 device stream must fit"),
     (ServerConfig, "task_threads", 0, "--task-threads must be at least 0"),
     (ServerConfig, "grace_seconds", math.nan, "--grace nan: give a number of seconds"),
     (ServerConfig, "grace_seconds", -1.0, "--grace -1: give a number of seconds, 0 or more"),
     (ServerConfig, "stream_idle_seconds", 0.0, "ServerConfig.stream_idle_seconds 0"),
+    (ServerConfig, "streams_per_connection", 0, "ServerConfig.streams_per_connection 0"),
+    (ServerConfig, "max_connections", 0, "ServerConfig.max_connections 0: give 1 or more"),
+    (ServerConfig, "handshake_timeout", 0.0, "ServerConfig.handshake_timeout 0"),
     (ServerConfig, "metrics_max_devices", -1, "--metrics-max-devices -1: give 0 or more"),
+    (ServerConfig, "state", "redis", "--state 'redis': give memory or redis://HOST:PORT/DB"),
+    (ServerConfig, "state", "http://cache:6379", "--state 'http://cache:6379': give memory"),
+    (ServerConfig, "state", "redis://cache:port/0", "the port is not a number"),
+    (ServerConfig, "state", "redis://cache:6379/db", "the database is a number (/0)"),
+    (ServerConfig, "state", "redis://:pw@cache:6379/0", "password in OFFLOAD_STATE_PASSWORD"),
+    (ServerConfig, "state_password", "", "--state-password is empty"),
+    (ServerConfig, "state_tls_ca", "ca.pem", "--state-tls-ca needs --state rediss://"),
+    (ServerConfig, "state_timeout", 0.0, "--state-timeout 0: give a number of seconds"),
+    (ServerConfig, "state_ttl", 10.0, "--state-ttl 10: give at least 60 seconds"),
+    (ServerConfig, "state_max_bytes", 100, "--state-max-bytes 100: give 1024 or more"),
+    (ServerConfig, "state_answers", 0, "--state-answers 0: keep at least 1 per run"),
+    (ServerConfig, "max_connection_age", 0.0, "--max-connection-age 0: give a number of seconds"),
+    (ServerConfig, "max_connection_age_grace", -1.0, "--max-connection-age-grace -1: give"),
+    (ServerConfig, "health_port", 70000, "--health-port 70000 is not a port: use 0..65535"),
+    (ClientConfig, "compression", "gzip", "--compression 'gzip': use one of none, lz4, zstd"),
+    (ServerConfig, "compression", "", "--compression '': use one of none, lz4, zstd, auto"),
 ]
 
 
@@ -103,6 +136,7 @@ def test_every_validated_field_has_a_case() -> None:
     unchecked = {
         (Limits, "max_depth"),
         (Limits, "max_elements"),
+        (Limits, "max_total_elements"),
         (Limits, "max_dims"),
         (ClientSecurity, "tls"),
         (ClientConfig, "local_tasks"),
@@ -110,6 +144,8 @@ def test_every_validated_field_has_a_case() -> None:
         (ServerConfig, "max_runs"),
         (ServerConfig, "dedup_total"),
         (ServerConfig, "dedup_bytes"),
+        (ServerConfig, "read_ahead_bytes"),
+        (ServerConfig, "read_ahead_total_bytes"),
         (ServerConfig, "reflection"),
     }
     nested = {"limits", "security", "keepalive", "link"}
@@ -132,3 +168,49 @@ def test_the_defaults_are_valid_and_frozen(cls: type) -> None:
 def test_a_fields_default_reads_its_factory_too() -> None:
     assert field_default(ClientConfig, "window") == ClientConfig().window
     assert field_default(ClientConfig, "device_id") == socket.gethostname()
+
+
+@pytest.mark.parametrize(
+    ("server", "target"),
+    [
+        ("cloud.example.com:50051", "cloud.example.com:50051"),
+        ("10.0.0.1:50051,10.0.0.2:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
+        ("[fd00::1]:50051, [fd00::2]:50051", "ipv6:[fd00::1]:50051,[fd00::2]:50051"),
+        ("dns:///offload.example.com:50051", "dns:///offload.example.com:50051"),
+        ("ipv4:10.0.0.1:50051,10.0.0.2:50051", "ipv4:10.0.0.1:50051,10.0.0.2:50051"),
+    ],
+)
+def test_several_replicas_become_one_grpc_target(server: str, target: str) -> None:
+    assert ClientConfig(server=server).server == server
+    assert grpc_target(server) == target
+
+
+def test_device_workers_count_against_the_window_and_the_buffer_with_a_server() -> None:
+    with pytest.raises(ConfigError, match=r"--device-workers 3 exceeds --window 2: items on"):
+        ClientConfig(local_tasks=2, window=2, device_workers=3)
+    with pytest.raises(ConfigError, match=r"--device-workers 3 exceeds --buffer 2"):
+        ClientConfig(fps=10.0, link=LinkConfig(buffer=2), device_workers=3)
+    # Client-only mode has neither: any number of workers.
+    assert ClientConfig(window=1, device_workers=3).workers == 3
+
+
+def test_zero_device_workers_is_one_per_cpu_this_process_may_use() -> None:
+    assert ClientConfig(device_workers=0).workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("compression", "package", "module"),
+    [("zstd", "zstandard", "zstandard"), ("lz4", "lz4", "lz4.block")],
+)
+def test_a_compression_whose_package_is_missing_is_refused_saying_what_to_install(
+    compression: str, package: str, module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # None in sys.modules is how Python itself marks a module that cannot be imported.
+    monkeypatch.setitem(sys.modules, module, None)
+    for cls in (ClientConfig, ServerConfig):
+        with pytest.raises(ConfigError) as refused:
+            cls(compression=compression)
+        assert str(refused.value) == (
+            f"--compression {compression} needs the {package} package, which is not installed: "
+            "pip install 'offload[compression]', or use --compression auto (what is installed)"
+        )

@@ -40,6 +40,26 @@ def test_buffer_has_room_until_buffer_items_are_queued() -> None:
     assert not t.has_room()
 
 
+def test_buffer_has_room_until_its_queued_items_would_pass_buffer_bytes() -> None:
+    t = PendingTable(8, 100, "block", 3, buffer_bytes=10)
+    big = Pending(item=9, next_task=1, data=b"y" * 11, began=0.0)
+    assert t.has_room(big)  # an empty buffer takes any one item, however large
+    filled(t, 0, 1)  # 4 bytes
+    assert t.has_room(Pending(item=2, next_task=1, data=b"z" * 6, began=0.0))
+    assert not t.has_room(Pending(item=2, next_task=1, data=b"z" * 7, began=0.0))
+
+
+def test_hold_last_runs_a_queued_item_here_only_up_to_the_last_task() -> None:
+    t = PendingTable(2, 8, "block", 3, hold_at=2)
+    early, held = filled(t, 0, 1)
+    held.next_task = 2  # ran here up to the last task: it waits for the server
+    assert t.next_to_run(up=False, now=0.0) is early
+    t.mark_running_here(early)
+    assert t.next_to_run(up=False, now=0.0) is None
+    held.sends = 3  # the server never answered it: the link ends it (failed), not here
+    assert t.next_to_run(up=True, now=0.0) is held
+
+
 def test_sent_and_running_items_take_no_room_in_the_buffer() -> None:
     t = table(buffer=1)
     a, b = filled(t, 0, 1)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from dataclasses import dataclass, field
 
 from offload import load_pipeline
 from offload._device.progress import ProgressLine, live_progress
 from offload._device.report import Recorder
+from offload._device.workers import DeviceWorkers
+from offload._pipeline import REAL_TIME
 
 
 @dataclass
@@ -17,6 +20,7 @@ class FakeClient:
         default_factory=lambda: Recorder(load_pipeline("tests.apps.counter"))
     )
     split: int = 1
+    workers: DeviceWorkers | None = None
 
 
 class Terminal(io.StringIO):
@@ -35,6 +39,15 @@ def test_the_line_counts_items_rate_and_the_current_split() -> None:
     # The rate covers the last few seconds only: old samples are dropped.
     client.recorder.completed = 48
     assert "10.0 items/s" in progress.line(now=105.0)  # (50 - 20) / (105 - 102)
+
+
+def test_the_line_shows_how_many_device_workers_hold_an_item() -> None:
+    pipeline = load_pipeline("tests.apps.counter")
+    workers = DeviceWorkers(3, pipeline, REAL_TIME, lambda job, value: b"", lambda *args: None)
+    client = FakeClient(workers=workers)
+    assert client.workers is not None and client.workers.acquire(threading.Event())
+    line = ProgressLine(client, io.StringIO()).line(now=1.0)
+    assert line.endswith("split 1  3 workers 1/3 busy")
 
 
 def test_nothing_is_drawn_unless_the_stream_is_a_terminal() -> None:

@@ -9,10 +9,11 @@ PUBLIC = [
     "Client", "ClientConfig", "ClientSecurity", "CodecError", "ConfigError", "Decision",
     "GrpcTransport", "ItemContext", "Keepalive", "Limits", "LinkConfig", "Measurements",
     "ModelPolicy", "OffloadError", "Pipeline", "PipelineError", "PipelineMismatch", "Prediction",
-    "RunningServer", "ServerConfig", "ServerError", "ServerSecurity", "SplitPolicy", "Stream",
-    "Transport", "current_item", "decode", "encode", "load_pipeline", "run_client", "serve",
+    "RunningServer", "ServerConfig", "ServerError", "ServerSecurity", "SplitPolicy", "State",
+    "Stream", "Transport", "current_item", "current_state", "decode", "encode", "load_pipeline",
+    "publish_view", "run_client", "serve", "stateful",
 ]  # fmt: skip
-TESTING = ["InProcessTransport", "RemoteExecutor"]
+TESTING = ["InProcessTransport", "MemoryState", "RemoteExecutor", "run_with_state"]
 
 
 def test_the_public_names_are_pinned() -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from offload import Client, ClientConfig, Decision, Measurements, ModelPolicy, load_pipeline
-from offload._device.scheduler import predict
+from offload._device.scheduler import CodecCost, predict
 from offload.testing import InProcessTransport, RemoteExecutor
 
 # Ball-tracking-like: 7 tasks; cut sizes shrink after task 5 (a JPEG snapshot).
@@ -35,6 +35,8 @@ class World:
     bandwidth: float = 25 * MB  # 200 mbit/s
     rtt: float = 0.03
     noise: float = 0.0
+    workers: int = 1
+    parallelism: float = math.nan  # what the device measured its workers to run at once
     rng: random.Random = random.Random(7)  # noqa: RUF009 - a fixed seed per test module
 
     def truth(self, split: int) -> Measurements:
@@ -47,6 +49,9 @@ class World:
             rtt=self.rtt,
             window=8,
             throughput=math.nan,
+            device_workers=self.workers,
+            device_parallelism=self.parallelism,
+            serial_tasks=(6,),
         )
 
     def measure(self, split: int, settled: bool = True) -> Measurements:
@@ -334,3 +339,85 @@ def test_the_target_warning_is_said_once_withdrawn_once_and_valid_logfmt(
     for record in caplog.records:
         assert LOGFMT.fullmatch(record.getMessage()), record.getMessage()
     assert capsys.readouterr().err == ""  # said through logging only, not printed as well
+
+
+@pytest.mark.parametrize(("target", "one", "two"), [(17, 5, 6), (28, 1, 6)])
+def test_two_device_workers_keep_more_tasks_local_at_the_same_target(
+    target: float, one: int, two: int
+) -> None:
+    # Task 0 runs on the capture thread, tasks [1, K) for 1.8 items at once (as measured).
+    for world, expected in ((World(), one), (World(workers=2, parallelism=1.8), two)):
+        assert oracle(world, target) == expected
+        splits = run(ModelPolicy(target), world, 3, periods=6)
+        assert splits[-1] == expected, (world.workers, splits)
+
+
+def test_the_parallel_rate_is_the_measured_one_never_n_times_one_workers() -> None:
+    measured = World(workers=2, parallelism=1.2).truth(6)
+    rate = 1 / max(DEVICE[0], sum(DEVICE[1:6]) / 1.2)
+    assert predict(measured, 6).throughput == pytest.approx(rate)
+    # Not measured yet: as fast as one worker beside the capture thread, not twice that.
+    unknown = replace(measured, device_parallelism=math.nan)
+    assert predict(unknown, 6).throughput == pytest.approx(1 / max(DEVICE[0], sum(DEVICE[1:6])))
+    # A stateful task runs for one item at a time, however many workers.
+    slow = replace(
+        measured,
+        device_seconds=(0.001, 0.05, *DEVICE[2:]),
+        device_parallelism=2.0,
+        serial_tasks=(1, 6),
+    )
+    assert predict(slow, 6).throughput == pytest.approx(1 / 0.05)
+
+
+# --- the codec at the cut, chosen with the split -------------------------------------------------
+
+NAN4 = (math.nan,) * 5
+
+
+def link_bound(split: int = 3, **codecs: tuple[float, float]) -> Measurements:
+    """4 tasks, 1 MB at every cut over a 2.5 MB/s link: 2.5 items/s as it is at any split;
+    ``codecs`` name: (ratio, seconds) at every cut."""
+    return Measurements(
+        split=split,
+        device_seconds=(0.01,) * 4,
+        server_seconds=(0.001,) * 4,
+        cut_bytes=(math.nan, MB, MB, MB, math.nan),
+        bandwidth=2.5 * MB,
+        rtt=0.001,
+        window=16,
+        throughput=0.0,
+        codecs=tuple(
+            CodecCost(name, (math.nan, *[r] * 3, math.nan), (math.nan, *[s] * 3, math.nan))
+            for name, (r, s) in codecs.items()
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "codec"),
+    [(2.0, "none"), (6.0, "lz4"), (10.0, "zstd")],
+)
+def test_the_policy_keeps_the_largest_split_with_the_cheapest_codec_that_meets_the_target(
+    target: float, codec: str
+) -> None:
+    # lz4 makes it 7.5/s for 1 ms an item, zstd 12.5/s for 2 ms: the least CPU that suffices.
+    m = link_bound(lz4=(3.0, 0.001), zstd=(5.0, 0.002))
+    decision = ModelPolicy(target).decide(m)
+    assert (decision.split, decision.codec) == (3, codec), decision.reason
+    if codec != "none":
+        assert f"K=3 with {codec} predicted" in decision.reason
+
+
+def test_with_no_codec_meeting_the_target_the_fastest_is_chosen() -> None:
+    decision = ModelPolicy(50.0).decide(link_bound(lz4=(3.0, 0.001), zstd=(5.0, 0.002)))
+    assert (decision.split, decision.codec, decision.infeasible) == (3, "zstd", True)
+
+
+def test_a_codec_never_measured_at_a_cut_is_no_choice_there() -> None:
+    m = link_bound(zstd=(5.0, 0.002))
+    unmeasured = replace(m, codecs=(replace(m.codecs[0], ratio=NAN4),))
+    assert ModelPolicy(10.0).decide(unmeasured).codec == "none"
+
+
+def test_a_policy_without_codecs_to_choose_from_leaves_the_codec_alone() -> None:
+    assert ModelPolicy(2.0).decide(link_bound()).codec is None

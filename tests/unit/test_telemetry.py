@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
 import pytest
 
 from offload._device.telemetry import WARMUP_ITEMS, Telemetry
+from offload._device.workers import WorkerStats
 
 
 def device_seconds(telemetry: Telemetry) -> tuple[float, ...]:
@@ -105,3 +107,22 @@ def test_a_link_that_carries_batches_is_measured_by_their_bytes() -> None:
             telemetry.answer(first + i, size, sent[i], received, 100.0 + link_free, 0.002, [])
     estimate = telemetry.snapshot(split=1, period_seconds=1.0, settled=True).bandwidth
     assert estimate == pytest.approx(bandwidth, rel=0.05)
+
+
+def test_the_workers_parallelism_is_learned_only_while_they_are_the_bottleneck() -> None:
+    stats = WorkerStats()
+    telemetry = Telemetry(tasks=3, window=8, workers=2)
+    telemetry.watch(lambda: dataclasses.replace(stats))  # a copy, as DeviceWorkers.busy gives
+
+    def period(busy: float, slot_wait: float, hand_over: float) -> float:
+        stats.busy_seconds += busy
+        stats.slot_wait_seconds += slot_wait
+        stats.hand_over_seconds += hand_over
+        stats.items += 10
+        return telemetry.snapshot(1, 1.0, True).device_parallelism
+
+    assert math.isnan(period(busy=1.9, slot_wait=0.05, hand_over=0.0))  # capture was the limit
+    assert math.isnan(period(busy=1.9, slot_wait=0.5, hand_over=0.5))  # the link's window was
+    assert period(busy=1.6, slot_wait=0.5, hand_over=0.0) == pytest.approx(1.6)
+    assert period(busy=1.9, slot_wait=0.5, hand_over=0.0) == pytest.approx(1.75)  # smoothed
+    assert period(busy=2.4, slot_wait=0.5, hand_over=0.0) <= 2.0  # never more than the workers
