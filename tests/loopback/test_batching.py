@@ -4,13 +4,17 @@ exactly once, and a device that meets an older server falls back to one item per
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from offload import Client, ClientConfig, Limits, RunningServer, _batch, load_pipeline
+from offload import Client, ClientConfig, Limits, RunningServer, _batch, load_pipeline, serve
 from offload._cloud.executor import RemoteExecutor
 from offload._cloud.servicer import OffloadServicer
 from offload._config import ServerConfig
@@ -18,7 +22,10 @@ from offload._device.transport import Batching, GrpcTransport
 from offload._wire import BATCH_METHOD, BATCH_METHOD_NAME, METHOD_NAME, SERVICE_NAME
 from offload.v1 import offload_pb2 as pb
 
-from ..helpers import COUNTER, run_split, state
+from ..helpers import COUNTER, run_split, state, wait_until
+from .test_attacks import ECHOING, MiB, echoing_state, many_lists, raw_state
+from .test_codec import _kinds, _wire_states
+from .test_fuzz import EXPECTED, FUZZ, LIMITS, task_states
 
 VIBRATION = "tests.apps.vibration"  # 40 items, the same on every run
 
@@ -116,13 +123,17 @@ def test_a_device_falls_back_to_one_item_per_message_against_an_older_server(
 def _call(port: int, batches: list[list[pb.TaskState]]) -> list[pb.ItemResult]:
     """The answers to these batches, in order."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        method = channel.stream_stream(BATCH_METHOD)
-        requests = (_batch.join(s.SerializeToString() for s in batch) for batch in batches)
-        return [
-            answer
-            for data in method(requests, timeout=10)
-            for answer in pb.ResultBatch.FromString(data).results
-        ]
+        return _call_on(channel, batches)
+
+
+def _call_on(channel: grpc.Channel, batches: list[list[pb.TaskState]]) -> list[pb.ItemResult]:
+    method = channel.stream_stream(BATCH_METHOD)
+    requests = (_batch.join(s.SerializeToString() for s in batch) for batch in batches)
+    return [
+        answer
+        for data in method(requests, timeout=30)
+        for answer in pb.ResultBatch.FromString(data).results
+    ]
 
 
 def test_a_resent_item_in_a_batch_gets_its_first_answer_replayed(
@@ -180,3 +191,169 @@ def test_batches_are_metered_like_single_items(
     sizes = [a.ByteSize() for a in answers]
     assert value("offload_sent_bytes_total") == sum(_batch.framing(n) + n for n in sizes)
     assert value("offload_item_cpu_seconds_count") == 4
+
+
+# --- issue 18's bounds and the codec's negotiation hold per item inside a batch ---------------
+
+
+def test_an_item_of_millions_of_elements_in_a_batch_is_refused_before_it_is_parsed(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(ECHOING)
+    attack = raw_state(many_lists(40, 99_999), item=1)  # 16 MB: 4 million elements
+    batch = _batch.join([echoing_state(b"ok", 0).SerializeToString(), attack])
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.stream_stream(BATCH_METHOD)
+        answers: list[pb.ItemResult] = []
+        with pytest.raises(grpc.RpcError) as err:
+            for data in call(iter([batch]), timeout=60):
+                answers.extend(pb.ResultBatch.FromString(data).results)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details() or ""
+    assert "item 1 of the stream has more than 100000 elements in all" in details
+    assert "refused before parsing" in details
+    assert [(a.item, a.status) for a in answers] == [(0, pb.ItemResult.COMPLETED)]
+
+
+def test_a_batch_is_given_back_to_the_read_budget_once_answered(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(ECHOING)
+    budget = server.servicer.read_budget
+    release = threading.Event()
+    batch = [echoing_state(b"x" * 1000, i).SerializeToString() for i in range(4)]
+
+    def requests() -> Iterator[bytes]:
+        yield _batch.join(batch) + _UNKNOWN_FIELD  # unknown fields count too
+        release.wait(30)
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.stream_stream(BATCH_METHOD)(requests(), timeout=30)
+        try:
+            answered = 0
+            for data in call:
+                answered += len(pb.ResultBatch.FromString(data).results)
+                if answered == len(batch):
+                    break
+            # The stream is still open: what it held is back, to the byte.
+            assert wait_until(lambda: budget.held == 0, 10), budget.held
+            assert budget.peak >= len(_batch.join(batch))
+        finally:
+            release.set()
+            call.cancel()
+
+
+_UNKNOWN_FIELD = b"\x12\x03abc"  # field 2, 3 bytes: skipped, as protobuf does
+
+
+def test_batched_items_read_ahead_are_bounded_in_bytes_per_stream_and_in_all(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    limit = 4 * MiB
+    per_stream, total = limit, 2 * limit
+    server = start_server(
+        ECHOING,
+        limits=Limits(max_message_bytes=limit),
+        read_ahead_bytes=per_stream,
+        read_ahead_total_bytes=total,
+    )
+    budget = server.servicer.read_budget
+    release = threading.Event()
+
+    def flood(run: str) -> Iterator[bytes]:
+        # Batches of 3 items of 1 MiB that never read an answer: the first answers fill the
+        # flow-control window, so the server's writes block while its reader goes on reading.
+        for b in range(40):
+            yield _batch.join(
+                echoing_state(b"x" * MiB, 3 * b + i, run).SerializeToString() for i in range(3)
+            )
+        release.wait(60)
+
+    with (
+        grpc.insecure_channel(
+            f"127.0.0.1:{server.port}", compression=grpc.Compression.Gzip
+        ) as attacker,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as honest,
+    ):
+        method = attacker.stream_stream(BATCH_METHOD)
+        floods = [method(flood(f"flood{i}"), timeout=60) for i in range(2)]
+        try:
+            assert wait_until(lambda: budget.waiting == 2, 30), (budget.held, budget.waiting)
+            (answer,) = _call_on(honest, [[echoing_state(b"ok", 0, "honest")]])
+            assert answer.status == pb.ItemResult.COMPLETED
+        finally:
+            release.set()
+            for call in floods:
+                call.cancel()
+    assert budget.peak <= total + 2 * limit, budget.peak  # the total, plus a message per stream
+    assert wait_until(lambda: budget.held == 0, 10)
+
+
+def test_batch_streams_of_headers_alone_hold_no_worker(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    workers = 2
+    server = start_server(ECHOING, workers=workers)
+    release = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        release.wait(60)
+        yield from ()
+
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as attacker,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as honest,
+    ):
+        method = attacker.stream_stream(BATCH_METHOD)
+        idle = [method(nothing(), timeout=60) for _ in range(3 * workers)]
+        try:
+            assert wait_until(lambda: server.servicer.active_streams >= workers, 10)
+            for i in range(3):
+                (answer,) = _call_on(honest, [[echoing_state(b"ok", i, "honest")]])
+                assert answer.status == pb.ItemResult.COMPLETED
+        finally:
+            release.set()
+            for call in idle:
+                call.cancel()
+
+
+def test_each_item_of_a_batch_is_answered_in_the_encodings_its_device_reads(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server("tests.apps.mask")
+    old, packed = _wire_states([]), _wire_states([pb.CODEC_PACKED])
+    for s in packed:
+        s.run_id = "r2"
+    answers = _call(server.port, [[old[0], packed[0], old[1], packed[1]]])
+    assert [a.status for a in answers] == [pb.ItemResult.COMPLETED] * 4
+    assert [("packed_list" in _kinds(a.output)) for a in answers] == [False, True, False, True]
+    assert all("list_value" in _kinds(a.output) for a in answers[::2])
+
+
+@pytest.fixture(scope="module")
+def batch_call() -> Iterator[Any]:
+    """ExecuteBatches on one server for every example, bytes each way."""
+    pipeline = load_pipeline(COUNTER)
+    server = serve(
+        ServerConfig(pipeline=pipeline.name, host="127.0.0.1", port=0, limits=LIMITS), pipeline
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield channel.stream_stream(BATCH_METHOD)
+    server.stop(grace=1.0)
+
+
+@FUZZ
+@given(st.lists(task_states, min_size=1, max_size=4), st.data())
+def test_bit_flipped_batches_are_answered_or_refused_naming_the_problem(
+    batch_call: Any, states: list[pb.TaskState], data: st.DataObject
+) -> None:
+    wire = bytearray(_batch.join(s.SerializeToString() for s in states))
+    for _flip in range(data.draw(st.integers(0, 16))):
+        bit = data.draw(st.integers(0, len(wire) * 8 - 1))
+        wire[bit // 8] ^= 1 << (bit % 8)
+    try:
+        for answer in batch_call(iter([bytes(wire)]), timeout=10):
+            pb.ResultBatch.FromString(answer)  # whatever the server answers is well-formed
+    except grpc.RpcError as exc:
+        assert exc.code() in EXPECTED, (exc.code(), exc.details())
+        assert exc.details(), "a refusal must say why"
