@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt
 import psutil
 
 from offload import load_pipeline
-from offload._codec import encode_into
+from offload._codec import READS, encode_into
 from offload._device.transport import Batching, GrpcTransport, Stream
 from offload._pipeline import ItemContext, Pipeline, Status, run_tasks
 from offload._wire import size_options
@@ -66,7 +66,7 @@ from offload import _batch
 EMPTY = b"\\x0a\\x00"  # one empty ItemResult in a ResultBatch
 def handler(requests, context):
     for data in requests:
-        yield EMPTY * len(_batch.split(data))
+        yield EMPTY * sum(1 for _ in _batch.split(data))
 server = grpc.server(futures.ThreadPoolExecutor(8),
                      options=[("grpc.max_receive_message_length", LIMIT)])
 server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
@@ -144,8 +144,9 @@ def _states(pipeline: Pipeline, k: int, values: list[Any], run: str) -> list[byt
             item=item,
             next_task=k,
             capture_time=time.time(),
+            accepts=READS,  # as the device says: packed and compressed answers welcome
         )
-        encode_into(state.args, value)
+        encode_into(state.args, value, packed=True)  # the device packs for a server that reads it
         out.append(state.SerializeToString())
     return out
 
@@ -313,45 +314,63 @@ def _plot(data: dict[str, Any], path: Path) -> None:
 
 # --- the profile ------------------------------------------------------------------------------
 
-# Where a sample's time goes: named by the innermost frame that is one of these functions (time
-# in C, such as protobuf's, counts for the Python function that called it).
+# Where a sample's time goes: the first of these categories with a function on the sample's
+# stack (so the more specific come first: the state API's encoding before the codec it calls,
+# the tasks after the state API they call); time in C (protobuf's) counts for its caller.
 _CATEGORIES = {
-    "tasks (the aggregate)": ("aggregate", "run_tasks", "call_task"),
-    "the answer's Value, built from Python objects": ("encode_result", "encode_into"),
-    "the answer encoded (once)": ("_encoded",),
-    "the item decoded": ("decode",),
-    "items parsed (protobuf), checked": ("_parse", "FromString"),
-    "the result message assembled (task times, CPU stamp)": ("_run", "<genexpr>"),
-    "validation, de-duplication": ("validate", "arity_error", "_answer", "_answers_for"),
+    "the device state: decoded, encoded, committed (the task's state API)": (
+        "decode_state",
+        "encode_state",
+        "changes",
+        "apply",
+        "_commit",
+        "mark",
+        "count",
+        "publish",
+    ),
+    "the answer's Value, built from Python objects": ("encode_result",),
+    "the answer encoded (once), its size checked": ("_encoded",),
+    "the item's arguments checked and decoded": ("expand", "decode", "arity_error"),
+    "items checked on the wire, parsed (protobuf)": ("_parse",),
     "metrics": ("observe",),
-    "batch framing and the two stamps": ("split", "join", "framing", "varint", "stamped"),
-    "the servicer's loop": ("ExecuteBatches", "_execute", "_claim", "_split"),
-    "read-ahead thread (a hand-over per batch)": ("_read_ahead", "read", "offer"),
+    "tasks": ("run_tasks",),
+    "batch framing and the stamps": ("split", "join", "stamped", "with_cpu"),
+    "validation, de-duplication": ("validate", "_answers_for", "_account"),
+    "the result message assembled (task times, CPU)": ("_result", "_run_and_commit", "_run"),
+    "the executor's and servicer's own lines": ("_answer", "execute_encoded", "_serve"),
+    "read-ahead thread (a hand-over per message)": ("_read_ahead",),
 }
-_BY_FUNCTION = {f: name for name, functions in _CATEGORIES.items() for f in functions}
+_OURS = ("offload/", "bench/", "examples/")
 
 
 def _category(stack: str) -> str:
-    for frame in reversed(stack.split(";")):
+    functions = set()
+    grpc_frames = False
+    for frame in stack.split(";"):
         function, _, where = frame.partition(" (")
-        name = _BY_FUNCTION.get(function.rpartition(".")[2].rpartition("<locals>.")[2])
-        if name is not None and ("offload/" in where or "bench/" in where):
+        if where.startswith(_OURS):
+            functions.update(function.split("."))  # a method, a function and its closures
+        grpc_frames = grpc_frames or "grpc/" in where
+    for name, members in _CATEGORIES.items():
+        if not functions.isdisjoint(members):
             return name
-        if "grpc/" in where:
-            return "gRPC Python (its server loop, sending, receiving)"
-    return "other Python"
+    return "gRPC Python (its server loop, sending, receiving)" if grpc_frames else "other Python"
 
 
 def profile(
-    pipeline: Pipeline, frames: list[bench_pipeline.Frame], items: int, log: Callable[[str], None]
+    pipeline: Pipeline,
+    frames: list[bench_pipeline.Frame],
+    items: int,
+    log: Callable[[str], None],
+    k: int = 6,
 ) -> dict[str, Any]:
-    """py-spy on the offload server while it serves ``items`` items at K = 6, busy."""
-    values = cut(pipeline, frames, 6, items)
+    """py-spy on the offload server while it serves ``items`` items at K = ``k``, busy."""
+    values = cut(pipeline, frames, k, items)
     server = offload_server()
     rate = 1000
     try:
-        _grpc(server.target, _states(pipeline, 6, values[:50], "warm-up"), None, 0.0)
-        payloads = _states(pipeline, 6, values, "profiled")
+        _grpc(server.target, _states(pipeline, k, values[:50], "warm-up"), None, 0.0)
+        payloads = _states(pipeline, k, values, "profiled")
         with tempfile.TemporaryDirectory() as folder:
             raw = Path(folder) / "raw.txt"
             spy = subprocess.Popen(
@@ -381,11 +400,13 @@ def profile(
             if not raw.exists():
                 raise RuntimeError(f"py-spy wrote no profile: {errors.decode().strip()}")
             samples: Counter[str] = Counter()
-            stacks: Counter[str] = Counter()  # the innermost frames, for the record
+            stacks: dict[str, Counter[str]] = {}  # each category's innermost frames
             for line in raw.read_text().splitlines():
                 stack, _, count = line.rpartition(" ")
-                samples[_category(stack)] += int(count)
-                stacks[";".join(stack.split(";")[-3:])] += int(count)
+                category = _category(stack)
+                samples[category] += int(count)
+                inner = ";".join(stack.split(";")[-3:])
+                stacks.setdefault(category, Counter())[inner] += int(count)
     finally:
         server.stop()
     n = len(payloads)
@@ -401,7 +422,7 @@ def profile(
         "samples": sampled,
         "server_cpu_us_per_item": round(total, 1),
         "us_per_item": per_item,
-        "stacks": stacks.most_common(40),
+        "stacks": {name: stacks[name].most_common(8) for name, _ in samples.most_common()},
     }
 
 
@@ -413,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", default="1,2,3,4,5,6", help="K values (default 1..6)")
     parser.add_argument("--source", default="webcam", help="synthetic, webcam or a video file")
     parser.add_argument("--profile", action="store_true", help="only the py-spy profile")
+    parser.add_argument("--profile-split", type=int, default=6, help="K profiled (default 6)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
 
@@ -428,14 +450,16 @@ def main(argv: list[str] | None = None) -> int:
     frames = bench_pipeline.render(args.source, 120)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        result = profile(pipeline, frames, max(args.items, 5000), log)
+        k = args.profile_split
+        result = profile(pipeline, frames, args.items if k < 6 else max(args.items, 5000), log, k)
         result["machine"] = described
-        (args.out / "profile.json").write_text(json.dumps(result, indent=1) + "\n")
+        name = "profile" if k == 6 else f"profile-k{k}"
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
         lines = ["| where | µs per item |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in result["us_per_item"].items()]
         lines.append(f"| **server CPU per item (measured)** | {result['server_cpu_us_per_item']} |")
-        text = f"# Server profile at K = 6, busy, batched\n\n{machine.one_line(described)}\n\n"
-        (args.out / "profile.md").write_text(text + "\n".join(lines) + "\n")
+        text = f"# Server profile at K = {k}, busy, batched\n\n{machine.one_line(described)}\n\n"
+        (args.out / f"{name}.md").write_text(text + "\n".join(lines) + "\n")
         print("\n".join(lines))
         return 0
     splits = [int(k) for k in args.splits.split(",")]
