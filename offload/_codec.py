@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -513,12 +513,33 @@ def wire_problem(data: bytes, value_field: int | None, limits: Limits) -> str | 
     counted first. Every element (a list or tuple item, a map entry) starts with the byte 0x0A,
     so its count bounds theirs at C speed; only a message with more such bytes is walked, skipping
     bytes and arrays by their length and stopping at the limit, so the walk is bounded too. A
-    message the walk finds malformed is left to the parser, which refuses it as well.
+    large message is walked first for a few fields: counting a frame's bytes costs 0.3 ms, its
+    walk (a handful of fields, the array skipped by its length) a few µs. A message the walk
+    finds malformed is left to the parser, which refuses it as well.
     """
+    if len(data) > _PROBE_BYTES:
+        found = _walk(data, value_field, limits, _PROBE_FIELDS)
+        if found is not _UNFINISHED:
+            return cast("str | None", found)
     limit = limits.max_total_elements
     # A packed list holds up to one element per byte, without a 0x0A each.
     if data.count(b"\n") <= limit and (len(data) <= limit or b"b" not in data):
         return None
+    return cast("str | None", _walk(data, value_field, limits, None))
+
+
+_PROBE_BYTES = 64 * 1024  # counting these bytes costs about what walking _PROBE_FIELDS does
+_PROBE_FIELDS = 64
+_UNFINISHED = object()  # the walk reached its field budget
+
+
+def _walk(
+    data: bytes, value_field: int | None, limits: Limits, max_fields: int | None
+) -> object:
+    """``wire_problem``'s walk: a problem or None; with ``max_fields``, ``_UNFINISHED`` if the
+    message has more fields."""
+    limit = limits.max_total_elements
+    cap = _FIELDS_PER_ELEMENT * limit + 1024 if max_fields is None else max_fields
     elements = fields = 0
     stack = [(_VALUE if value_field is None else _TOP, len(data))]  # (message kind, its end)
     pos = 0
@@ -530,7 +551,9 @@ def wire_problem(data: bytes, value_field: int | None, limits: Limits) -> str | 
                 continue
             key, pos = _varint(data, pos)
             fields += 1
-            if fields > _FIELDS_PER_ELEMENT * limit + 1024:
+            if fields > cap:
+                if max_fields is not None:
+                    return _UNFINISHED
                 return f"more than {fields - 1} fields (Limits.max_total_elements {limit})"
             number, wire = key >> 3, key & 7
             if wire == 0:
