@@ -176,8 +176,11 @@ def _seed(port: int, payloads: list[bytes], pace: float | None) -> None:
         conn.makefile("rb").readline()  # the server has run every item
 
 
-def _systems(k: int) -> list[str]:
+def _systems(k: int, baseline: bool = False) -> list[str]:
     lingering = ["offload-linger25", "floor-linger25"] if k == 6 else []
+    if baseline:
+        lingering += ["baseline-linger25"] if k == 6 else []
+        lingering.append("baseline")
     return ["offload", "unbatched", "seed", "floor", *lingering]
 
 
@@ -189,6 +192,7 @@ def run(
     reps: int,
     pace: float,
     log: Callable[[str], None],
+    baseline: Path | None = None,
 ) -> dict[str, Any]:
     cuts = {k: cut(pipeline, frames, k, items) for k in splits}
     servers = {
@@ -198,13 +202,15 @@ def run(
     }
     servers["offload-linger25"] = servers["unbatched"] = servers["offload"]
     servers["floor-linger25"] = servers["floor"]
+    if baseline is not None:
+        servers["baseline"] = servers["baseline-linger25"] = offload_server(root=baseline)
     runs: list[dict[str, Any]] = []
     try:
         for rep in range(-1, reps):  # rep -1 warms every server up (OpenCV's first calls)
             for k in splits:
                 values = cuts[k] if rep >= 0 else cuts[k][:20]
                 for mode, rate in (("busy", None), ("paced", pace)):
-                    systems = _systems(k)
+                    systems = _systems(k, baseline is not None)
                     shift = max(rep, 0) % len(systems)
                     for system in systems[shift:] + systems[:shift]:  # who goes first rotates
                         server = servers[system]
@@ -244,10 +250,11 @@ def run(
     finally:
         for server in {id(s): s for s in servers.values()}.values():
             server.stop()
-    return {"items": items, "pace": pace, "window": WINDOW, "rows": _rows(runs), "runs": runs}
+    rows = _rows(runs, baseline is not None)
+    return {"items": items, "pace": pace, "window": WINDOW, "rows": rows, "runs": runs}
 
 
-def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _rows(runs: list[dict[str, Any]], baseline: bool = False) -> list[dict[str, Any]]:
     """Per (K, mode): each system's median, and offload's ratios to the seed and the floor as
     the median of per-repetition ratios (each pair run back to back)."""
     rows = []
@@ -260,12 +267,13 @@ def _rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
             reps = sorted({rep for _, rep in mine})
             row: dict[str, Any] = {"k": k, "mode": mode}
-            for system in _systems(k):
+            for system in _systems(k, baseline):
                 row[system] = round(statistics.median(mine[system, rep] for rep in reps), 4)
-            for system in ("offload", "offload-linger25"):
+            bases = ("seed", "floor", "unbatched", "floor-linger25", "baseline")
+            for system in ("offload", "offload-linger25", "baseline-linger25"):
                 if system in row:
-                    for base in ("seed", "floor", "unbatched", "floor-linger25"):
-                        if base not in row:
+                    for base in (*bases, "baseline-linger25"):
+                        if base not in row or base == system:
                             continue
                         ratios = [mine[system, rep] / mine[base, rep] for rep in reps]
                         row[f"{system}/{base}"] = round(statistics.median(ratios), 2)
@@ -283,6 +291,20 @@ def table(data: dict[str, Any]) -> str:
         cells += [row["floor"], row["offload/unbatched"], row["offload/seed"], row["offload/floor"]]
         cells += [row.get("offload-linger25", ""), row.get("offload-linger25/seed", "")]
         cells += [row.get("floor-linger25", ""), row.get("offload-linger25/floor-linger25", "")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def baseline_table(data: dict[str, Any]) -> str:
+    """offload against another checkout's server (``--baseline``), same items, same run."""
+    header = ["K", "mode", "offload", "baseline", "offload / baseline", "offload / seed"]
+    header += ["baseline / seed", "linger 25 / baseline linger 25", "linger 25 / seed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in data["rows"]:
+        cells = [row["k"], row["mode"], row["offload"], row["baseline"], row["offload/baseline"]]
+        cells += [row["offload/seed"], round(row["baseline"] / row["seed"], 2)]
+        cells += [row.get("offload-linger25/baseline-linger25", "")]
+        cells += [row.get("offload-linger25/seed", "")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -436,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="only the py-spy profile")
     parser.add_argument("--profile-split", type=int, default=6, help="K profiled (default 6)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--baseline", type=Path, help="also run the offload server of this checkout (a commit)"
+    )
     args = parser.parse_args(argv)
 
     def log(text: str) -> None:
@@ -463,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         return 0
     splits = [int(k) for k in args.splits.split(",")]
-    data = run(pipeline, frames, splits, args.items, args.reps, args.pace, log)
+    data = run(pipeline, frames, splits, args.items, args.reps, args.pace, log, args.baseline)
     data["machine"] = described
     (args.out / "cloud.json").write_text(json.dumps(data, indent=1) + "\n")
     text = (
@@ -474,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "cloud.md").write_text(text + table(data) + "\n")
     _plot(data, args.out / "cloud.png")
     print(table(data))
+    if args.baseline is not None:
+        (args.out / "cloud-baseline.md").write_text(text + baseline_table(data) + "\n")
+        print(baseline_table(data))
     return 0
 
 

@@ -25,6 +25,7 @@ class ServerProcess(EmbeddedServer):
         pipeline: str = "bench.pipeline",
         port: int = 0,
         options: Sequence[str] = (),
+        root: Path = ROOT,
     ) -> None:
         super().__init__(
             pipeline,
@@ -32,8 +33,8 @@ class ServerProcess(EmbeddedServer):
             options=options,
             port=port,
             command=args,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(root)),
+            cwd=root,
             cpus=SERVER_CPUS,
         )
 
@@ -42,9 +43,14 @@ class ServerProcess(EmbeddedServer):
 
 
 def offload_server(
-    pipeline: str = "bench.pipeline", port: int = 0, extra: tuple[str, ...] = ()
+    pipeline: str = "bench.pipeline",
+    port: int = 0,
+    extra: tuple[str, ...] = (),
+    root: Path = ROOT,
 ) -> ServerProcess:
-    return ServerProcess(pipeline=pipeline, port=port, options=("--log-level", "WARNING", *extra))
+    """``offload.server``; ``root``: another checkout's (a baseline commit, side by side)."""
+    options = ("--log-level", "WARNING", *extra)
+    return ServerProcess(pipeline=pipeline, port=port, options=options, root=root)
 
 
 def seed_server(receive: str, pipeline: str = "bench.pipeline") -> ServerProcess:
