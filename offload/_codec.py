@@ -491,7 +491,7 @@ _HIGH_BYTES = bytes(range(0x80, 0x100))  # a varint's bytes but its last
 _FIELDS_PER_ELEMENT = 4  # a map entry: its tag, key, value and the value's kind
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         byte = data[pos]
@@ -504,7 +504,7 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def wire_problem(data: bytes, value_field: int | None, limits: Limits) -> str | None:
+def wire_problem(data: bytes | memoryview, value_field: int | None, limits: Limits) -> str | None:
     """Why a serialised message (a ``TaskState`` whose ``Value`` is field ``value_field``, or a
     ``Value`` itself if None) holds more elements than ``Limits.max_total_elements``, counted on
     the wire (a packed list's values too); None if it does not.
@@ -522,6 +522,7 @@ def wire_problem(data: bytes, value_field: int | None, limits: Limits) -> str | 
         if found is not _UNFINISHED:
             return cast("str | None", found)
     limit = limits.max_total_elements
+    data = data if isinstance(data, bytes) else bytes(data)  # a view is copied here only
     # A packed list holds up to one element per byte, without a 0x0A each.
     if data.count(b"\n") <= limit and (len(data) <= limit or b"b" not in data):
         return None
@@ -534,7 +535,7 @@ _UNFINISHED = object()  # the walk reached its field budget
 
 
 def _walk(
-    data: bytes, value_field: int | None, limits: Limits, max_fields: int | None
+    data: bytes | memoryview, value_field: int | None, limits: Limits, max_fields: int | None
 ) -> object:
     """``wire_problem``'s walk: a problem or None; with ``max_fields``, ``_UNFINISHED`` if the
     message has more fields."""
@@ -569,7 +570,7 @@ def _walk(
                 else:
                     child = _CHILD.get((kind, number))
                 if kind == _PACKED and number in (1, 2):  # ints (varints), floats (8 bytes)
-                    chunk = data[pos : pos + length]
+                    chunk = bytes(data[pos : pos + length])
                     elements += (
                         length // 8 if number == 2 else len(chunk.translate(None, _HIGH_BYTES))
                     )

@@ -321,7 +321,7 @@ class OffloadServicer:
 
     def _split(
         self, data: bytes, index: int, context: grpc.ServicerContext, peer: str
-    ) -> Iterator[bytes]:
+    ) -> Iterator[memoryview]:
         """The items of a TaskBatch, one at a time (a batch holds one item in memory beside
         its message); a batch of several counts whole against the message limit (a batch of one
         is its item, checked as such)."""
@@ -414,7 +414,7 @@ class OffloadServicer:
 
     def _parse(
         self,
-        data: bytes,
+        data: bytes | memoryview,
         index: int,
         context: grpc.ServicerContext,
         peer: str,
@@ -439,7 +439,7 @@ class OffloadServicer:
                 context, peer, "INVALID_ARGUMENT", f"{what} has {problem}: refused before parsing"
             )
         try:
-            return pb.TaskState.FromString(data)
+            return pb.TaskState.FromString(data)  # type: ignore[arg-type]  # any buffer parses
         except DecodeError as exc:
             self._reject(
                 context, peer, "INVALID_ARGUMENT", f"{what} is not an offload.v1.TaskState: {exc}"
