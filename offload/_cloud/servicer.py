@@ -258,7 +258,6 @@ class OffloadServicer:
         self._admit_waiting(watch)
         try:
             for data, arrived in _read_ahead(requests, watch, self.read_budget, self._draining):
-                watch.busy = True
                 held = len(data)
                 for item in self._split(data, count, context, peer) if batched else (data,):
                     watch.busy = True

@@ -357,3 +357,24 @@ def test_bit_flipped_batches_are_answered_or_refused_naming_the_problem(
     except grpc.RpcError as exc:
         assert exc.code() in EXPECTED, (exc.code(), exc.details())
         assert exc.details(), "a refusal must say why"
+
+
+def test_a_stream_that_sent_an_empty_batch_and_went_silent_is_dropped_as_idle(
+    start_server: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = start_server(COUNTER, stream_idle_seconds=0.5)
+    release = threading.Event()
+
+    def empty_then_silent() -> Iterator[bytes]:
+        yield b""  # a TaskBatch of no items: no work, so nothing keeps the stream busy
+        release.wait(30)
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.stream_stream(BATCH_METHOD)(empty_then_silent(), timeout=30)
+        try:
+            assert wait_until(lambda: "event=idle-drop" in caplog.text, 10)
+            with pytest.raises(grpc.RpcError) as err:
+                list(call)
+            assert err.value.code() == grpc.StatusCode.CANCELLED
+        finally:
+            release.set()
