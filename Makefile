@@ -76,6 +76,7 @@ bench: proto $(VENV)/.bench-installed
 	$(PY) -m bench
 	$(PY) -m bench.cloud
 	$(PY) -m bench.cloud --profile
+	$(PY) -m bench.cloud --profile --profile-split 1 --items 600
 	$(PY) -m bench.state
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 	$(PY) -m bench.workers
