@@ -425,6 +425,8 @@ def profile(
             stacks: dict[str, Counter[str]] = {}  # each category's innermost frames
             for line in raw.read_text().splitlines():
                 stack, _, count = line.rpartition(" ")
+                if not count.isdigit():
+                    continue  # a line py-spy cut short as it stopped
                 category = _category(stack)
                 samples[category] += int(count)
                 inner = ";".join(stack.split(";")[-3:])
