@@ -26,6 +26,7 @@ from offload import (
     Limits,
     RunningServer,
     ServerConfig,
+    _batch,
     encode,
     load_pipeline,
 )
@@ -34,6 +35,7 @@ from offload._cloud.serve import raise_open_files_limit
 from offload._cloud.servicer import TASK_STATE_ARGS
 from offload._codec import compress_value, expand, wire_problem
 from offload._pipeline import run_tasks
+from offload._wire import BATCH_METHOD
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
@@ -211,23 +213,43 @@ def test_a_device_id_longer_than_the_limit_is_refused_and_logged_short(
 # --- item 1: read-ahead bounded in bytes ------------------------------------------------------
 
 
+# Both RPCs serve items through one path: each bound holds on either.
+RPCS = pytest.mark.parametrize("rpc", [METHOD, BATCH_METHOD], ids=["one", "batched"])
+
+
+def framed(rpc: str, data: bytes) -> bytes:
+    """An encoded item as a message of ``rpc`` (a batch of one for ExecuteBatches)."""
+    return _batch.join((data,)) if rpc == BATCH_METHOD else data
+
+
+def send_by(channel: grpc.Channel, rpc: str, states: list[pb.TaskState]) -> list[pb.ItemResult]:
+    """``send_on`` over ``rpc``."""
+    requests = (framed(rpc, s.SerializeToString()) for s in states)
+    answers: list[pb.ItemResult] = []
+    for data in channel.stream_stream(rpc)(requests, timeout=60):
+        batch = pb.ResultBatch.FromString(data).results if rpc == BATCH_METHOD else None
+        answers.extend(batch if batch is not None else [pb.ItemResult.FromString(data)])
+    return answers
+
+
 def unread_flood(
-    stub: pb_grpc.OffloadStub, size: int, count: int, release: threading.Event, run: str
+    channel: grpc.Channel, rpc: str, size: int, count: int, release: threading.Event, run: str
 ) -> Any:
     """A stream that sends ``count`` items of ``size`` bytes and never reads an answer: the
     server's first answer (as large as the item) fills the flow-control window, so its writes
     block while its reader goes on reading."""
 
-    def requests() -> Iterator[pb.TaskState]:
+    def requests() -> Iterator[bytes]:
         for i in range(count):
-            yield echoing_state(b"x" * size, i, run)
+            yield framed(rpc, echoing_state(b"x" * size, i, run).SerializeToString())
         release.wait(60)
 
-    return stub.ExecuteRemaining(requests(), timeout=60)
+    return channel.stream_stream(rpc)(requests(), timeout=60)
 
 
+@RPCS
 def test_items_read_ahead_are_bounded_in_bytes_per_stream_and_in_all(
-    start_server: Callable[..., RunningServer],
+    start_server: Callable[..., RunningServer], rpc: str
 ) -> None:
     limit = 4 * MiB
     per_stream, total = limit, 2 * limit
@@ -246,14 +268,13 @@ def test_items_read_ahead_are_bounded_in_bytes_per_stream_and_in_all(
         ) as attacker,
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as honest,
     ):
-        stub = pb_grpc.OffloadStub(attacker)
         size = limit - 64 * KiB
-        floods = [unread_flood(stub, size, 40, release, f"flood{i}") for i in range(2)]
+        floods = [unread_flood(attacker, rpc, size, 40, release, f"flood{i}") for i in range(2)]
         try:
             # Both streams stop reading once they hold their share, and the server its total.
             assert wait_until(lambda: budget.waiting == 2, 30), (budget.held, budget.waiting)
             # An honest device is still served while the budget is spent.
-            answers = send_on(honest, [echoing_state(b"ok", 0, "honest")])
+            answers = send_by(honest, rpc, [echoing_state(b"ok", 0, "honest")])
             assert answers[0].status == pb.ItemResult.COMPLETED
         finally:
             release.set()
@@ -267,8 +288,9 @@ def test_items_read_ahead_are_bounded_in_bytes_per_stream_and_in_all(
 # --- item 2: streams that send nothing --------------------------------------------------------
 
 
+@RPCS
 def test_streams_of_headers_alone_hold_no_worker_and_health_answers_throughout(
-    start_server: Callable[..., RunningServer],
+    start_server: Callable[..., RunningServer], rpc: str
 ) -> None:
     workers = 4
     server = start_server(ECHOING, workers=workers)
@@ -282,22 +304,22 @@ def test_streams_of_headers_alone_hold_no_worker_and_health_answers_throughout(
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as attacker,
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as honest,
     ):
-        stub = pb_grpc.OffloadStub(attacker)
+        method = attacker.stream_stream(rpc)
         health = health_pb2_grpc.HealthStub(honest)
         request = health_pb2.HealthCheckRequest(service="offload.v1.Offload")
-        idle = [stub.ExecuteRemaining(nothing(), timeout=60) for _ in range(workers)]
+        idle = [method(nothing(), timeout=60) for _ in range(workers)]
         try:
             assert wait_until(lambda: server.servicer.active_streams == workers, 10)
             # As many streams as workers, none of them sending: a device is still served.
-            (answer,) = send_on(honest, [echoing_state(b"ok", 0, "honest")])
+            (answer,) = send_by(honest, rpc, [echoing_state(b"ok", 0, "honest")])
             assert answer.status == pb.ItemResult.COMPLETED
             # Three times as many: the oldest silent ones make room for newer ones, and
             # health and devices are answered throughout.
-            idle += [stub.ExecuteRemaining(nothing(), timeout=60) for _ in range(2 * workers)]
+            idle += [method(nothing(), timeout=60) for _ in range(2 * workers)]
             for i in range(1, 6):
                 check = health.Check(request, timeout=10)
                 assert check.status == health_pb2.HealthCheckResponse.SERVING
-                (answer,) = send_on(honest, [echoing_state(b"ok", i, "honest")])
+                (answer,) = send_by(honest, rpc, [echoing_state(b"ok", i, "honest")])
                 assert answer.status == pb.ItemResult.COMPLETED
         finally:
             release.set()

@@ -23,7 +23,7 @@ from offload._wire import BATCH_METHOD, BATCH_METHOD_NAME, METHOD_NAME, SERVICE_
 from offload.v1 import offload_pb2 as pb
 
 from ..helpers import COUNTER, run_split, state, wait_until
-from .test_attacks import ECHOING, MiB, echoing_state, many_lists, raw_state
+from .test_attacks import ECHOING, echoing_state, many_lists, raw_state
 from .test_codec import _kinds, _wire_states
 from .test_fuzz import EXPECTED, FUZZ, LIMITS, task_states
 
@@ -244,77 +244,6 @@ def test_a_batch_is_given_back_to_the_read_budget_once_answered(
 
 
 _UNKNOWN_FIELD = b"\x12\x03abc"  # field 2, 3 bytes: skipped, as protobuf does
-
-
-def test_batched_items_read_ahead_are_bounded_in_bytes_per_stream_and_in_all(
-    start_server: Callable[..., RunningServer],
-) -> None:
-    limit = 4 * MiB
-    per_stream, total = limit, 2 * limit
-    server = start_server(
-        ECHOING,
-        limits=Limits(max_message_bytes=limit),
-        read_ahead_bytes=per_stream,
-        read_ahead_total_bytes=total,
-    )
-    budget = server.servicer.read_budget
-    release = threading.Event()
-
-    def flood(run: str) -> Iterator[bytes]:
-        # Batches of 3 items of 1 MiB that never read an answer: the first answers fill the
-        # flow-control window, so the server's writes block while its reader goes on reading.
-        for b in range(40):
-            yield _batch.join(
-                echoing_state(b"x" * MiB, 3 * b + i, run).SerializeToString() for i in range(3)
-            )
-        release.wait(60)
-
-    with (
-        grpc.insecure_channel(
-            f"127.0.0.1:{server.port}", compression=grpc.Compression.Gzip
-        ) as attacker,
-        grpc.insecure_channel(f"127.0.0.1:{server.port}") as honest,
-    ):
-        method = attacker.stream_stream(BATCH_METHOD)
-        floods = [method(flood(f"flood{i}"), timeout=60) for i in range(2)]
-        try:
-            assert wait_until(lambda: budget.waiting == 2, 30), (budget.held, budget.waiting)
-            (answer,) = _call_on(honest, [[echoing_state(b"ok", 0, "honest")]])
-            assert answer.status == pb.ItemResult.COMPLETED
-        finally:
-            release.set()
-            for call in floods:
-                call.cancel()
-    assert budget.peak <= total + 2 * limit, budget.peak  # the total, plus a message per stream
-    assert wait_until(lambda: budget.held == 0, 10)
-
-
-def test_batch_streams_of_headers_alone_hold_no_worker(
-    start_server: Callable[..., RunningServer],
-) -> None:
-    workers = 2
-    server = start_server(ECHOING, workers=workers)
-    release = threading.Event()
-
-    def nothing() -> Iterator[bytes]:
-        release.wait(60)
-        yield from ()
-
-    with (
-        grpc.insecure_channel(f"127.0.0.1:{server.port}") as attacker,
-        grpc.insecure_channel(f"127.0.0.1:{server.port}") as honest,
-    ):
-        method = attacker.stream_stream(BATCH_METHOD)
-        idle = [method(nothing(), timeout=60) for _ in range(3 * workers)]
-        try:
-            assert wait_until(lambda: server.servicer.active_streams >= workers, 10)
-            for i in range(3):
-                (answer,) = _call_on(honest, [[echoing_state(b"ok", i, "honest")]])
-                assert answer.status == pb.ItemResult.COMPLETED
-        finally:
-            release.set()
-            for call in idle:
-                call.cancel()
 
 
 def test_each_item_of_a_batch_is_answered_in_the_encodings_its_device_reads(
