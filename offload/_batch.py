@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Iterator
 
+from ._codec import _varint
 from .v1 import offload_pb2 as pb
 
 ITEMS_FIELD = pb.TaskBatch.DESCRIPTOR.fields_by_name["items"].number
@@ -63,16 +64,10 @@ class BatchError(ValueError):
 
 
 def _read_varint(data: bytes, at: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if at >= len(data) or shift > 63:
-            raise BatchError(f"a truncated varint at byte {at}")
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
+    try:
+        return _varint(data, at)
+    except (IndexError, ValueError):
+        raise BatchError(f"a truncated or overlong varint at byte {at}") from None
 
 
 def split(data: bytes) -> Iterator[memoryview]:
