@@ -52,6 +52,21 @@ def test_state_values_are_codec_values_arrays_included() -> None:
         run_with_state(keep, object(), store=store)
 
 
+def test_a_device_states_numeric_lists_are_stored_packed_and_load_as_they_were() -> None:
+    store = MemoryState()
+    trail = [[x, 2 * x] for x in range(TRAIL_LENGTH)]
+
+    def keep(value: Any) -> tuple[bool, None]:
+        current_state().device.update(trail=value, seen=7)
+        return True, None
+
+    run_with_state(keep, trail, store=store)
+    stored = pb.Value.FromString(store.snapshot("device").data)
+    (entry,) = (e for e in stored.map_value.entries if e.key == "trail")
+    assert entry.value.WhichOneof("kind") == "packed_list"
+    assert store.state("device").device == {"trail": trail, "seen": 7}
+
+
 def test_fleet_count_keeps_each_devices_highest_mark_and_counts_this_items_own() -> None:
     store = MemoryState()
 
