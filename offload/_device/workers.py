@@ -88,18 +88,25 @@ def cores() -> int:
 
 
 def limit_library_threads(threads: int | None = 1) -> int | None:
-    """Cap OpenCV's own thread pool, if the pipeline uses OpenCV; returns the cap it had.
-
-    N workers get cores // N OpenCV threads each (at least 1): the workers already use the
-    cores, and a larger pool would make them fight over them (as on the server,
-    ServerConfig.task_threads); on 2 cores with 2 workers, one each.
-    """
+    """Cap OpenCV's own thread pool, if the pipeline uses OpenCV; returns the cap it had."""
     cv2 = sys.modules.get("cv2")
     if cv2 is None or threads is None:
         return None
     before: int = cv2.getNumThreads()
     cv2.setNumThreads(threads)
     return before
+
+
+def share_library_threads(workers: int) -> int | None:
+    """Give OpenCV each worker's share of the cores: cores // N threads, at least 1 and never
+    more than it had (a device or a user that capped it keeps the cap); the cap it had.
+
+    The workers already use the cores; a larger pool would make them fight over them (as on
+    the server, ServerConfig.task_threads). On 2 cores with 2 workers: one thread each.
+    """
+    cv2 = sys.modules.get("cv2")
+    had: int = cv2.getNumThreads() if cv2 is not None else 1
+    return limit_library_threads(max(1, min(had, cores() // workers)))
 
 
 class DeviceWorkers:
@@ -142,7 +149,7 @@ class DeviceWorkers:
         ]
 
     def start(self) -> None:
-        self._library_threads = limit_library_threads(max(1, cores() // self.n))
+        self._library_threads = share_library_threads(self.n)
         for thread in self._threads:
             thread.start()
 

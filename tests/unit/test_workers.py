@@ -155,21 +155,28 @@ def test_a_failing_worker_ends_the_run_with_one_line_naming_it() -> None:
         client.run()
 
 
-def test_each_worker_gets_its_share_of_the_cores_for_opencv_and_the_cap_is_undone_after(
+def test_opencv_gets_each_workers_share_of_the_cores_never_more_than_it_had(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cv2 = pytest.importorskip("cv2")
     monkeypatch.setattr(workers_module, "cores", lambda: 4)
-    before = cv2.getNumThreads()
+    before = cv2.getNumThreads()  # OpenCV's default: one per CPU
     seen: list[int] = []
 
     def note(n: int) -> tuple[bool, int]:
         seen.append(cv2.getNumThreads())
         return True, n
 
-    run([source(2), note, finish], workers=2)
-    assert seen == [2, 2]  # 4 cores, 2 workers: 2 OpenCV threads each, not 1
-    assert cv2.getNumThreads() == before
+    cv2.setNumThreads(8)
+    try:
+        run([source(2), note, finish], workers=2)
+        assert seen == [2, 2]  # 4 cores, 2 workers: 2 OpenCV threads each, not 1
+        assert cv2.getNumThreads() == 8
+        cv2.setNumThreads(1)  # capped by the user (or a build without threads): kept
+        run([source(2), note, finish], workers=2)
+        assert seen == [2, 2, 1, 1]
+    finally:
+        cv2.setNumThreads(before)
 
 
 def test_the_report_and_summary_show_the_workers_and_how_busy_the_device_was() -> None:
