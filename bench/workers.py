@@ -30,7 +30,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from offload import load_pipeline
+from examples.ball_tracking import set_source
+from offload import Client, ClientConfig, load_pipeline
 from offload._codec import decode, encode
 from offload._device.workers import cores, limit_library_threads
 from offload._pipeline import ItemContext, Pipeline, Status, run_tasks
@@ -45,6 +46,7 @@ from .report import _table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTEXT = ItemContext("bench", "bench", 0, 0.0, False)
+BALL = "examples.ball_tracking"
 Work = Callable[[Any], Any]
 
 
@@ -220,28 +222,43 @@ def client_part(
     runs: dict[str, list[dict[str, Any]]] = {}
     first = next(iter(sources))
     variants = [
-        (f"{mode}|{source}", k, slowdown, threads, frames)
+        (f"{mode}|{source}", pipeline, k, slowdown, threads, frames)
         for source, frames in sources.items()
         for mode, k, slowdown, threads, every in CLIENT_MODES
         if every or source == first
     ]
+    if bench_pipeline.WEBCAM_CLIP.exists():  # as `--source FILE` runs: decoded in capture
+        ball = load_pipeline(BALL)
+        variants += [
+            (f"{mode}|webcam, decoded", ball, None, 1.0, threads, [])
+            for mode, threads in (("client-only", None), ("client-only, single-threaded tasks", 1))
+        ]
     try:
         for rep in range(reps):
-            for name, k, slowdown, threads, frames in variants:
+            for name, runs_pipeline, k, slowdown, threads, frames in variants:
                 for workers in (1, 2):
+                    if runs_pipeline is not pipeline:
+                        set_source(str(bench_pipeline.WEBCAM_CLIP))  # from frame 0
                     before = limit_library_threads(threads)
                     began = time.thread_time()  # the capture loop runs on this thread
                     try:
-                        report = run_ours(
-                            pipeline,
-                            frames,
-                            server.target,
-                            k,  # type: ignore[arg-type]  # None: client-only
-                            items if slowdown == 1 else items // 2,
-                            8,
-                            f"bench-workers-{rep}",
-                            device_workers=workers,
-                            slowdown=slowdown,
+                        report = (
+                            run_ours(
+                                pipeline,
+                                frames,
+                                server.target,
+                                k,  # type: ignore[arg-type]  # None: client-only
+                                items if slowdown == 1 else items // 2,
+                                8,
+                                f"bench-workers-{rep}",
+                                device_workers=workers,
+                                slowdown=slowdown,
+                            )
+                            if runs_pipeline is pipeline
+                            else Client(
+                                runs_pipeline,
+                                ClientConfig(pipeline=BALL, frames=items, device_workers=workers),
+                            ).run()
                         )
                     finally:
                         limit_library_threads(before)
@@ -260,7 +277,7 @@ def client_part(
     finally:
         server.stop()
     rows = []
-    for name, k, slowdown, _, _ in variants:
+    for name, _, k, slowdown, _, _ in variants:
         one, two = runs[f"{name}|1"], runs[f"{name}|2"]
         ratios = [b["per_second"] / a["per_second"] for a, b in zip(one, two, strict=True)]
 
