@@ -229,7 +229,7 @@ def test_a_read_ahead_source_raises_the_read_error_where_capture_reads() -> None
     ahead.close()
 
 
-def test_open_source_reads_a_video_file_ahead(tmp_path: Any) -> None:
+def test_open_source_decodes_a_video_file_ahead_on_one_thread(tmp_path: Any) -> None:
     path = tmp_path / "clip.avi"
     video = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10, (64, 48))
     for n in range(3):
@@ -237,6 +237,8 @@ def test_open_source_reads_a_video_file_ahead(tmp_path: Any) -> None:
     video.release()
     source = bt.open_source(str(path))
     assert isinstance(source, bt.camera.ReadAhead)
+    # Decoded on one thread: beside capture, FFmpeg's own threads would only add CPU.
+    assert source._source._capture.get(cv2.CAP_PROP_N_THREADS) == 1  # type: ignore[attr-defined]
     frames = []
     while (frame := source.read()) is not None:
         frames.append(frame)
