@@ -436,27 +436,43 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(out: Path, results: dict[str, Any]) -> None:
-    def short(text: str) -> str:
-        return text.partition(",")[0].replace("ball tracker tasks 1-5", "tracker 1-5") + (
-            "\n(emulated 8x)" if "emulated" in text else ""
+    def mode(text: str) -> str:
+        return (
+            text.replace("client-only, ", "")
+            .replace("single-threaded tasks", "1 thread")
+            .replace("device 8x slower (emulated)", "emulated 8x")
         )
 
-    rows = [(f"{short(r['work'])}\n{r['pool']}", r["speedup"]) for r in results["pool"]["rows"]]
+    rows: list[tuple[str, float, float | None]] = [
+        (f"{r['work'].replace('ball tracker tasks', 'tasks')}\n{r['pool']}", r["speedup"], None)
+        for r in results["pool"]["rows"]
+    ]
     rows += [
         (
-            f"client {r['source']}\n{short(r['mode'])}"
-            + ("\n(1 thread)" if "single" in r["mode"] else ""),
+            f"{r['source'].replace(', ', ' ')}\n{mode(r['mode'])}",
             r["speedup_median"],
+            r["bound_median"],
         )
         for r in results["client"]["rows"]
     ]
-    figure, axes = plt.subplots(figsize=(9, 4))
-    axes.bar([name for name, _ in rows], [s for _, s in rows], color="tab:blue")
+    figure, axes = plt.subplots(figsize=(12, 4.5))
+    names = [name for name, _, _ in rows]
+    axes.bar(names, [s for _, s, _ in rows], color="tab:blue", label="measured (median)")
+    bounds = [(name, float(b)) for name, _, b in rows if b is not None]
+    axes.scatter(
+        [name for name, _ in bounds],
+        [b for _, b in bounds],
+        marker="_",
+        s=400,
+        color="black",
+        label="bound: cores and the capture thread's CPU",
+    )
     axes.axhline(1.0, color="grey", linewidth=0.8)
-    axes.axhline(2.0, color="grey", linewidth=0.8, linestyle="--")
+    axes.axhline(1.8, color="tab:red", linewidth=0.8, linestyle="--", label="goal 1.8x")
     axes.set_ylabel("speed-up of 2 workers over 1")
-    axes.set_title("Device workers on this machine (2 cores, shared)")
+    axes.set_title("Device workers on this machine (2 cores, shared): pool, then the client")
     axes.tick_params(axis="x", labelsize=7)
+    axes.legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     figure.savefig(out / "workers.png", dpi=100)
     plt.close(figure)
