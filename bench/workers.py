@@ -7,7 +7,9 @@ falls on all of them alike; medians and ratios are reported:
   codec's bytes over pipes, never pickled) running tasks 1-5 of the ball tracker, and a
   pure-Python task, on pre-rendered frames: ms per item and the speed-up of 2 workers;
 * ``client``: offload's client, client-only and at a device-bound split (K=6, an offload server
-  on loopback), 1 and 2 workers: completed or filtered items/s, the speed-up, device CPU per item;
+  on loopback), 1 and 2 workers: completed or filtered items/s, the speed-up, device CPU per item,
+  the capture thread's CPU per item and the bound they set; client-only also with single-threaded
+  tasks (OpenCV at one thread in both), on each frame set and on the clip decoded as it plays;
 * ``scheduler``: automatic mode on an emulated slow device, one target, 1 and 2 workers: the
   split the scheduler ends at and the rate it gets there.
 
