@@ -61,12 +61,14 @@ def test_two_workers_run_a_task_for_two_items_at_once() -> None:
     assert [line["status"] for line in lines] == ["completed"] * 6
 
 
-def test_capture_reads_the_next_item_while_every_worker_is_busy() -> None:
-    numbers = iter(range(3))
+def test_capture_reads_one_item_ahead_while_every_worker_is_busy_and_no_more() -> None:
+    numbers = iter(range(6))
     third = threading.Event()
+    held: list[int] = []  # items on the device as each is captured (it among them)
 
     def capture() -> tuple[bool, int | None]:
         n = next(numbers, None)
+        held.append(client.workers.held if client.workers is not None else 0)
         if n == 2:
             third.set()
         return n is not None, n
@@ -75,9 +77,12 @@ def test_capture_reads_the_next_item_while_every_worker_is_busy() -> None:
         assert third.wait(TIMEOUT), "capture waited for a worker: nothing was read ahead"
         return True, n
 
-    lines, client = run([capture, until_the_third_is_captured, finish], workers=2)
-    assert [line["status"] for line in lines] == ["completed"] * 3
-    assert client.workers is not None and client.workers.stats.items == 3
+    name = install("tests_workers_ahead", tasks=[capture, until_the_third_is_captured, finish])
+    out = io.StringIO()
+    client = Client(load_pipeline(name), ClientConfig(pipeline=name, device_workers=2), None, out)
+    client.run()
+    assert [json.loads(line)["status"] for line in out.getvalue().splitlines()] == ["completed"] * 6
+    assert max(held) == 3  # 2 on the workers and 1 captured ahead, never a fourth
 
 
 def test_results_stay_in_item_order_when_a_later_item_finishes_first() -> None:
