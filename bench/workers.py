@@ -7,7 +7,9 @@ falls on all of them alike; medians and ratios are reported:
   codec's bytes over pipes, never pickled) running tasks 1-5 of the ball tracker, and a
   pure-Python task, on pre-rendered frames: ms per item and the speed-up of 2 workers;
 * ``client``: offload's client, client-only and at a device-bound split (K=6, an offload server
-  on loopback), 1 and 2 workers: completed or filtered items/s, the speed-up, device CPU per item;
+  on loopback), 1 and 2 workers: completed or filtered items/s, the speed-up, device CPU per item,
+  the capture thread's CPU per item and the bound they set; client-only also with single-threaded
+  tasks (OpenCV at one thread in both), on each frame set and on the clip decoded as it plays;
 * ``scheduler``: automatic mode on an emulated slow device, one target, 1 and 2 workers: the
   split the scheduler ends at and the rate it gets there.
 
@@ -30,9 +32,10 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from offload import load_pipeline
+from examples.ball_tracking import set_source
+from offload import Client, ClientConfig, load_pipeline
 from offload._codec import decode, encode
-from offload._device.workers import limit_library_threads
+from offload._device.workers import cores, limit_library_threads
 from offload._pipeline import ItemContext, Pipeline, Status, run_tasks
 from offload.v1 import offload_pb2 as pb
 
@@ -45,6 +48,7 @@ from .report import _table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONTEXT = ItemContext("bench", "bench", 0, 0.0, False)
+BALL = "examples.ball_tracking"
 Work = Callable[[Any], Any]
 
 
@@ -191,56 +195,118 @@ def pool_part(pipeline: Pipeline, frames: list[Frame], reps: int) -> dict[str, A
 # --- client: offload's client with 1 and 2 workers ------------------------------------------
 
 
-CLIENT_MODES: tuple[tuple[str, int | None, float], ...] = (
-    ("client-only", None, 1.0),
-    ("K=6", 6, 1.0),
+# mode, split (None: client-only), emulated slowdown, OpenCV threads (None: OpenCV's default,
+# one per CPU), and whether it runs for every source or the first only.
+CLIENT_MODES: tuple[tuple[str, int | None, float, int | None, bool], ...] = (
+    ("client-only", None, 1.0, None, True),
+    # A device whose tasks are single-threaded (a Pi build of OpenCV without its thread pool,
+    # or any pure-Python task): OpenCV at one thread with 1 worker and with 2.
+    ("client-only, single-threaded tasks", None, 1.0, 1, True),
+    ("K=6", 6, 1.0, None, False),
     # Tasks that sleep off an emulated device's time: the workers' overlap alone, whatever the
     # load of the machine (it measures the mechanism, not this machine's cores).
-    ("client-only, device 8x slower (emulated)", None, 8.0),
+    ("client-only, device 8x slower (emulated)", None, 8.0, None, False),
 )
 
 
-def client_part(pipeline: Pipeline, frames: list[Frame], items: int, reps: int) -> dict[str, Any]:
+def bound(one: dict[str, Any], two: dict[str, Any]) -> float:
+    """The speed-up 2 workers could reach on this machine's cores at the CPU they were measured
+    to cost: the rate is at most cores / (CPU per item) and 1 / (capture's CPU per item, the one
+    serial stage), over the rate 1 worker got (Amdahl's bound for a pipeline)."""
+    best = min(cores() / two["cpu_ms_per_item"], 1 / two["capture_cpu_ms_per_item"])
+    return float(1000 * best / one["per_second"])
+
+
+def client_part(
+    pipeline: Pipeline, sources: dict[str, list[Frame]], items: int, reps: int
+) -> dict[str, Any]:
     server = offload_server()
     runs: dict[str, list[dict[str, Any]]] = {}
+    first = next(iter(sources))
+    variants = [
+        (f"{mode}|{source}", pipeline, k, slowdown, threads, frames)
+        for source, frames in sources.items()
+        for mode, k, slowdown, threads, every in CLIENT_MODES
+        if every or source == first
+    ]
+    if bench_pipeline.WEBCAM_CLIP.exists():  # as `--source FILE` runs: decoded in capture
+        ball = load_pipeline(BALL)
+        variants += [
+            (f"{mode}|webcam, decoded", ball, None, 1.0, threads, [])
+            for mode, threads in (("client-only", None), ("client-only, single-threaded tasks", 1))
+        ]
     try:
         for rep in range(reps):
-            for mode, k, slowdown in CLIENT_MODES:
+            for name, runs_pipeline, k, slowdown, threads, frames in variants:
                 for workers in (1, 2):
-                    report = run_ours(
-                        pipeline,
-                        frames,
-                        server.target,
-                        k,  # type: ignore[arg-type]  # None: client-only
-                        items if slowdown == 1 else items // 2,
-                        8,
-                        f"bench-workers-{rep}",
-                        device_workers=workers,
-                        slowdown=slowdown,
-                    )
-                    runs.setdefault(f"{mode}|{workers}", []).append(
+                    if runs_pipeline is not pipeline:
+                        set_source(str(bench_pipeline.WEBCAM_CLIP))  # from frame 0
+                    before = limit_library_threads(threads)
+                    began = time.thread_time()  # the capture loop runs on this thread
+                    try:
+                        report = (
+                            run_ours(
+                                pipeline,
+                                frames,
+                                server.target,
+                                k,  # type: ignore[arg-type]  # None: client-only
+                                items if slowdown == 1 else items // 2,
+                                8,
+                                f"bench-workers-{rep}",
+                                device_workers=workers,
+                                slowdown=slowdown,
+                            )
+                            if runs_pipeline is pipeline
+                            else Client(
+                                runs_pipeline,
+                                ClientConfig(pipeline=BALL, frames=items, device_workers=workers),
+                            ).run()
+                        )
+                    finally:
+                        limit_library_threads(before)
+                    device = report["device"]
+                    runs.setdefault(f"{name}|{workers}", []).append(
                         {
                             "per_second": report["finished_per_second"],
-                            "cpu_ms_per_item": report["device"]["cpu_ms_per_item"],
-                            "busy_percent": report["device"]["workers_busy_percent"],
+                            "cpu_ms_per_item": device["cpu_ms_per_item"],
+                            "capture_cpu_ms_per_item": 1000
+                            * (time.thread_time() - began)
+                            / report["items"]["captured"],
+                            "cores_busy": device["cpu_percent"] / 100,
+                            "busy_percent": device["workers_busy_percent"],
                         }
                     )
     finally:
         server.stop()
     rows = []
-    for mode, _, _ in CLIENT_MODES:
-        one, two = runs[f"{mode}|1"], runs[f"{mode}|2"]
+    for name, _, k, slowdown, _, _ in variants:
+        one, two = runs[f"{name}|1"], runs[f"{name}|2"]
         ratios = [b["per_second"] / a["per_second"] for a, b in zip(one, two, strict=True)]
+
+        def median(key: str, of: list[dict[str, Any]]) -> float:
+            return round(statistics.median(r[key] or 0.0 for r in of), 2)
+
+        mode, _, source = name.partition("|")
         rows.append(
             {
                 "mode": mode,
-                "per_second_1": statistics.median(r["per_second"] for r in one),
-                "per_second_2": statistics.median(r["per_second"] for r in two),
+                "source": source,
+                "per_second_1": median("per_second", one),
+                "per_second_2": median("per_second", two),
                 "speedup_median": round(statistics.median(ratios), 2),
                 "speedups": [round(r, 2) for r in ratios],
-                "cpu_ms_per_item_1": statistics.median(r["cpu_ms_per_item"] for r in one),
-                "cpu_ms_per_item_2": statistics.median(r["cpu_ms_per_item"] for r in two),
-                "busy_percent_2": statistics.median(r["busy_percent"] or 0.0 for r in two),
+                "cpu_ms_per_item_1": median("cpu_ms_per_item", one),
+                "cpu_ms_per_item_2": median("cpu_ms_per_item", two),
+                "capture_cpu_ms_per_item_2": median("capture_cpu_ms_per_item", two),
+                "cores_busy_1": median("cores_busy", one),
+                "cores_busy_2": median("cores_busy", two),
+                "busy_percent_2": median("busy_percent", two),
+                # Meaningful where the CPU is real work (not the emulation's sleeps), client-only.
+                "bound_median": (
+                    round(statistics.median(map(bound, one, two)), 2)
+                    if k is None and slowdown == 1
+                    else None
+                ),
             }
         )
     return {"items": items, "reps": reps, "rows": rows, "runs": runs}
@@ -304,8 +370,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# Device workers: 1 against 2", "", machine.one_line(results["machine"]), ""]
     pool, client, scheduler = results["pool"], results["client"], results["scheduler"]
     lines += [
-        f"## Threads or processes ({pool['items']} items, median of {pool['reps']} "
-        "interleaved runs)",
+        f"## Threads or processes ({pool['items']} {results['sources'][0]} frames, median of "
+        f"{pool['reps']} interleaved runs)",
         "",
         _table(
             ["work", "pool", "ms/item, 1", "ms/item, 2", "speed-up"],
@@ -323,19 +389,28 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"## The client ({client['items']} items, median of {client['reps']} interleaved runs)",
         "",
+        "The bound is what 2 workers could reach at the CPU they cost, over 1 worker's rate: at",
+        "most cores / (device CPU per item) and 1 / (capture's CPU per item, the serial stage).",
+        "",
         _table(
             [
-                *("mode", "items/s, 1", "items/s, 2", "speed-up (each run)"),
-                *("device CPU ms/item, 1", "2", "workers busy, 2"),
+                *("mode", "frames", "items/s, 1", "items/s, 2", "speed-up (each run)"),
+                *("bound", "device CPU ms/item, 1", "2", "capture CPU ms/item, 2"),
+                *("cores busy, 1", "2", "workers busy, 2"),
             ],
             [
                 [
                     r["mode"],
+                    r["source"],
                     f"{r['per_second_1']:.1f}",
                     f"{r['per_second_2']:.1f}",
                     f"{r['speedup_median']:.2f}x ({', '.join(f'{x:.2f}' for x in r['speedups'])})",
+                    "" if r["bound_median"] is None else f"{r['bound_median']:.2f}x",
                     f"{r['cpu_ms_per_item_1']:.2f}",
                     f"{r['cpu_ms_per_item_2']:.2f}",
+                    f"{r['capture_cpu_ms_per_item_2']:.2f}",
+                    f"{r['cores_busy_1']:.2f}",
+                    f"{r['cores_busy_2']:.2f}",
                     f"{r['busy_percent_2']:.0f}%",
                 ]
                 for r in client["rows"]
@@ -363,22 +438,43 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(out: Path, results: dict[str, Any]) -> None:
-    def short(text: str) -> str:
-        return text.partition(",")[0].replace("ball tracker tasks 1-5", "tracker 1-5") + (
-            "\n(emulated 8x)" if "emulated" in text else ""
+    def mode(text: str) -> str:
+        return (
+            text.replace("client-only, ", "")
+            .replace("single-threaded tasks", "1 thread")
+            .replace("device 8x slower (emulated)", "emulated 8x")
         )
 
-    rows = [(f"{short(r['work'])}\n{r['pool']}", r["speedup"]) for r in results["pool"]["rows"]]
-    rows += [
-        (f"client\n{short(r['mode'])}", r["speedup_median"]) for r in results["client"]["rows"]
+    rows: list[tuple[str, float, float | None]] = [
+        (f"{r['work'].replace('ball tracker tasks', 'tasks')}\n{r['pool']}", r["speedup"], None)
+        for r in results["pool"]["rows"]
     ]
-    figure, axes = plt.subplots(figsize=(9, 4))
-    axes.bar([name for name, _ in rows], [s for _, s in rows], color="tab:blue")
+    rows += [
+        (
+            f"{r['source'].replace(', ', ' ')}\n{mode(r['mode'])}",
+            r["speedup_median"],
+            r["bound_median"],
+        )
+        for r in results["client"]["rows"]
+    ]
+    figure, axes = plt.subplots(figsize=(12, 4.5))
+    names = [name for name, _, _ in rows]
+    axes.bar(names, [s for _, s, _ in rows], color="tab:blue", label="measured (median)")
+    bounds = [(name, float(b)) for name, _, b in rows if b is not None]
+    axes.scatter(
+        [name for name, _ in bounds],
+        [b for _, b in bounds],
+        marker="_",
+        s=400,
+        color="black",
+        label="bound: cores and the capture thread's CPU",
+    )
     axes.axhline(1.0, color="grey", linewidth=0.8)
-    axes.axhline(2.0, color="grey", linewidth=0.8, linestyle="--")
+    axes.axhline(1.8, color="tab:red", linewidth=0.8, linestyle="--", label="goal 1.8x")
     axes.set_ylabel("speed-up of 2 workers over 1")
-    axes.set_title("Device workers on this machine (2 cores, shared)")
+    axes.set_title("Device workers on this machine (2 cores, shared): pool, then the client")
     axes.tick_params(axis="x", labelsize=7)
+    axes.legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     figure.savefig(out / "workers.png", dpi=100)
     plt.close(figure)
@@ -388,7 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__)
     parser.add_argument("--reps", type=int, default=5, help="interleaved runs of each variant")
     parser.add_argument("--items", type=int, default=400, help="items per client run")
-    parser.add_argument("--source", default="synthetic", help="synthetic, webcam or a file")
+    parser.add_argument(
+        "--sources",
+        default="webcam,synthetic",
+        help="frames, comma-separated: synthetic, webcam or a file (K=6 and the emulated "
+        "device run on the first only)",
+    )
     parser.add_argument("--slowdown", type=float, default=8.0, help="the scheduler's device")
     parser.add_argument("--seconds", type=float, default=25.0, help="each automatic run")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few items, 1 rep")
@@ -398,12 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         args.reps, args.items, args.seconds = 1, 80, 6.0
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline = load_pipeline(bench_pipeline.NAME)
-    frames = bench_pipeline.render(args.source, 100)
-    results: dict[str, Any] = {"machine": machine.describe(), "source": args.source}
+    sources = {name: bench_pipeline.render(name, 100) for name in args.sources.split(",")}
+    frames = next(iter(sources.values()))
+    results: dict[str, Any] = {"machine": machine.describe(), "sources": list(sources)}
     log("workers: threads against processes (forked first: no gRPC channel exists yet)")
     results["pool"] = pool_part(pipeline, frames, args.reps)
     log("workers: the client, client-only and at K=6, 1 and 2 workers")
-    results["client"] = client_part(pipeline, frames, args.items, args.reps)
+    results["client"] = client_part(pipeline, sources, args.items, args.reps)
     log("workers: automatic mode, 1 and 2 workers")
     results["scheduler"] = scheduler_part(pipeline, frames, args.slowdown, args.seconds)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

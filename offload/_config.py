@@ -327,10 +327,11 @@ class ClientConfig:
         if self.local_tasks is not None or self.fps is not None:
             # Items on the device's workers count against the window and the buffer.
             for option, bound in (("--window", self.window), ("--buffer", self.link.buffer)):
-                if self.workers > bound:
+                if self.device_items > bound:
                     raise ConfigError(
                         f"--device-workers {self.workers} exceeds {option} {bound}: items on "
-                        f"the device's workers count against it; raise {option} or give fewer"
+                        f"the device's workers and the one captured ahead ({self.device_items}) "
+                        f"count against it; raise {option} or give fewer"
                     )
         if self.batch_items < 1:
             raise ConfigError(f"--batch-items {self.batch_items}: give 1 or more (1 = no batching)")
@@ -349,6 +350,12 @@ class ClientConfig:
             if hasattr(os, "sched_getaffinity")
             else os.cpu_count() or 1
         )
+
+    @property
+    def device_items(self) -> int:
+        """Items on the device at most: the one being captured and run, or with N > 1 workers
+        N on them and one captured ahead (capture, the serial stage, never waits for a worker)."""
+        return self.workers + 1 if self.workers > 1 else 1
 
 
 @dataclass(frozen=True)

@@ -89,8 +89,9 @@ class Client:
         self.config = config
         self.transport = transport if needs_server else None
         self.run_id = uuid.uuid4().hex
-        # Items on the device's workers count against the link's window and buffer.
-        extra = config.workers - 1
+        # Items on the device's workers, and the one captured ahead, count against the link's
+        # window and buffer.
+        extra = config.device_items - 1
         window = config.window - extra
         # In automatic mode the scheduler chooses the codec too: it samples each one allowed.
         allowed = compressions(config.compression) if config.fps is not None else ()
@@ -136,7 +137,14 @@ class Client:
         self.recovering: list[Link] = []  # for earlier runs' items found in the durable buffer
         self._recovered: Recovered | None = None
         self.workers = (
-            DeviceWorkers(config.workers, pipeline, self.device, self._encode, self._hand_over)
+            DeviceWorkers(
+                config.workers,
+                pipeline,
+                self.device,
+                self._encode,
+                self._hand_over,
+                ahead=config.device_items - config.workers,
+            )
             if config.workers > 1
             else None
         )

@@ -61,7 +61,11 @@ class ProgressLine:
         t0, done0 = self._samples[0]
         rate = (done - done0) / (now - t0) if now > t0 else 0.0
         workers = self.client.workers
-        busy = "" if workers is None else f"  {workers.n} workers {workers.held}/{workers.n} busy"
+        busy = (  # not the item captured ahead
+            ""
+            if workers is None
+            else f"  {workers.n} workers {min(workers.held, workers.n)}/{workers.n} busy"
+        )
         return (
             f"offload: {done} done ({completed} completed, {filtered} filtered, {failed} failed)"
             f"  {rate:.1f} items/s  split {self.client.split}{busy}"

@@ -11,13 +11,15 @@ measurements of both). A pure-Python task gains nothing from more workers.
 
 A serial task (``Pipeline.serial_tasks``: marked ``@stateful``, and the last) runs for one item
 at a time, in item order: an item waits for its turn there until every earlier item has run the
-task or ended before it. An item holds one of the N slots from before its capture until it is
-handed over, so at most N items are on the device; the client takes N - 1 off the link's window
-and buffer, so a run holds no more items than with one worker.
+task or ended before it. An item holds a slot from before its capture until it is handed over.
+The client gives N + 1 slots (``ClientConfig.device_items``): capture (task 0, the serial stage)
+reads the next item while N are on the workers instead of waiting for one to be handed over. It
+takes N off the link's window and buffer, so a run holds no more items than with one worker.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -80,12 +82,13 @@ class Turns:
             self._changed.notify_all()
 
 
-def limit_library_threads(threads: int | None = 1) -> int | None:
-    """Cap OpenCV's own thread pool, if the pipeline uses OpenCV; returns the cap it had.
+def cores() -> int:
+    """CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-    One OpenCV thread per task: the workers already use the cores, and OpenCV's pool would
-    make them fight over them (as on the server, ServerConfig.task_threads).
-    """
+
+def limit_library_threads(threads: int | None = 1) -> int | None:
+    """Cap OpenCV's own thread pool, if the pipeline uses OpenCV; returns the cap it had."""
     cv2 = sys.modules.get("cv2")
     if cv2 is None or threads is None:
         return None
@@ -94,10 +97,23 @@ def limit_library_threads(threads: int | None = 1) -> int | None:
     return before
 
 
+def share_library_threads(workers: int) -> int | None:
+    """Give OpenCV each worker's share of the cores: cores // N threads, at least 1 and never
+    more than it had (a device or a user that capped it keeps the cap); the cap it had.
+
+    The workers already use the cores; a larger pool would make them fight over them (as on
+    the server, ServerConfig.task_threads). On 2 cores with 2 workers: one thread each.
+    """
+    cv2 = sys.modules.get("cv2")
+    had: int = cv2.getNumThreads() if cv2 is not None else 1
+    return limit_library_threads(max(1, min(had, cores() // workers)))
+
+
 class DeviceWorkers:
     """``n`` threads running items' tasks [1, split); ``hand_over(job, outcome, data)`` is
     called in item order, one item at a time. ``encode(job, value)`` runs on the worker for an
-    item cut at the split: the bytes to send, or an error to fail the item with."""
+    item cut at the split: the bytes to send, or an error to fail the item with. Up to
+    ``n + ahead`` items are taken (``acquire``) at once."""
 
     def __init__(
         self,
@@ -106,6 +122,7 @@ class DeviceWorkers:
         pace: Pace,
         encode: Callable[[Job, Any], bytes | str],
         hand_over: Callable[[Job, Outcome, bytes | str | None], None],
+        ahead: int = 0,
     ) -> None:
         self.n = n
         self.pipeline = pipeline
@@ -115,7 +132,7 @@ class DeviceWorkers:
         self.stats = WorkerStats()
         self._serial = sorted(pipeline.serial_tasks)
         self._turns = Turns(self._serial)
-        self._slots = threading.Semaphore(n)
+        self._slots = threading.Semaphore(n + ahead)  # ``ahead``: captured while n run
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -132,7 +149,7 @@ class DeviceWorkers:
         ]
 
     def start(self) -> None:
-        self._library_threads = limit_library_threads()
+        self._library_threads = share_library_threads(self.n)
         for thread in self._threads:
             thread.start()
 

@@ -575,6 +575,6 @@ def test_more_device_workers_than_the_window_is_one_line_naming_both() -> None:
         offload("offload.client", "--local-tasks", "3", "--window", "2", "--device-workers", "3")
     )
     assert line == (
-        "error: --device-workers 3 exceeds --window 2: items on the device's workers count "
-        "against it; raise --window or give fewer"
+        "error: --device-workers 3 exceeds --window 2: items on the device's workers and the "
+        "one captured ahead (4) count against it; raise --window or give fewer"
     )

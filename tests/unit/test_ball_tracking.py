@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -179,3 +180,67 @@ def test_set_source_synthetic_seed_replaces_source() -> None:
     assert first is not None and again is not None and other is not None
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+class Counted:
+    """A source of ``count`` numbered frames that notes every read; ``fail_at`` raises there."""
+
+    def __init__(self, count: int, fail_at: int | None = None) -> None:
+        self.reads = 0
+        self.count, self.fail_at = count, fail_at
+        self.third_read = threading.Event()
+        self.closed = False
+
+    def read(self) -> bt.camera.Frame | None:
+        self.reads += 1
+        if self.reads == 3:
+            self.third_read.set()
+        if self.reads - 1 == self.fail_at:
+            raise OSError("the device went away")
+        n = self.reads - 1
+        return None if n >= self.count else np.full((2, 2, 3), n, np.uint8)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_video_file_is_decoded_ahead_of_capture_same_frames_in_order_bounded() -> None:
+    source = Counted(6)
+    ahead = bt.camera.ReadAhead(source, depth=2)
+    first = ahead.read()
+    assert first is not None and first[0, 0, 0] == 0
+    # Read on its own thread: frames 1 and 2 are decoded before capture asks for them.
+    assert source.third_read.wait(30.0)
+    taken = [0]
+    while (frame := ahead.read()) is not None:
+        taken.append(int(frame[0, 0, 0]))
+        assert source.reads <= len(taken) + 2 + 1  # at most depth frames held, one being read
+    assert taken == [0, 1, 2, 3, 4, 5] and ahead.read() is None
+    ahead.close()
+    assert source.closed
+
+
+def test_a_read_ahead_source_raises_the_read_error_where_capture_reads() -> None:
+    ahead = bt.camera.ReadAhead(Counted(6, fail_at=1))
+    assert ahead.read() is not None
+    with pytest.raises(OSError, match="the device went away"):
+        ahead.read()
+    assert ahead.read() is None
+    ahead.close()
+
+
+def test_open_source_decodes_a_video_file_ahead_on_one_thread(tmp_path: Any) -> None:
+    path = tmp_path / "clip.avi"
+    video = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10, (64, 48))
+    for n in range(3):
+        video.write(np.full((48, 64, 3), 40 * n, np.uint8))
+    video.release()
+    source = bt.open_source(str(path))
+    assert isinstance(source, bt.camera.ReadAhead)
+    # Decoded on one thread: beside capture, FFmpeg's own threads would only add CPU.
+    assert source._source._capture.get(cv2.CAP_PROP_N_THREADS) == 1  # type: ignore[attr-defined]
+    frames = []
+    while (frame := source.read()) is not None:
+        frames.append(frame)
+    source.close()
+    assert len(frames) == 3 and all(f.shape == (48, 64, 3) for f in frames)

@@ -190,6 +190,11 @@ def test_device_workers_count_against_the_window_and_the_buffer_with_a_server() 
         ClientConfig(local_tasks=2, window=2, device_workers=3)
     with pytest.raises(ConfigError, match=r"--device-workers 3 exceeds --buffer 2"):
         ClientConfig(fps=10.0, link=LinkConfig(buffer=2), device_workers=3)
+    # N workers and the item captured ahead: N + 1 must fit.
+    with pytest.raises(ConfigError, match=r"--device-workers 2 exceeds --window 2: .* \(3\)"):
+        ClientConfig(local_tasks=2, window=2, device_workers=2)
+    assert ClientConfig(local_tasks=2, window=3, device_workers=2).device_items == 3
+    assert ClientConfig(local_tasks=2, window=1).device_items == 1
     # Client-only mode has neither: any number of workers.
     assert ClientConfig(window=1, device_workers=3).workers == 3
 

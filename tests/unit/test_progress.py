@@ -50,6 +50,15 @@ def test_the_line_shows_how_many_device_workers_hold_an_item() -> None:
     assert line.endswith("split 1  3 workers 1/3 busy")
 
 
+def test_the_item_captured_ahead_is_not_shown_as_a_busy_worker() -> None:
+    pipeline = load_pipeline("tests.apps.counter")
+    workers = DeviceWorkers(2, pipeline, REAL_TIME, lambda job, value: b"", lambda *a: None, 1)
+    client = FakeClient(workers=workers)
+    assert all(workers.acquire(threading.Event()) for _ in range(3))  # 2 running, 1 ahead
+    line = ProgressLine(client, io.StringIO()).line(now=1.0)
+    assert line.endswith("split 1  2 workers 2/2 busy")
+
+
 def test_nothing_is_drawn_unless_the_stream_is_a_terminal() -> None:
     piped = io.StringIO()
     with live_progress(FakeClient(), piped) as progress:

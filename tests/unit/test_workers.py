@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from offload import Client, ClientConfig, LinkConfig, load_pipeline, stateful
+from offload._device import workers as workers_module
 from offload._device.ledger import Ledger
 from offload._device.report import format_summary
 from offload._pipeline import Outcome
@@ -58,6 +59,30 @@ def test_two_workers_run_a_task_for_two_items_at_once() -> None:
 
     lines, _ = run([source(6), meet, finish], workers=2)
     assert [line["status"] for line in lines] == ["completed"] * 6
+
+
+def test_capture_reads_one_item_ahead_while_every_worker_is_busy_and_no_more() -> None:
+    numbers = iter(range(6))
+    third = threading.Event()
+    held: list[int] = []  # items on the device as each is captured (it among them)
+
+    def capture() -> tuple[bool, int | None]:
+        n = next(numbers, None)
+        held.append(client.workers.held if client.workers is not None else 0)
+        if n == 2:
+            third.set()
+        return n is not None, n
+
+    def until_the_third_is_captured(n: int) -> tuple[bool, int]:
+        assert third.wait(TIMEOUT), "capture waited for a worker: nothing was read ahead"
+        return True, n
+
+    name = install("tests_workers_ahead", tasks=[capture, until_the_third_is_captured, finish])
+    out = io.StringIO()
+    client = Client(load_pipeline(name), ClientConfig(pipeline=name, device_workers=2), None, out)
+    client.run()
+    assert [json.loads(line)["status"] for line in out.getvalue().splitlines()] == ["completed"] * 6
+    assert max(held) == 3  # 2 on the workers and 1 captured ahead, never a fourth
 
 
 def test_results_stay_in_item_order_when_a_later_item_finishes_first() -> None:
@@ -135,6 +160,30 @@ def test_a_failing_worker_ends_the_run_with_one_line_naming_it() -> None:
         client.run()
 
 
+def test_opencv_gets_each_workers_share_of_the_cores_never_more_than_it_had(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cv2 = pytest.importorskip("cv2")
+    monkeypatch.setattr(workers_module, "cores", lambda: 4)
+    before = cv2.getNumThreads()  # OpenCV's default: one per CPU
+    seen: list[int] = []
+
+    def note(n: int) -> tuple[bool, int]:
+        seen.append(cv2.getNumThreads())
+        return True, n
+
+    cv2.setNumThreads(8)
+    try:
+        run([source(2), note, finish], workers=2)
+        assert seen == [2, 2]  # 4 cores, 2 workers: 2 OpenCV threads each, not 1
+        assert cv2.getNumThreads() == 8
+        cv2.setNumThreads(1)  # capped by the user (or a build without threads): kept
+        run([source(2), note, finish], workers=2)
+        assert seen == [2, 2, 1, 1]
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_the_report_and_summary_show_the_workers_and_how_busy_the_device_was() -> None:
     _, client = run([source(20), lambda n: (True, n), finish], workers=2)
     report = client.report()
@@ -183,7 +232,7 @@ def test_items_on_the_workers_count_against_the_window_and_the_buffer() -> None:
     )
     client = Client(pipeline, config, InProcessTransport(RemoteExecutor(pipeline)))
     assert client.link is not None and client.workers is not None
-    # 3 items on the device (the one being captured among them) and 6 in flight: 9 at most,
-    # as with one worker (8 in flight, 1 being captured); 30 offline, as 32 + 1.
-    assert (client.workers.n, client.link._pending.window, client.link.config.buffer) == (3, 6, 30)
+    # 3 items on the workers, 1 captured ahead and 5 in flight: 9 at most, as with one worker
+    # (8 in flight, 1 being captured); 29 offline, as 32 + 1.
+    assert (client.workers.n, client.link._pending.window, client.link.config.buffer) == (3, 5, 29)
     assert client.run()["items"]["completed"] == 1
