@@ -18,7 +18,14 @@ import grpc
 
 from .._config import ClientConfig, ClientSecurity, grpc_target
 from .._security import call_metadata, channel_credentials
-from .._wire import HEALTH_CHECK, METHOD, keepalive_options, server_error, size_options
+from .._wire import (
+    HEALTH_CHECK,
+    METHOD,
+    keepalive_options,
+    parse_reads,
+    server_error,
+    size_options,
+)
 from ..exceptions import ConfigError, ServerError
 from ..v1 import offload_pb2 as pb
 
@@ -39,6 +46,11 @@ class Stream(Protocol):
 
     def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
         """Answers in arrival order; raises ``ServerError`` if the stream fails."""
+        ...
+
+    def reads(self) -> frozenset[int] | None:
+        """The encodings (pb.Codec) the server said it reads when the stream opened, once its
+        headers arrive (None: it did not say; its answers will)."""
         ...
 
     def close(self) -> None:
@@ -240,6 +252,12 @@ class _GrpcStream:
     def send_bytes(self, data: bytes) -> int:
         self._outbox.put(data)
         return len(data)
+
+    def reads(self) -> frozenset[int] | None:
+        try:
+            return parse_reads(self._call.initial_metadata())
+        except grpc.RpcError:
+            return None  # the stream failed: ``results`` says why
 
     def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
         try:
