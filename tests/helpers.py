@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import re
@@ -55,6 +56,55 @@ ENV = {
     **{k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")},
     "PYTHONPATH": str(ROOT),
 }
+
+
+class ClientThread:
+    """A real client (gRPC transport, --output in memory) running in a thread of the test.
+
+    ``server`` is a port on loopback or a target as --server takes it (a list of replicas, dns:).
+    """
+
+    def __init__(
+        self,
+        pipeline: str,
+        server: int | str,
+        frames: int,
+        local_tasks: int = 3,
+        client_class: type[Client] = Client,
+        **config: Any,
+    ) -> None:
+        self.pipeline = load_pipeline(pipeline)
+        if hasattr(self.pipeline.module, "set_source"):
+            self.pipeline.set_source("synthetic")
+        target = f"127.0.0.1:{server}" if isinstance(server, int) else server
+        self.config = ClientConfig(
+            pipeline=pipeline, local_tasks=local_tasks, frames=frames, server=target, **config
+        )
+        self.transport = GrpcTransport.from_config(self.config)
+        self.out = io.StringIO()
+        self.client = client_class(self.pipeline, self.config, self.transport, self.out)
+        self.report: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.report = self.client.run()
+        finally:
+            self.transport.close()
+
+    @property
+    def finished(self) -> int:
+        return self.client.recorder.finished_count
+
+    def join(self, timeout: float = 120) -> tuple[list[str], dict[str, Any]]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the client did not finish"
+        return self.out.getvalue().splitlines(), self.report
+
+    def records(self, timeout: float = 120) -> list[dict[str, Any]]:
+        """The --output lines, parsed, once the run has ended."""
+        return [json.loads(line) for line in self.join(timeout)[0]]
 
 
 def run_split(

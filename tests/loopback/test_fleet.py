@@ -3,7 +3,6 @@ stream breaks, resending the unanswered items there. Real servers on 127.0.0.1 p
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -14,7 +13,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from offload import (
-    Client,
     ClientConfig,
     ClientSecurity,
     GrpcTransport,
@@ -29,35 +27,14 @@ from offload._cloud.serve import HEALTH_MAX_BYTES
 from offload._wire import METHOD
 from tests.apps import tally
 
-from ..helpers import Pki, free_port, run_split, wait_until
+from ..helpers import ClientThread, Pki, free_port, run_split, wait_until
 
 TALLY = "tests.apps.tally"
 
 
-class DeviceThread:
+def start_device(server: str, frames: int, **config: Any) -> ClientThread:
     """A real client streaming ``frames`` tally items to ``server`` (a list of replicas)."""
-
-    def __init__(self, server: str, frames: int, **config: Any) -> None:
-        self.config = ClientConfig(
-            pipeline=TALLY, local_tasks=1, frames=frames, server=server, **config
-        )
-        self.transport = GrpcTransport.from_config(self.config)
-        self.out = io.StringIO()
-        self.client = Client(load_pipeline(TALLY), self.config, self.transport, self.out)
-        self.report: dict[str, Any] = {}
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.report = self.client.run()
-        finally:
-            self.transport.close()
-
-    def join(self, timeout: float = 120) -> list[dict[str, Any]]:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the device did not finish"
-        return [json.loads(line) for line in self.out.getvalue().splitlines()]
+    return ClientThread(TALLY, server, frames, local_tasks=1, **config)
 
 
 def kill(server: RunningServer) -> None:
@@ -74,7 +51,7 @@ def test_a_broken_stream_fails_over_to_another_replica_and_resends_its_unanswere
     tally.hang_on_server(hung)
     try:
         # Held while no replica answers: an item that ran here would show in ran_locally.
-        device = DeviceThread(
+        device = start_device(
             ",".join(f"127.0.0.1:{r.port}" for r in replicas),
             frames,
             link=LinkConfig(outage="hold-last"),
@@ -86,7 +63,7 @@ def test_a_broken_stream_fails_over_to_another_replica_and_resends_its_unanswere
         kill(serving[0])
     finally:
         tally.reset()  # the killed replica's hung item ends; its answer has nowhere to go
-    lines = device.join()
+    lines = device.records()
     link = device.report["link"]
     assert device.report["error"] is None
     assert [line["item"] for line in lines] == list(range(frames))
@@ -106,10 +83,10 @@ def test_a_list_with_a_replica_down_from_the_start_streams_to_the_others(
     up = start_server(TALLY)
     down = start_server(TALLY)
     kill(down)
-    device = DeviceThread(
+    device = start_device(
         f"127.0.0.1:{down.port},127.0.0.1:{up.port}", 50, link=LinkConfig(outage="hold-last")
     )
-    lines = device.join()
+    lines = device.records()
     assert device.report["error"] is None
     assert [line["status"] for line in lines] == ["completed"] * 50
     assert device.report["link"]["ran_locally"] == 0
@@ -121,8 +98,8 @@ def test_a_dns_name_reaches_the_replica_behind_it(
     # localhost has records for 127.0.0.1 and, on most machines, ::1: the server binds only the
     # first, and the device uses whichever record answers.
     server = start_server(TALLY)
-    device = DeviceThread(f"dns:///localhost:{server.port}", 20)
-    assert [line["status"] for line in device.join()] == ["completed"] * 20
+    device = start_device(f"dns:///localhost:{server.port}", 20)
+    assert [line["status"] for line in device.records()] == ["completed"] * 20
     assert device.report["link"]["ran_locally"] == 0
 
 
@@ -136,7 +113,7 @@ def test_hold_last_keeps_items_while_no_server_answers_and_the_server_runs_the_l
     frames = 30
     port = free_port()  # nothing listens there yet: the outage
     tally.restart()
-    device = DeviceThread(f"127.0.0.1:{port}", frames, link=LinkConfig(outage="hold-last"))
+    device = start_device(f"127.0.0.1:{port}", frames, link=LinkConfig(outage="hold-last"))
     link = device.client.link
     assert link is not None
     # Every item ran its tasks but the last here, and waits: nothing has ended.
@@ -145,7 +122,7 @@ def test_hold_last_keeps_items_while_no_server_answers_and_the_server_runs_the_l
     pipeline = load_pipeline(TALLY)
     server = serve(ServerConfig(pipeline=TALLY, host="127.0.0.1", port=port), pipeline)
     try:
-        lines = device.join()
+        lines = device.records()
     finally:
         server.stop(1.0)
     assert device.report["error"] is None and device.report["link"]["ran_locally"] == 0
@@ -159,12 +136,12 @@ def test_a_device_streams_across_connection_age_goaways_and_every_item_is_answer
     # A connection lives ~0.5 s (jitter +-10%), its stream 0.2 s more, then ends UNAVAILABLE.
     server = start_server(TALLY, max_connection_age=0.5, max_connection_age_grace=0.2)
     tally.restart()
-    device = DeviceThread(f"127.0.0.1:{server.port}", 10**6, link=LinkConfig(outage="hold-last"))
+    device = start_device(f"127.0.0.1:{server.port}", 10**6, link=LinkConfig(outage="hold-last"))
     link = device.client.link
     assert link is not None
     assert wait_until(lambda: link.stats.connects >= 4, 60)
     device.client.stop()
-    lines = device.join()
+    lines = device.records()
     assert device.report["error"] is None
     assert device.report["link"]["ran_locally"] == 0 and device.report["link"]["disconnects"] >= 3
     assert {line["status"] for line in lines} == {"completed"}
@@ -196,7 +173,7 @@ def test_the_health_port_serves_grpc_health_alone_in_plaintext_beside_a_tls_list
     # the drain lasts until the item is released), then closes the port.
     tally.hang_on_server(3)
     try:
-        holder = DeviceThread(
+        holder = start_device(
             f"127.0.0.1:{server.port}",
             10,
             security=device_tls(pki),
@@ -214,7 +191,7 @@ def test_the_health_port_serves_grpc_health_alone_in_plaintext_beside_a_tls_list
     with pytest.raises(grpc.RpcError):
         health_status(server.health_port)  # closed with the server
     holder.client.stop()
-    holder.join()
+    holder.records()
 
 
 def device_tls(pki: Pki) -> ClientSecurity:
@@ -227,10 +204,10 @@ def test_a_list_of_replicas_speaks_tls_checked_against_the_first_address(
     # The certificate names 127.0.0.1 (and localhost): gRPC alone would check the whole list.
     security = ServerSecurity(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
     replicas = [start_server(TALLY, security=security) for _ in range(2)]
-    device = DeviceThread(
+    device = start_device(
         ",".join(f"127.0.0.1:{r.port}" for r in replicas), 20, security=device_tls(pki)
     )
-    assert [line["status"] for line in device.join()] == ["completed"] * 20
+    assert [line["status"] for line in device.records()] == ["completed"] * 20
     assert device.report["link"]["ran_locally"] == 0 and device.report["error"] is None
 
 

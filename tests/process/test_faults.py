@@ -42,7 +42,7 @@ from offload._device.link import Pending
 from offload._pipeline import fingerprint
 from tests.apps import gate, tally
 
-from ..helpers import Relay, free_port, run_split, spawn_server, wait_until
+from ..helpers import ClientThread, Relay, free_port, run_split, spawn_server, wait_until
 
 STATELESS = "tests.apps.ball_stateless"
 
@@ -61,47 +61,6 @@ def server_processes() -> Iterator[Callable[..., subprocess.Popen[str]]]:
         server.send_signal(signal.SIGCONT)
         server.kill()
         server.stop()
-
-
-class ClientThread:
-    """A real client (gRPC transport, --output in memory) running in a thread of the test."""
-
-    def __init__(
-        self,
-        pipeline: str,
-        port: int,
-        frames: int,
-        local_tasks: int = 3,
-        client_class: type[Client] = Client,
-        **config: Any,
-    ) -> None:
-        self.pipeline = load_pipeline(pipeline)
-        if hasattr(self.pipeline.module, "set_source"):
-            self.pipeline.set_source("synthetic")
-        self.config = ClientConfig(
-            pipeline=pipeline, local_tasks=local_tasks, frames=frames, device_id="faulty", **config
-        )
-        self.transport = GrpcTransport.from_config(self.config, f"127.0.0.1:{port}")
-        self.out = io.StringIO()
-        self.client = client_class(self.pipeline, self.config, self.transport, self.out)
-        self.report: dict[str, Any] = {}
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.report = self.client.run()
-        finally:
-            self.transport.close()
-
-    @property
-    def finished(self) -> int:
-        return self.client.recorder.finished_count
-
-    def join(self, timeout: float = 120) -> tuple[list[str], dict[str, Any]]:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the client did not finish"
-        return self.out.getvalue().splitlines(), self.report
 
 
 def reference(frames: int) -> list[str]:
