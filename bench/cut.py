@@ -438,8 +438,8 @@ def render(data: dict[str, Any]) -> str:
     a = data["aggregate"]
     parts = [
         "### What crosses the cut: packed lists, compression, slow links",
-        f"The aggregate's result: encode {a['plain_encode_us']} µs plain, "
-        f"{a['packed_encode_us']} µs packed ({a['speedup']}x faster), {a['plain_bytes']} "
+        f"The aggregate's result: encode {a['plain_encode_us']:.1f} µs plain, "
+        f"{a['packed_encode_us']:.1f} µs packed ({a['speedup']}x faster), {a['plain_bytes']} "
         f"against {a['packed_bytes']} bytes.",
         _table(
             ["K", "bytes", "zstd ratio", "zstd ms", "zstd dec ms", "lz4 ratio", "lz4 ms"],
