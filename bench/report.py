@@ -327,6 +327,8 @@ def _plots(out: Path, results: dict[str, Any]) -> list[str]:
         fig.tight_layout()
         fig.savefig(out / "codec.png", dpi=100)
         written.append("codec.png")
+    if "cut" in results:
+        written += cut.plot(out, results["cut"])
     plt.close("all")
     return written
 

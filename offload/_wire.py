@@ -7,6 +7,8 @@ generated descriptor where it has them, so the two cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 from ._config import Keepalive
@@ -82,6 +84,24 @@ def keepalive_options(keepalive: Keepalive) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+# The server's response headers name the encodings it reads (pb.Codec numbers, comma-separated)
+# as soon as a stream opens, so the device compresses its first items too; the same list is in
+# every ItemResult.accepts, for a peer that does not read headers.
+READS_HEADER = "offload-reads"
+
+
+def reads_header(reads: tuple[int, ...]) -> tuple[tuple[str, str]]:
+    return ((READS_HEADER, ",".join(str(int(c)) for c in reads)),)
+
+
+def parse_reads(metadata: Iterable[tuple[str, str | bytes]] | None) -> frozenset[int] | None:
+    """The encodings a stream's response headers say the server reads (None: they do not say)."""
+    for key, value in metadata or ():
+        if key == READS_HEADER:
+            return frozenset(int(c) for c in str(value).split(",") if c.strip().isdigit())
+    return None
 
 
 def size_options(limit: int) -> list[tuple[str, int]]:

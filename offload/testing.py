@@ -69,6 +69,9 @@ class _InProcessStream:
             assert isinstance(data, bytes)
             yield pb.ItemResult.FromString(data), len(data)
 
+    def reads(self) -> frozenset[int] | None:
+        return None  # no headers in process: the device learns from the first answer
+
     def close(self) -> None:
         self._inbox.put(_CLOSE)
 

@@ -46,6 +46,13 @@ __all__ = [
 
 log = logging.getLogger("offload.server")
 HEALTH_MAX_CALLS = 8  # the plaintext health port (--health-port): calls at once...
+# Bytes of one stream the device may send ahead of what the server has read (HTTP/2's receive
+# window, fixed: gRPC's BDP probe grows it with the queue of a slow link, until a keepalive ping
+# waits longer behind the queued data than its timeout and the stream is reset). A link queues at
+# most this: 1.6 s at 5 Mbit/s; a link slower than 8 MiB / keepalive timeout (0.8 Mbit/s with
+# the default 10 s) needs a longer --keepalive-timeout. It caps one stream at this per RTT
+# (170 Mbit/s at 50 ms).
+RECEIVE_WINDOW = 2**20
 HEALTH_MAX_BYTES = 4096  # ...and the largest request it reads
 
 
@@ -117,6 +124,8 @@ def server_options(config: ServerConfig, share_port: bool = False) -> list[tuple
         ("grpc.max_receive_message_length", min(2 * limit, 2**31 - 1)),
         ("grpc.max_send_message_length", limit),
         *keepalive_options(keepalive),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW),
         # Client pings closer together than this count as strikes; too many: too_many_pings.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", min_ping_ms),
         ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),

@@ -14,10 +14,17 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .. import _batch
-from .._codec import wire_problem
+from .._codec import READS, wire_problem
 from .._logging import RefusalLog, quote
 from .._security import REFUSAL_LOG_INTERVAL, peer_device_id
-from .._wire import BATCH_METHOD_NAME, METHOD_NAME, SERVICE_NAME, TOO_LARGE, status_code
+from .._wire import (
+    BATCH_METHOD_NAME,
+    METHOD_NAME,
+    SERVICE_NAME,
+    TOO_LARGE,
+    reads_header,
+    status_code,
+)
 from ..v1 import offload_pb2 as pb
 from .executor import MAX_ID_CHARS, RemoteExecutor, RequestRejected
 
@@ -256,6 +263,7 @@ class OffloadServicer:
         count = 0
         watch = _Watch(context)
         self._admit_waiting(watch)
+        context.send_initial_metadata(reads_header(READS))
         try:
             for data, arrived in _read_ahead(requests, watch, self.read_budget, self._draining):
                 held = len(data)

@@ -65,6 +65,7 @@ class AutoSplit:
         self.codecs: tuple[Codec, ...] = compressions(config.compression)
         self.codec: Codec | None = self.codecs[0] if self.codecs else None  # until it chooses
         self.history: list[dict[str, Any]] = []  # each change of split, and why
+        self.reason = ""  # why the latest decision chose the split and codec in use
         self.periods: list[dict[str, Any]] = []  # each decision's period, as measured
         self._origin: float | None = None
         self._period_start = 0.0
@@ -153,6 +154,7 @@ class AutoSplit:
 
     def apply(self, decision: Decision, now: float) -> None:
         """Take ``decision``: its split, its codec, and what it says of the target."""
+        self.reason = decision.reason
         if decision.codec is not None:
             codec = next((c for c in self.codecs if CODEC_NAMES[c] == decision.codec), None)
             if codec != self.codec:
@@ -235,6 +237,7 @@ class AutoSplit:
             "control_period_seconds": self.control_period,
             "final_split": self.split,
             "final_codec": self._codec_name(),
+            "final_reason": self.reason,
             "history": self.history,
             "periods": self.periods,
         }

@@ -59,6 +59,10 @@ FATAL_CODES = frozenset(
     | {"UNIMPLEMENTED", "OUT_OF_RANGE"}
 )
 
+# The first stream's headers say what the server reads within a round trip; an older server says
+# it with its first answer only, so the first items wait this long at most, then go plain.
+READS_WAIT = 1.0
+
 
 def is_fatal(error: ServerError) -> bool:
     if error.code == "RESOURCE_EXHAUSTED":  # too many streams is transient; too large is not
@@ -159,6 +163,7 @@ class Link:
         # The encodings (pb.Codec) the server of the current stream reads, from its first
         # answer; none until then, so that an older server is never sent one.
         self.server_reads: frozenset[int] = frozenset()
+        self._reads_known = False
 
     # --- the client's side --------------------------------------------------------------------
 
@@ -172,6 +177,8 @@ class Link:
         reached = self.transport.ready(wait)
         if reached:
             self._open()
+            with self._lock:  # the first items compressed too: the server's headers say how
+                self._changed.wait_for(lambda: self._reads_known, READS_WAIT)
         else:
             self._say_unreachable()
         for target, name in (
@@ -353,6 +360,7 @@ class Link:
             generation = self._generation
             self._stream = stream
             self.server_reads = frozenset()
+            self._reads_known = False
             self._last_answer = self._up_since = time.perf_counter()
             self.stats.connects += 1
             # (A probe is said if refused.)
@@ -500,16 +508,23 @@ class Link:
         if stream is not None:
             stream.cancel()
 
+    def _learn_reads(self, reads: frozenset[int], generation: int) -> None:
+        with self._lock:
+            if generation == self._generation:
+                self.server_reads = reads
+                self._reads_known = True
+                self._changed.notify_all()
+
     def _read(self, stream: Stream, generation: int) -> None:
         error: ServerError | None = None
-        learned = False
+        said = stream.reads()  # (once the stream's headers are in)
+        learned = said is not None
+        self._learn_reads(said or frozenset(), generation)
         try:
             for answer, size in stream.results():
                 if not learned:
                     learned = True
-                    with self._lock:
-                        if generation == self._generation:
-                            self.server_reads = frozenset(answer.accepts)
+                    self._learn_reads(frozenset(answer.accepts), generation)
                 with self._lock:
                     pending = self._pending.answered(answer.item)
                     if pending is None:

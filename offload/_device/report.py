@@ -412,6 +412,9 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  periods    {shown}")
     for change in scheduler.get("history", [])[-10:]:
         lines.append(f"  at {change['seconds']:6.1f} s {change['reason']}")
+    if scheduler.get("final_reason"):
+        chose = f"K={scheduler['final_split']}{_with_codec(scheduler['final_codec'])}"
+        lines.append(f"  ended on   {chose}: {scheduler['final_reason']}")
     lines.append("  tasks      where              device ms   server ms")
     for t in report["tasks"]:
         dev = f"{t['device_mean_ms']:9.2f}" if t["device_runs"] else "        -"

@@ -25,6 +25,7 @@ from .._wire import (
     HEALTH_CHECK,
     METHOD,
     keepalive_options,
+    parse_reads,
     server_error,
     size_options,
 )
@@ -48,6 +49,11 @@ class Stream(Protocol):
 
     def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
         """Answers in arrival order; raises ``ServerError`` if the stream fails."""
+        ...
+
+    def reads(self) -> frozenset[int] | None:
+        """The encodings (pb.Codec) the server said it reads when the stream opened, once its
+        headers arrive (None: it did not say; its answers will)."""
         ...
 
     def close(self) -> None:
@@ -217,6 +223,15 @@ def _tls_name(address: str) -> str | None:
     return rest.split(",")[0].rpartition(":")[0].strip("[]")
 
 
+def _said_reads(call: grpc.Call) -> frozenset[int] | None:
+    """What the server said it reads in the stream's headers, once they are in (None: it did not
+    say, or the stream failed: an older server's answers, or ``results``, will say)."""
+    try:
+        return parse_reads(call.initial_metadata())
+    except grpc.RpcError:
+        return None
+
+
 class _GrpcStream:
     def __init__(
         self,
@@ -249,6 +264,9 @@ class _GrpcStream:
     def send_bytes(self, data: bytes) -> int:
         self._outbox.put(data)
         return len(data)
+
+    def reads(self) -> frozenset[int] | None:
+        return _said_reads(self._call)
 
     def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
         try:
@@ -357,6 +375,9 @@ class _BatchStream:
                 self._kept.append(data)
             self._outbox.put(data)
         return len(data)
+
+    def reads(self) -> frozenset[int] | None:
+        return _said_reads(self._call)
 
     def results(self) -> Iterator[tuple[pb.ItemResult, int]]:
         try:

@@ -261,3 +261,17 @@ def test_the_server_refuses_a_compression_bomb_before_decompressing_it(
     assert f"compressed.size: {len(raw)} bytes, more than --max-message-bytes 1048576" in (
         err.value.details() or ""
     )
+
+
+def test_a_device_compresses_its_first_items_too_as_the_servers_headers_say_what_it_reads(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # Learnt from the first answer only, a window of items went plain: 8 raw frames on a slow
+    # link, seconds of it.
+    server = start_server("tests.apps.mask")
+    frames = ClientConfig().window + 2
+    _, report = run_split(
+        load_pipeline("tests.apps.mask"), 1, server.port, frames=frames, compression="zstd"
+    )
+    assert report["error"] is None
+    assert report["compression"]["codecs"]["zstd"]["items"] == frames

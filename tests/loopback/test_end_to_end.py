@@ -139,6 +139,8 @@ def test_the_summary_leaves_out_what_does_not_apply_and_names_what_it_counts() -
     assert "  periods    K=2 9.0/s, K=2 9.0/s, K=2 9.0/s" in format_summary(report).splitlines()
     report["scheduler"]["periods"] = [period] * 10
     assert "(the last 8 of 10)" in format_summary(report)
+    report["scheduler"].update(final_split=5, final_codec="zstd", final_reason="K=5 meets it")
+    assert "  ended on   K=5 zstd: K=5 meets it" in format_summary(report).splitlines()
 
 
 def test_the_link_reports_whether_it_was_up_when_the_run_ended(

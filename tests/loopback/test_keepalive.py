@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import io
 import queue
 import threading
 from collections.abc import Callable, Iterator
 
 import grpc
 
-from offload import ClientConfig, Keepalive, RunningServer, decode
+from offload import (
+    Client,
+    ClientConfig,
+    GrpcTransport,
+    Keepalive,
+    Limits,
+    RunningServer,
+    decode,
+    load_pipeline,
+)
+from offload._cloud.serve import RECEIVE_WINDOW
+from offload._device.emulation import LinkEmulator, LinkSpec
 from offload._device.transport import client_options
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
 from ..helpers import COUNTER, state
 
+ECHO = "tests.apps.echo"
 FAST_CLIENT = ClientConfig(keepalive=Keepalive(time=1.0, timeout=2.0))
 # Long enough for the strict server to count its 3 strikes (gRPC pings at most once a second).
 IDLE_SECONDS = 7.0
@@ -73,3 +86,37 @@ def test_pings_within_the_servers_policy_keep_the_stream_and_a_strict_server_ref
 def test_the_default_keepalive_settings_agree() -> None:
     defaults = Keepalive()
     assert defaults.min_ping_interval <= defaults.time / 2
+
+
+def test_a_slow_link_busy_with_a_window_of_large_items_keeps_its_stream(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # Pings wait behind the data queued in the link: a window of 2 MB items queues 4 s of it
+    # here, four times the ping timeout. The server's receive window bounds what the device may
+    # have queued (RECEIVE_WINDOW: a quarter of the timeout at this link's rate), so a ping's
+    # answer arrives in time however many items are in flight, and the stream is kept.
+    keepalive = Keepalive(time=0.5, timeout=1.0, min_ping_interval=0.25)
+    limits = Limits(max_message_bytes=4 * 2**20)
+    server = start_server(ECHO, keepalive=keepalive, limits=limits)
+    rate = 4 * RECEIVE_WINDOW / keepalive.timeout
+    link = LinkEmulator(f"127.0.0.1:{server.port}", LinkSpec(rate, 0.02))
+    items = 16
+    pipeline = load_pipeline(ECHO)
+    pipeline.set_source(",".join([str(int(rate / 2))] * items))
+    config = ClientConfig(
+        pipeline=ECHO,
+        local_tasks=1,
+        window=8,
+        compression="none",
+        keepalive=keepalive,
+        limits=limits,
+    )
+    transport = GrpcTransport.from_config(config, link.target)
+    try:
+        report = Client(pipeline, config, transport, io.StringIO()).run()
+    finally:
+        transport.close()
+        link.close()
+    assert report["error"] is None
+    assert report["link"]["disconnects"] == 0, report["link"]["events"]
+    assert report["items"]["completed"] == items

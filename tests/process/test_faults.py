@@ -23,14 +23,12 @@ from grpc_health.v1 import health_pb2
 from offload import (
     Client,
     ClientConfig,
-    ClientSecurity,
     GrpcTransport,
     Keepalive,
     LinkConfig,
     Pipeline,
     RunningServer,
     ServerConfig,
-    ServerSecurity,
     current_item,
     load_pipeline,
     serve,
@@ -291,29 +289,27 @@ def test_a_device_refused_by_a_full_server_backs_off_and_runs_its_items_here(
 def test_a_fatal_refusal_still_ends_every_captured_item_in_the_output(
     start_server: Callable[..., RunningServer],
 ) -> None:
-    # A wrong token is refused when the stream opens, a round trip later: over a 300 ms link,
-    # a window of items is sent meanwhile, and the next waits for a credit. Both used to go
-    # missing from --output (the waiting one was never reported; the others said "failed").
-    server = start_server("tests.apps.tally", security=ServerSecurity(token="right"))
+    # A server running other code refuses the first item, a round trip after it was sent: over
+    # a 300 ms link, a window of items is sent meanwhile, and the next waits for a credit. Both
+    # used to go missing from --output (the waiting one was never reported; the others said
+    # "failed"). (A refusal as the stream opens, such as a wrong token, now comes before the
+    # first item: the device waits for the stream's headers.)
+    served = load_pipeline("tests.apps.tally")
+    other = Pipeline(served.name, served.tasks, fingerprint("other code", served.tasks))
+    server = start_server(other)
     emulator = LinkEmulator(f"127.0.0.1:{server.port}", LinkSpec.parse("1gbit,300ms"))
     try:
-        run = ClientThread(
-            "tests.apps.tally",
-            emulator.port,
-            1_000_000,
-            local_tasks=1,
-            security=ClientSecurity(token="wrong"),
-        )
+        run = ClientThread("tests.apps.tally", emulator.port, 1_000_000, local_tasks=1)
         lines, report = run.join()
     finally:
         emulator.close()
-    assert "UNAUTHENTICATED" in report["error"]
+    assert "FAILED_PRECONDITION" in report["error"]
     records = [json.loads(line) for line in lines]
     assert [r["item"] for r in records] == list(range(report["items"]["captured"]))
     assert len(records) == run.config.window + 1  # the window, and the one waiting for credit
     assert {r["status"] for r in records} == {"not_run"}
     assert report["items"]["not_run"] == len(records)
-    assert all("UNAUTHENTICATED" in r["error"] for r in records)
+    assert all("FAILED_PRECONDITION" in r["error"] for r in records)
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["1-worker", "2-workers"])

@@ -150,6 +150,7 @@ def test_the_codec_the_policy_chooses_is_used_from_the_next_item_and_said_in_the
         (3, "none", "up"),
     ]
     assert control.report()["final_codec"] == "none"
+    assert control.report()["final_reason"] == "up"  # why it ended there, for the summary
 
 
 def test_each_codec_is_sampled_at_every_cut_for_the_policy() -> None:
