@@ -23,6 +23,7 @@ _FIXED64 = 1
 _RESULT_FIELDS = pb.ItemResult.DESCRIPTOR.fields_by_name
 # Both one-byte tags (field numbers below 16): the server's two stamps, appended to an answer.
 _TIMES = struct.Struct("<BdBd")
+STAMPS = _TIMES.size  # bytes stamped() adds to an answer
 _RECEIVE_TAG = _RESULT_FIELDS["server_receive_time"].number << 3 | _FIXED64
 _SECONDS_TAG = _RESULT_FIELDS["server_seconds"].number << 3 | _FIXED64
 _CPU = struct.Struct("<Bd")

@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
@@ -174,6 +175,108 @@ def _read_ahead(
         yield entry  # type: ignore[misc]
 
 
+ANSWER_HOLD = 0.010  # seconds an answer may wait for the rest of its batch's items
+MAX_HELD_ANSWERS = 64  # answers made and not yet sent, per stream (and max_bytes of them)
+
+
+@dataclass
+class _Peer:
+    """Who a stream is from, as its log lines name it, and how many items it sent."""
+
+    address: str
+    proven: str | None  # the device its certificate names
+    device: str | None = None
+    items: int = 0
+
+
+class _Answers:
+    """A batch stream's answers, made on a thread of its own, sent a message at a time.
+
+    The answers of one message go together; none waits more than ``ANSWER_HOLD`` for the rest
+    of its message (an item's work may take any time, and the device counts a stall from its
+    latest answer). A message of answers is at most as large as the batch it answers (the
+    device sends what it can receive) or one answer. The thread waits while
+    ``MAX_HELD_ANSWERS`` answers or ``max_bytes`` are unsent, so a device that does not read
+    its answers holds no more. One-item streams do not start it (``__iter__`` does).
+    """
+
+    def __init__(
+        self, answers: Iterator[tuple[bytes, float, int, bool]], watch: _Watch, max_bytes: int
+    ) -> None:
+        self._source = answers
+        self._watch = watch
+        self._max_bytes = max_bytes
+        self._ready = threading.Condition()
+        self._held: list[tuple[bytes, float, int]] = []  # answer, arrived, its batch's size
+        self._bytes = 0
+        self._whole = 0  # held answers whose batch is answered whole
+        self._ended = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        try:
+            for answer, arrived, size, last in self._source:
+                with self._ready:
+                    while not self._closed and (
+                        len(self._held) >= MAX_HELD_ANSWERS or self._bytes >= self._max_bytes
+                    ):
+                        self._ready.wait(0.25)
+                    if self._closed:
+                        return
+                    self._held.append((answer, arrived, size))
+                    self._bytes += len(answer)
+                    if last:
+                        self._whole = len(self._held)
+                        self._ready.notify_all()
+        except BaseException as exc:  # handed to gRPC's thread: it ends the stream with it
+            self._error = exc
+        finally:
+            with self._ready:
+                self._ended = True
+                self._ready.notify_all()
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._thread = threading.Thread(target=self._run, name="offload-run", daemon=True)
+        self._thread.start()
+        context = self._watch.context
+        while True:
+            with self._ready:
+                while not self._held and not self._ended:
+                    if not self._ready.wait(0.25) and not context.is_active():
+                        return
+                if not self._held:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                due = time.monotonic() + ANSWER_HOLD
+                while not self._whole and not self._ended:
+                    if not self._ready.wait(max(0.0, due - time.monotonic())):
+                        break
+                taken, cap, total = 0, self._held[0][2], 0
+                for answer, _, _ in self._held:
+                    total += _batch.framing(len(answer)) + len(answer) + _batch.STAMPS
+                    if taken and total > cap:
+                        break
+                    taken += 1
+                sent, self._held = self._held[:taken], self._held[taken:]
+                self._bytes -= sum(len(answer) for answer, _, _ in sent)
+                self._whole = max(0, self._whole - taken)
+                self._ready.notify_all()
+            now = time.monotonic()
+            yield _batch.join(_batch.stamped(a, arrived, now - arrived) for a, arrived, _ in sent)
+            self._watch.last_activity = time.monotonic()
+
+    def close(self) -> None:
+        """Stop making answers; wait for the item running, if any."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class OffloadServicer:
     """The gRPC face of ``RemoteExecutor``.
 
@@ -254,47 +357,61 @@ class OffloadServicer:
         self, requests: Iterator[bytes], context: grpc.ServicerContext, batched: bool
     ) -> Iterator[bytes]:
         """Both RPCs: each item of a message is parsed, checked, admitted and run as it would be
-        alone, and its answer sent as soon as it is ready (held for a batch's later items, it
-        would wait behind work of any length, and the device counts a stall from its latest
-        answer); a batch's bytes are given back to the read budget item by item."""
-        peer = context.peer()
-        proven = peer_device_id(context)
-        device = None
-        count = 0
+        alone; a batch's bytes are given back to the read budget item by item. One item per
+        message: each answer goes as soon as it is ready. Batches: items run on a thread of
+        their own and the answers of one message go together (``_Answers``)."""
         watch = _Watch(context)
         self._admit_waiting(watch)
         context.send_initial_metadata(reads_header(READS))
+        peer = _Peer(context.peer(), peer_device_id(context))
+        answers = self._answers(requests, watch, peer, batched)
+        batches = _Answers(answers, watch, self.executor.config.limits.max_message_bytes)
         try:
-            for data, arrived in _read_ahead(requests, watch, self.read_budget, self._draining):
-                held = len(data)
-                for item in self._split(data, count, context, peer) if batched else (data,):
-                    watch.busy = True
-                    state = self._parse(item, count, context, peer, batched)
-                    if watch.waiting:
-                        self._admit_working(watch, proven or state.device_id[:MAX_ID_CHARS])
-                    device = self._claim(state, proven, device, peer)
-                    answer = _batch.stamped(
-                        self._execute(state, context, peer), arrived, time.monotonic() - arrived
-                    )
-                    watch.busy = False
-                    size = _batch.framing(len(item)) + len(item) if batched else held
-                    self.read_budget.give(watch, size)
-                    held -= size
-                    yield _batch.join((answer,)) if batched else answer
+            if batched:
+                yield from batches
+            else:
+                for answer, arrived, _, _ in answers:
+                    yield _batch.stamped(answer, arrived, time.monotonic() - arrived)
                     watch.last_activity = time.monotonic()
-                    count += 1
-                    if self._draining.is_set():
-                        context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-                self.read_budget.give(watch, held)  # a batch's unknown fields
         finally:
+            batches.close()  # the running item ends first: the stream's worker is held till then
             self.read_budget.close(watch)
             with self._lock:
                 del self._watches[id(watch)]
                 self._working -= not watch.waiting
-            if device is not None:
+            if peer.device is not None:
                 log.info(
-                    "event=disconnect device=%s peer=%s items=%d", quote(device), quote(peer), count
+                    "event=disconnect device=%s peer=%s items=%d",
+                    quote(peer.device),
+                    quote(peer.address),
+                    peer.items,
                 )
+
+    def _answers(
+        self, requests: Iterator[bytes], watch: _Watch, peer: _Peer, batched: bool
+    ) -> Iterator[tuple[bytes, float, int, bool]]:
+        """Each item's encoded answer, the time its message arrived, the message's size, and
+        whether it was the message's last item."""
+        context = watch.context
+        for data, arrived in _read_ahead(requests, watch, self.read_budget, self._draining):
+            held = len(data)
+            items = self._split(data, peer.items, context, peer.address) if batched else (data,)
+            for item in items:
+                watch.busy = True
+                state = self._parse(item, peer.items, context, peer.address, batched)
+                if watch.waiting:
+                    self._admit_working(watch, peer.proven or state.device_id[:MAX_ID_CHARS])
+                peer.device = self._claim(state, peer.proven, peer.device, peer.address)
+                answer = self._execute(state, context, peer.address)
+                watch.busy = False
+                size = _batch.framing(len(item)) + len(item) if batched else held
+                self.read_budget.give(watch, size)
+                held -= size
+                peer.items += 1
+                if self._draining.is_set():
+                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                yield answer, arrived, len(data), held <= 0
+            self.read_budget.give(watch, held)  # a batch's unknown fields
 
     def _admit_waiting(self, watch: _Watch) -> None:
         """Admit a new stream as waiting for its first item; with ``workers`` waiting already,

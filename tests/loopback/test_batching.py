@@ -21,6 +21,7 @@ from offload._config import ServerConfig
 from offload._device.transport import Batching, GrpcTransport
 from offload._wire import BATCH_METHOD, BATCH_METHOD_NAME, METHOD_NAME, SERVICE_NAME
 from offload.v1 import offload_pb2 as pb
+from tests.apps import tally
 
 from ..helpers import COUNTER, run_split, state, wait_until
 from .test_attacks import ECHOING, echoing_state, many_lists, raw_state
@@ -150,6 +151,56 @@ def test_a_resent_item_in_a_batch_gets_its_first_answer_replayed(
     assert answers[2].output == answers[1].output
     # Every answer is stamped with its own arrival and time on the server.
     assert all(r.server_receive_time > 0 and r.server_seconds > 0 for r in answers)
+
+
+def test_the_answers_of_a_batch_go_together(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(COUNTER)
+    batch = [state(i, i) for i in range(8)]
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.stream_stream(BATCH_METHOD)
+        data = _batch.join(s.SerializeToString() for s in batch)
+        messages = [pb.ResultBatch.FromString(m) for m in call(iter([data]), timeout=30)]
+    assert [r.item for m in messages for r in m.results] == list(range(8))
+    # Microseconds of work each: together, unless the machine stalls one for ANSWER_HOLD.
+    assert len(messages) < len(batch)
+
+
+def test_an_answer_does_not_wait_for_a_slow_item_of_its_batch(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server("tests.apps.tally")
+    pipeline = load_pipeline("tests.apps.tally")
+    batch = [state(i, i, pipeline=pipeline.name, fingerprint=pipeline.fingerprint) for i in (1, 2)]
+    done = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        yield _batch.join(s.SerializeToString() for s in batch)
+        done.wait(60)
+
+    released = threading.Event()
+
+    def release() -> None:  # were the first answer held for the second, it would come now
+        released.set()
+        tally.reset()
+
+    tally.hang_on_server(2)
+    safety = threading.Timer(20, release)
+    safety.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = channel.stream_stream(BATCH_METHOD)(requests(), timeout=60)
+            first = pb.ResultBatch.FromString(next(call))
+            assert [r.item for r in first.results] == [1] and not released.is_set()
+            release()
+            second = pb.ResultBatch.FromString(next(call))
+            assert [r.item for r in second.results] == [2]
+            done.set()
+    finally:
+        safety.cancel()
+        done.set()
+        tally.reset()
 
 
 def test_a_batch_of_several_items_counts_whole_against_the_message_limit(
