@@ -105,7 +105,10 @@ def test_offloads_to_meet_a_target_the_device_alone_cannot(
     assert final < 5, trace
     at_start = settled_periods(report, 5)
     assert at_start and max(at_start) < target, trace
-    assert max(settled_periods(report, final), default=0) >= target, trace
+    # A split below 5 met the target once settled. (Not necessarily the final one: on a loaded
+    # machine a late dip below the target may move the split as the run ends.)
+    offloaded = [rate for k in range(1, 5) for rate in settled_periods(report, k)]
+    assert max(offloaded, default=0) >= target, trace
 
 
 def test_takes_work_back_onto_the_device_when_the_target_is_low(
