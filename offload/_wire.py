@@ -63,13 +63,16 @@ _HINTS = {
 }
 
 
-def server_error(code: str, details: str) -> ServerError:
-    """What a stream's end with ``code`` means to the device, with the knob to turn."""
+def server_error(code: str, details: str, not_run: bool = False) -> ServerError:
+    """What a stream's end with ``code`` means to the device, with the knob to turn;
+    ``not_run``: the trailer said the server ran none of the items it did not answer."""
     kind = PipelineMismatch if code == "FAILED_PRECONDITION" else ServerError
     hint = _HINTS.get(code)
     if hint and hint not in details:
         details = f"{details} ({hint})"
-    return kind(f"server answered {code}: {details}", code)
+    error = kind(f"server answered {code}: {details}", code)
+    error.not_run = not_run
+    return error
 
 
 def keepalive_options(keepalive: Keepalive) -> list[tuple[str, int]]:
@@ -90,6 +93,11 @@ def keepalive_options(keepalive: Keepalive) -> list[tuple[str, int]]:
 # as soon as a stream opens, so the device compresses its first items too; the same list is in
 # every ItemResult.accepts, for a peer that does not read headers.
 READS_HEADER = "offload-reads"
+
+# A stream's trailer when the server ends it to be retried later (its state store away, a
+# drain): it ran none of the items it did not answer, so their sends do not count towards
+# --max-sends (a store blip of a few seconds must cost no item).
+NOT_RUN_TRAILER = ("offload-not-run", "1")
 
 
 def reads_header(reads: tuple[int, ...]) -> tuple[tuple[str, str]]:

@@ -37,6 +37,7 @@ class ServerError(OffloadError):
     def __init__(self, message: str, code: str = "UNKNOWN") -> None:
         super().__init__(message)
         self.code = code
+        self.not_run = False  # the server said it ran none of the items it did not answer
 
 
 class PipelineMismatch(ServerError):

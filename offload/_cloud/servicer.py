@@ -21,6 +21,7 @@ from .._security import REFUSAL_LOG_INTERVAL, peer_device_id
 from .._wire import (
     BATCH_METHOD_NAME,
     METHOD_NAME,
+    NOT_RUN_TRAILER,
     SERVICE_NAME,
     TOO_LARGE,
     reads_header,
@@ -110,6 +111,14 @@ SHUTTING_DOWN = (
 )
 
 
+def _end_drained(context: grpc.ServicerContext) -> NoReturn:
+    """End a stream of a draining server, to be resent elsewhere: every item it has not
+    answered is unrun (the trailer tells the device those sends do not count)."""
+    context.set_trailing_metadata((NOT_RUN_TRAILER,))
+    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+    raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+
 def _read_ahead(
     requests: Iterator[bytes],
     watch: _Watch,
@@ -166,7 +175,7 @@ def _read_ahead(
             if not context.is_active():
                 return
             if draining.is_set():
-                context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                _end_drained(context)
             continue
         if entry is _END:
             return
@@ -408,9 +417,9 @@ class OffloadServicer:
                 self.read_budget.give(watch, size)
                 held -= size
                 peer.items += 1
-                if self._draining.is_set():
-                    context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 yield answer, arrived, len(data), held <= 0
+                if self._draining.is_set():  # after the answer: it was run
+                    _end_drained(context)
             self.read_budget.give(watch, held)  # a batch's unknown fields
 
     def _admit_waiting(self, watch: _Watch) -> None:
@@ -510,6 +519,8 @@ class OffloadServicer:
                 exc.code,
                 quote(exc),
             )
+            if exc.code == "UNAVAILABLE":  # retry later: nothing unanswered was run
+                context.set_trailing_metadata((NOT_RUN_TRAILER,))
             context.abort(status_code(exc.code), str(exc))
             raise  # pragma: no cover - abort raises
 

@@ -581,7 +581,7 @@ class Link:
             # refused its stream before running any: no grace, they run here at once.
             stalled = full or generation == self._stalled_generation
             grace_end = now + (0.0 if stalled else self.config.resend_grace)
-            unanswered = self._pending.requeue(grace_end)
+            unanswered = self._pending.requeue(grace_end, error is not None and error.not_run)
             if self._store is not None:
                 for item in self._pending.values():
                     if item.state is ItemState.QUEUED and not item.stored:

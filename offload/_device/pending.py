@@ -152,13 +152,15 @@ class PendingTable:
         """``pending`` ran here up to the last task (``hold_at``): it waits for the server."""
         pending.state = ItemState.QUEUED
 
-    def requeue(self, grace_end: float) -> int:
-        """A stream broke: its sent items wait for a resend until ``grace_end``; how many."""
+    def requeue(self, grace_end: float, not_run: bool = False) -> int:
+        """A stream broke: its sent items wait for a resend until ``grace_end``; how many.
+        ``not_run``: the server said it ran none of them, so that send does not count."""
         unanswered = 0
         for p in self._items.values():
             if p.state is ItemState.SENT:
                 p.state = ItemState.QUEUED
                 p.not_before = grace_end
+                p.sends -= not_run
                 unanswered += 1
         return unanswered
 

@@ -24,6 +24,7 @@ from .._wire import (
     BATCH_METHOD,
     HEALTH_CHECK,
     METHOD,
+    NOT_RUN_TRAILER,
     keepalive_options,
     parse_reads,
     server_error,
@@ -103,7 +104,8 @@ def client_options(config: ClientConfig) -> list[tuple[str, int | str]]:
 def _server_error(exc: grpc.RpcError) -> ServerError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return server_error(code.name, details or "")
+    trailer = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return server_error(code.name, details or "", NOT_RUN_TRAILER in tuple(trailer or ()))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ on the shared Redis; the process tests run real server processes.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import urllib.request
@@ -18,7 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from offload import RunningServer, ServerConfig, encode, load_pipeline, serve
+from offload import LinkConfig, RunningServer, ServerConfig, encode, load_pipeline, serve
 from offload._cloud import redis_state
 from offload._cloud.executor import RemoteExecutor, RequestRejected
 from offload._cloud.redis_state import MAX_RUNS, RedisStore
@@ -26,7 +27,7 @@ from offload._state import Changes, decode_state
 from offload.v1 import offload_pb2 as pb
 from offload.v1 import offload_pb2_grpc as pb_grpc
 
-from ..helpers import RedisServer, wait_until
+from ..helpers import ClientThread, RedisServer, wait_until
 
 STATEFUL = "tests.apps.stateful"
 
@@ -354,3 +355,27 @@ def test_a_state_read_that_fails_inside_the_task_is_unavailable_not_a_failed_ite
         replicas[0].execute(item(0, device="new"))  # not cached: the task reads Redis
     assert refused.value.code == "UNAVAILABLE"
     assert "reading the device state" in str(refused.value)
+
+
+def test_a_device_holding_its_last_task_loses_no_item_while_redis_is_away(
+    server: RunningServer, redis_server: RedisServer
+) -> None:
+    # Each reconnection while Redis is down is answered UNAVAILABLE, "the item was not run":
+    # those sends must not count towards --max-sends (3), or the held item would end failed.
+    device = ClientThread(
+        STATEFUL, server.port, 10**6, local_tasks=1, link=LinkConfig(outage="hold-last")
+    )
+    link = device.client.link
+    assert link is not None
+    assert wait_until(lambda: device.client.recorder.answers >= 5, 60)
+    redis_server.stop()
+    try:
+        assert wait_until(lambda: link.stats.disconnects > LinkConfig().max_sends, 60), link.stats
+    finally:
+        redis_server.start()
+    assert wait_until(lambda: link.stats.connects > link.stats.disconnects, 60)
+    device.client.stop()
+    lines, report = device.join()
+    statuses = {json.loads(line)["status"] for line in lines}
+    assert statuses == {"completed"}, report["link"]["events"]
+    assert report["link"]["ran_locally"] == 0

@@ -200,6 +200,16 @@ def test_an_item_sent_max_sends_times_runs_here() -> None:
     assert t.next_to_run(up=True, now=3.0) is a  # even with a stream up and within its grace
 
 
+def test_a_send_the_server_said_it_did_not_run_does_not_count_towards_max_sends() -> None:
+    t = table(max_sends=2)
+    (a,) = filled(t, 0)
+    for now in (1.0, 2.0, 3.0):
+        t.mark_sent(a, now)
+        t.requeue(grace_end=now + 5, not_run=True)  # the store was away: "resend it"
+    assert t.next_to_send() is a
+    assert t.next_to_run(up=True, now=4.0) is None
+
+
 def test_requeue_leaves_queued_and_running_items_alone() -> None:
     t = table()
     a, b, c = filled(t, 0, 1, 2)
