@@ -52,7 +52,8 @@ class Fleet:
         return self.directory / f"device-{device}.jsonl"
 
     def start_devices(self, *options: str, fail_over: bool = False) -> None:
-        """Each device behind its relay (``--buffer 1``: capture waits while no stream is up);
+        """Each device behind its relay (``--buffer 1``, ``--outage hold-last``: capture waits
+        while no stream is up);
         or, ``fail_over``, given every replica (its own first) with ``--outage hold-last``."""
         ports = [r.port for r in self.replicas]
         for i, relay in enumerate(self.relays):
@@ -62,6 +63,9 @@ class Fleet:
                 link = ["--outage", "hold-last"]
             else:
                 server, link = relay.address, ["--buffer", "1", "--when-full", "block"]
+                # As a fleet on shared state runs (docs/reliability.md#outage-mode): with
+                # run-all, items captured while no stream is up would run here.
+                link += ["--outage", "hold-last"]
             command = [
                 sys.executable, "-m", "offload.client", "--pipeline", STATEFUL,
                 "--server", server, "--local-tasks", "1", "--frames", str(FRAMES),
