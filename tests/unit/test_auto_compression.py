@@ -13,12 +13,13 @@ NAN = math.nan
 
 
 class Scripted(Telemetry):
-    """Every period measures ``rates[codec in use]`` items/s; a false bandwidth (a busy server
-    spacing its arrivals) makes the model believe compression pays."""
+    """Every period measures ``rates[codec in use]`` items/s of 40 kB frames that zstd shrinks
+    250x; ``bandwidth`` as the packet pairs measured it."""
 
-    def __init__(self, rates: dict[str, float]) -> None:
+    def __init__(self, rates: dict[str, float], bandwidth: float) -> None:
         super().__init__(3, 8, 1, frozenset(), ("zstd",))
         self.rates = rates
+        self.bandwidth = bandwidth
         self.codec = "zstd"
         self.done = 0
 
@@ -32,7 +33,7 @@ class Scripted(Telemetry):
             device_seconds=(0.001, NAN, NAN),
             server_seconds=(NAN, 0.003, 0.0001),
             cut_bytes=(NAN, 40_000, NAN),
-            bandwidth=80_000,  # 2/s plain: false
+            bandwidth=self.bandwidth,
             rtt=0.001,
             window=8,
             throughput=self.rates[self.codec],
@@ -40,9 +41,14 @@ class Scripted(Telemetry):
         )
 
 
-def run(rates: dict[str, float], periods: int) -> tuple[AutoCompression, list[str]]:
+FALSE = 80_000  # B/s: 2 frames a second plain, 500 compressed; a busy server spacing arrivals
+
+
+def run(
+    rates: dict[str, float], periods: int, bandwidth: float = FALSE
+) -> tuple[AutoCompression, list[str]]:
     """One item captured a second, all finished by the next; the codec of every period."""
-    telemetry = Scripted(rates)
+    telemetry = Scripted(rates, bandwidth)
     auto = AutoCompression(telemetry, 1, period=1.0)
     used = []
     for second in range(periods + 1):
@@ -69,3 +75,9 @@ def test_compression_auto_goes_back_to_the_codec_that_measured_faster() -> None:
 def test_a_codecs_measured_rate_is_measured_again_once_it_is_old() -> None:
     auto, _ = run({"zstd": 100.0, "none": 6.0}, FRESH_PERIODS + 10)
     assert [c["codec"] for c in auto.changes] == ["none", "zstd", "none", "zstd"], auto.changes
+
+
+def test_a_codec_under_which_the_link_is_still_full_is_kept_without_a_period_plain() -> None:
+    # 10 kB/s: 62/s compressed, link-bound (the server does 320/s), 0.25/s plain.
+    auto, used = run({"zstd": 60.0, "none": 0.25}, 20, bandwidth=10_000)
+    assert auto.changes == [] and set(used) == {"zstd"}
