@@ -5,9 +5,7 @@ device CPU for nothing. The model (``scheduler.fastest_codec``) says which, but 
 comes from packet pairs, which a busy server (its reader waiting for the GIL) can fake: so each
 codec's prediction is checked by a period measured with it, and a choice between measured codecs
 follows the measurements (each over a period that starts once the items sent the old way have
-finished). A codec under which the link is still the bottleneck is kept without that check:
-the link is full, so its samples are true, and plain it would carry fewer items. It starts with
-the best installed codec: a slow link is where it
+finished). It starts with the best installed codec: a slow link is where it
 matters, and the first window the most expensive thing to send plain there. Measurements older
 than ``FRESH_PERIODS`` are measured again (the link may have changed). Told the time by its
 caller, like ``AutoSplit``.
@@ -21,7 +19,7 @@ from typing import Any
 
 from .._codec import CODEC_NAMES, Codec, compressions
 from .._logging import quote
-from .scheduler import CODEC_MARGIN, NO_CODEC, Measurements, fastest_codec, predict
+from .scheduler import CODEC_MARGIN, NO_CODEC, Measurements, fastest_codec
 from .telemetry import Telemetry
 
 log = logging.getLogger("offload.client")
@@ -101,15 +99,6 @@ class AutoCompression:
             said = f"measured {plain:.1f}/s without compression, {packed:.1f}/s with {best}"
             return (NO_CODEC if plain >= packed * (1 - CODEC_MARGIN) else best), said
         if self.name != NO_CODEC:
-            cost = next((c for c in m.codecs if c.name == self.name), None)
-            now = predict(m, self.split, cost) if cost is not None else None
-            # The window's bound counts each item's transmission too: on a full link it is the
-            # link's, give or take the round trip.
-            if now is not None and now.bottleneck in ("link", "window"):
-                others = min(now.rates["device"], now.rates["server"])
-                if now.throughput * (1 + CODEC_MARGIN) < others:
-                    # The link is full even compressed: plain it would carry only less.
-                    return self.name, ""
             return NO_CODEC, (
                 f"a period without compression, to measure it against "
                 f"{fresh.get(self.name, m.throughput):.1f}/s with {self.name}"
