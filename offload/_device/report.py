@@ -373,6 +373,9 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(
             f"  compressed {shown}" + (f"; {as_is} did not shrink: sent as is" * bool(as_is))
         )
+    if compression.get("changes"):  # --compression auto at a fixed split
+        last = compression["changes"][-1]
+        lines.append(f"  codec      ended on {last['codec']}: {last['reason']}")
     cloud = report.get("cloud") or {}
     if cloud.get("server_cpu_seconds_per_item"):
         line = f"  cloud      server CPU {1000 * cloud['server_cpu_seconds_per_item']:.2f} ms/item"

@@ -28,6 +28,7 @@ from offload import (
     encode,
     load_pipeline,
 )
+from offload._device.report import format_summary
 from offload.v1 import offload_pb2 as pb
 
 from ..helpers import COUNTER, free_port, run_split, state
@@ -308,6 +309,8 @@ def test_compression_auto_stops_compressing_where_the_link_keeps_up(
     assert [c["codec"] for c in changes] == ["none"], changes
     compressed = report["compression"]["codecs"]["zstd"]["items"]
     assert compressed <= FIRST_DECISION_ITEMS + 2 * ClientConfig().window < frames
+    summary = format_summary(report)
+    assert "  codec      ended on none: a period without compression, to measure it" in summary
 
 
 def test_compression_auto_keeps_compressing_where_the_link_is_the_bottleneck(
