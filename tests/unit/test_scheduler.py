@@ -421,3 +421,83 @@ def test_a_codec_never_measured_at_a_cut_is_no_choice_there() -> None:
 
 def test_a_policy_without_codecs_to_choose_from_leaves_the_codec_alone() -> None:
     assert ModelPolicy(2.0).decide(link_bound()).codec is None
+
+
+# --- the linger (the batch), chosen with the split and codec -------------------------------------
+
+
+def batching(world: World, split: int, **fields: object) -> Measurements:
+    """What the device measures at ``split`` with the policy choosing the linger (8 items, 1 MiB a
+    message), ``fields`` replaced."""
+    m = replace(world.measure(split), batch_items=8, batch_bytes=1 << 20, linger=None)
+    return replace(m, **fields)  # type: ignore[arg-type]
+
+
+def window_rate(m: Measurements, split: int, linger: float) -> float:
+    return predict(replace(m, linger=linger), split).rates["window"]
+
+
+@pytest.mark.parametrize(
+    ("window", "rtt", "linger"),
+    [(8, 0.03, 0.025), (1, 0.02, 0.025), (1, 0.04, 0.010), (1, 0.05, 0.005), (1, 0.057, 0.002)],
+)
+def test_the_linger_is_the_longest_the_window_allows_at_the_target_up_to_25_ms(
+    window: int, rtt: float, linger: float
+) -> None:
+    # K=6 is device-bound at 16.9/s; the window bound W / (rtt + transmission + server + linger)
+    # must still meet the 15/s target with the margin: 16.5/s.
+    world = World(rtt=rtt)
+    m = batching(world, 6, window=window)
+    decision = ModelPolicy(15).decide(m)
+    assert decision.split == 6 and decision.linger == linger, decision.reason
+    assert window_rate(m, 6, linger) >= 16.5
+    assert f"linger {linger * 1000:g} ms: the window has room at 15/s" in decision.reason
+    steps = [s for s in (0.001, 0.002, 0.005, 0.010, 0.025) if s > linger]
+    assert not steps or window_rate(m, 6, steps[0]) < 16.5  # the next step would not leave room
+
+
+def test_no_linger_where_the_target_is_missed_or_the_window_is_the_bottleneck() -> None:
+    missed = ModelPolicy(60).decide(batching(World(bandwidth=2.5 * MB), 3))
+    assert missed.infeasible and missed.linger == 0.0, missed.reason
+    assert missed.reason.endswith("; linger 0: the target is not met")
+    # A window of 1 over 0.5 s round trips: 2/s at most, the bottleneck of every split.
+    bound = ModelPolicy(1.5).decide(batching(World(rtt=0.5), 6, window=1))
+    assert bound.split == 6 and bound.linger == 0.0, bound.reason
+    assert bound.reason.endswith("; linger 0: the window is the bottleneck")
+
+
+def test_the_linger_is_no_longer_than_it_takes_to_fill_a_message_at_the_target() -> None:
+    # 3 items a message fill in 20 ms at 100/s: no point waiting longer.
+    world = World(device=tuple(t / 10 for t in DEVICE))  # 169/s at K=6
+    three = ModelPolicy(100).decide(batching(world, 6, batch_items=3))
+    assert three.linger == pytest.approx(0.02), three.reason
+    assert "linger 20 ms" in three.reason and "(about 3.0 items a message)" in three.reason
+    one = ModelPolicy(10).decide(batching(world, 6, batch_items=1))
+    assert one.linger == 0.0 and "one item per message" in one.reason
+
+
+def test_no_linger_where_a_message_holds_one_item() -> None:
+    # K=5 cuts 562 kB: a 1 MiB message holds one.
+    world = World(device=(*DEVICE[:5], 0.2, 0.0005))  # task 5 is slow: K=5 it is
+    decision = ModelPolicy(10).decide(batching(world, 5))
+    assert decision.split == 5 and decision.linger == 0.0, decision.reason
+    assert "linger 0: a message holds one item of 562 kB" in decision.reason
+
+
+def test_a_linger_the_user_gave_is_kept_and_counted_in_the_window_bound() -> None:
+    m = replace(batching(World(), 6), linger=0.025)
+    decision = ModelPolicy(10).decide(m)
+    assert decision.linger is None and "linger" not in decision.reason
+    hold = 0.03 + 23_000 / (25 * MB) + SERVER[6]
+    assert predict(m, 6).rates["window"] == pytest.approx(8 / (hold + 0.025))
+
+
+def test_a_closed_loop_settles_on_the_split_and_the_linger_without_flapping() -> None:
+    world = World(noise=0.1)
+    policy = ModelPolicy(10)
+    split, lingers = 3, []
+    for _ in range(12):
+        decision = policy.decide(batching(world, split, settled=True))
+        split = decision.split
+        lingers.append(decision.linger)
+    assert split == 6 and lingers[-6:] == [0.025] * 6, lingers
