@@ -87,7 +87,11 @@ class AutoSplit:
         # A probe holds its split until its items have finished (their answers carry the server
         # times and link samples it is for), or two control periods at most.
         self._hold: tuple[int, float] | None = None  # (finished items, deadline)
-        self._settled = True  # the period now running ran at one split throughout
+        self._settled = True  # the period now running ran at one split and codec throughout
+        # The first item captured after the latest change of split or codec: until every item
+        # before it has finished (a window of them may be queued in a slow link), what finishes
+        # in a period is partly theirs, and no period is settled.
+        self._changed_at = 0
         self._infeasible_streak = 0
         self._said_infeasible = False
 
@@ -101,9 +105,12 @@ class AutoSplit:
             due = now - self._period_start >= self.control_period
         if due:
             decision = self._decide(now)
-            settled = decision.split == self.split
+            before = (self.split, self.codec)
             self.apply(decision, now)
-            self._settled = settled
+            changed = (self.split, self.codec) != before
+            if changed:
+                self._changed_at = item
+            self._settled = not changed and self.telemetry.finished_items >= self._changed_at
             self._period_start = now
             self._hold = (
                 (item + decision.hold_items, now + 2 * self.control_period)
@@ -143,6 +150,7 @@ class AutoSplit:
             batch_items=self._batch[0],
             batch_bytes=self._batch[1],
             linger=None if self.chooses_linger else self.linger,
+            codec=self._codec_name(),
         )
         decision = self.policy.decide(measurements)
         if log.isEnabledFor(logging.DEBUG):

@@ -76,6 +76,7 @@ class Measurements:
     batch_bytes: float = math.inf  # bytes one message of several items may carry
     # Seconds a message waits for more items (--linger-ms); None: the policy chooses it.
     linger: float | None = 0.0
+    codec: str = NO_CODEC  # compression at the cut in use at ``split``: what ``throughput`` ran
 
     @property
     def tasks(self) -> int:
@@ -214,7 +215,10 @@ def _with_carried_bandwidth(m: Measurements, observed: float | None) -> Measurem
     """
     if m.bandwidth is None or observed is None or not 1 <= m.split < m.tasks:
         return m
-    cut = m.cut_bytes[m.split]
+    cut = m.cut_bytes[m.split]  # as serialised: compressed, the items carried fewer bytes
+    in_use = next((c for c in m.codecs if c.name == m.codec), None)
+    if in_use is not None:
+        cut /= in_use.ratio[m.split]  # (NaN if never measured: then no floor)
     if math.isnan(cut) or m.completed_fraction <= 0:
         return m
     carried = observed / m.completed_fraction * cut  # filtered items travel too
@@ -390,7 +394,8 @@ class ModelPolicy:
         self._after_probe = False
         self.memory = memory
         self._decisions = 0
-        self._observed: dict[int, tuple[float, int]] = {}  # split -> (smoothed /s, decision no.)
+        # split -> (smoothed /s, decision no., the codec it ran with)
+        self._observed: dict[int, tuple[float, int, str]] = {}
 
     def decide(self, m: Measurements) -> Decision:
         first, last = 1, m.tasks - 1  # task 0 stays on the device, the last task on the server
@@ -405,9 +410,17 @@ class ModelPolicy:
         if not predictions:
             return Decision(m.split, f"stay at {m.split}: no split can be predicted yet")
         current = next((p for p in predictions if p.split == m.split), None)
+        if current is not None and current.codec != m.codec:
+            observed = None  # measured with another codec: it says nothing of this one
         self._learn(current, observed)
         r = _Rates(
-            m, observed, predictions, self._recent(), self.efficiency, self.target, self.margin
+            m,
+            observed,
+            predictions,
+            self._recent(predictions),
+            self.efficiency,
+            self.target,
+            self.margin,
         )
         choice, reason, infeasible = _choose(r)
         if not infeasible:
@@ -432,12 +445,14 @@ class ModelPolicy:
         before = self.efficiency.get(current.bottleneck, 1.0)
         self.efficiency[current.bottleneck] = 0.5 * before + 0.5 * ratio
 
-    def _recent(self) -> dict[int, float]:
-        """Throughput measured at each split within the last ``memory`` decisions."""
+    def _recent(self, predictions: tuple[Prediction, ...]) -> dict[int, float]:
+        """Throughput measured at each split within the last ``memory`` decisions, with the
+        codec the predictions take there (another codec's rate says nothing of it)."""
+        codecs = {p.split: p.codec for p in predictions}
         return {
             k: rate
-            for k, (rate, when) in self._observed.items()
-            if self._decisions - when <= self.memory
+            for k, (rate, when, codec) in self._observed.items()
+            if self._decisions - when <= self.memory and codecs.get(k) == codec
         }
 
     def _confirm(self, r: _Rates, choice: int, reason: str, infeasible: bool) -> Decision:
@@ -479,10 +494,10 @@ class ModelPolicy:
         value = m.throughput
         # Smooth noise within one stay, but a jump of over 30% is a change: follow it at once.
         # (2 s periods of an emulated device swing by 25% with the machine under it.)
-        if seen is not None and seen[1] == self._decisions - 1:
+        if seen is not None and seen[1] == self._decisions - 1 and seen[2] == m.codec:
             if abs(m.throughput - seen[0]) <= 0.3 * seen[0]:
                 value = 0.5 * seen[0] + 0.5 * m.throughput
-        self._observed[m.split] = (value, self._decisions)
+        self._observed[m.split] = (value, self._decisions, m.codec)
         return value
 
     def _probe(self, m: Measurements, first: int, last: int) -> Decision | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -72,10 +73,32 @@ def test_the_split_changes_when_the_policy_says_and_only_once_a_period() -> None
 
 
 def test_the_period_after_a_change_is_not_settled() -> None:
-    control, script, _ = auto(Decision(3, "to 3"), Decision(3, "stay"), Decision(3, "stay"))
+    control, script, telemetry = auto(Decision(3, "to 3"), Decision(3, "stay"), Decision(3, "stay"))
     for item, now in enumerate((0.0, 1.0, 2.0, 3.0)):
         control.split_for(item, now)
+        telemetry.finished(True)  # each item is done before the next
     assert [m.settled for m in script.seen] == [True, False, True]
+
+
+def test_no_period_is_settled_while_items_sent_before_a_change_are_still_finishing() -> None:
+    # A slow link holds a window of items sent at the old split (or codec): what finishes in
+    # the periods after a change is partly theirs, and must not be taken as the new one's rate.
+    stay = Decision(2, "stay", codec="zstd")
+    control, script, telemetry = auto(
+        Decision(2, "lz4 now", codec="lz4"), *[replace(stay, codec="lz4")] * 5
+    )
+    control.split_for(0, 0.0)
+    control.split_for(8, 1.0)  # items 0-7 went with zstd, and none has finished yet
+    for item in range(9, 12):
+        telemetry.finished(True)
+        control.split_for(item, float(item - 7))
+    telemetry.finished(True)
+    for _ in range(5):
+        telemetry.finished(True)  # items 4-8: everything sent with zstd is done
+    control.split_for(12, 5.0)
+    control.split_for(13, 6.0)
+    assert [m.settled for m in script.seen] == [True, False, False, False, False, True]
+    assert [m.codec for m in script.seen] == ["zstd", "lz4", "lz4", "lz4", "lz4", "lz4"]
 
 
 def test_a_probe_holds_until_its_items_have_finished() -> None:

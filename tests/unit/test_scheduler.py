@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from offload import Client, ClientConfig, Decision, Measurements, ModelPolicy, load_pipeline
-from offload._device.scheduler import CodecCost, predict
+from offload._device.scheduler import CodecCost, Prediction, predict
 from offload.testing import InProcessTransport, RemoteExecutor
 
 # Ball-tracking-like: 7 tasks; cut sizes shrink after task 5 (a JPEG snapshot).
@@ -501,3 +501,25 @@ def test_a_closed_loop_settles_on_the_split_and_the_linger_without_flapping() ->
         split = decision.split
         lingers.append(decision.linger)
     assert split == 6 and lingers[-6:] == [0.025] * 6, lingers
+
+
+def test_the_bytes_a_compressed_split_carried_are_its_compressed_bytes() -> None:
+    # At K=3 with lz4 (3x) the link carried 7.5 items/s: 2.5 MB/s of lz4, not 7.5 MB/s of raw
+    # items, so sending them raw (2.5/s) would not meet 6/s and lz4 stays.
+    m = replace(link_bound(lz4=(3.0, 0.001)), codec="lz4", throughput=7.5)
+    decision = ModelPolicy(6.0).decide(m)
+    assert (decision.split, decision.codec) == (3, "lz4"), decision.reason
+    plain = next(p for p in predict_all(m) if p.split == 3 and p.codec == "none")
+    assert plain.throughput == pytest.approx(2.5)
+
+
+def predict_all(m: Measurements) -> list[Prediction]:
+    return [predict(m, k) for k in range(1, m.tasks)]
+
+
+def test_a_rate_measured_with_one_codec_does_not_stand_in_for_another() -> None:
+    # K=3 sent raw measured 2.5/s: that says nothing of K=3 with lz4 (7.5/s), which meets 6/s.
+    m = replace(link_bound(lz4=(3.0, 0.001)), codec="none", throughput=2.5)
+    decision = ModelPolicy(6.0).decide(m)
+    assert (decision.split, decision.codec) == (3, "lz4"), decision.reason
+    assert "K=3 with lz4 predicted 7.5/s (link-bound) meets" in decision.reason
