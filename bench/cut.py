@@ -618,7 +618,7 @@ def render(data: dict[str, Any]) -> str:
                 [
                     [
                         r["link"],
-                        f"{r.get('slowdown', 1.0):g}x slower",
+                        f"{r['slowdown']:g}x slower" if r.get("slowdown", 1) != 1 else "as it is",
                         r["target"],
                         r["oracle"],
                         f"{r['on_oracle']}/{r['runs']}",
@@ -680,10 +680,12 @@ def plot(out: Path, data: dict[str, Any]) -> list[str]:
                 for k in ks
             ]
             label = "pickle socket" if system == "seed" else f"offload {system}"
-            ax.bar([k + (i - 1.5) * width for k in ks], values, width, label=label)
+            ax.bar([k + (i - 1.5) * width for k in ks], values, width, label=label, color=f"C{i}")
         ax.set_yscale("log")
         ax.set_xlabel("split K")
         ax.set_ylabel("finished items/s")
+        if slow and rows is slow["sweep"] and slow.get("target"):
+            ax.axhline(slow["target"], color="k", linestyle="--", label="automatic mode's target")
         ax.set_title(title)
         ax.legend(fontsize=7)
     ax = axes[-1]
