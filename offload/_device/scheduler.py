@@ -160,6 +160,7 @@ def choose_linger(
     margin: float,
     met: bool,
     cap: float = LINGER_CAP,
+    pace: float = math.nan,
 ) -> tuple[float, str]:
     """The linger (seconds) for split ``p.split`` with ``p.codec``, and why.
 
@@ -167,6 +168,8 @@ def choose_linger(
     linger helps most: up to ``cap`` or the time to fill a message at the target, whichever is
     shorter, as long as the window bound W / (credit time + linger) still meets the target with
     ``margin``. 0 when the target is not ``met`` there, or the window is its bottleneck.
+    ``pace``, the rate expected there (the device runs as fast as it can, not at the target),
+    only says how many items a message will then carry.
     """
     if m.batch_items <= 1:
         return 0.0, "linger 0: one item per message (--batch-items 1)"
@@ -189,10 +192,11 @@ def choose_linger(
     chosen = max((s for s in (longest, *LINGER_STEPS) if s <= min(longest, room)), default=0.0)
     if chosen <= 0:
         return 0.0, f"linger 0: the window has no room for it at {target:g}/s"
-    items = min(fits, 1 + chosen * target)
+    rate = pace if pace > target else target
+    items = min(fits, 1 + chosen * rate)
     return chosen, (
         f"linger {chosen * 1000:g} ms: the window has room at {target:g}/s "
-        f"(about {items:.1f} items a message)"
+        f"(about {items:.1f} items a message at {rate:.1f}/s)"
     )
 
 
@@ -433,7 +437,10 @@ class ModelPolicy:
         if r.m.linger is not None or chosen is None:
             return decision
         met = not decision.infeasible and r.meets_target(decision.split)
-        linger, why = choose_linger(r.m, chosen, self.target, self.margin, met, self.linger_cap)
+        pace = r.expected(decision.split)
+        linger, why = choose_linger(
+            r.m, chosen, self.target, self.margin, met, self.linger_cap, pace
+        )
         return replace(decision, reason=f"{decision.reason}; {why}", linger=linger)
 
     def _learn(self, current: Prediction | None, observed: float | None) -> None:
