@@ -158,7 +158,6 @@ def choose_linger(
     p: Prediction,
     target: float,
     margin: float,
-    met: bool,
     cap: float = LINGER_CAP,
     pace: float = math.nan,
 ) -> tuple[float, str]:
@@ -167,14 +166,13 @@ def choose_linger(
     At ``target`` items/s a message gathers about 1 + linger * target items, so the longest
     linger helps most: up to ``cap`` or the time to fill a message at the target, whichever is
     shorter, as long as the window bound W / (credit time + linger) still meets the target with
-    ``margin``. 0 when the target is not ``met`` there, or the window is its bottleneck.
-    ``pace``, the rate expected there (the device runs as fast as it can, not at the target),
-    only says how many items a message will then carry.
+    ``margin``; 0 when the window is the split's bottleneck. A target missed for want of another
+    resource keeps the linger: the window, lingering, still allows more than the target, so
+    dropping it would gain nothing but cloud CPU. ``pace``, the rate expected there (the device
+    runs as fast as it can, not at the target), only says how many items a message carries.
     """
     if m.batch_items <= 1:
         return 0.0, "linger 0: one item per message (--batch-items 1)"
-    if not met:
-        return 0.0, "linger 0: the target is not met"
     if p.bottleneck == "window":
         return 0.0, "linger 0: the window is the bottleneck"
     size = m.cut_bytes[p.split] if p.split < m.tasks else math.nan
@@ -192,7 +190,7 @@ def choose_linger(
     chosen = max((s for s in (longest, *LINGER_STEPS) if s <= min(longest, room)), default=0.0)
     if chosen <= 0:
         return 0.0, f"linger 0: the window has no room for it at {target:g}/s"
-    rate = pace if pace > target else target
+    rate = pace if pace > 0 else target
     items = min(fits, 1 + chosen * rate)
     return chosen, (
         f"linger {chosen * 1000:g} ms: the window has room at {target:g}/s "
@@ -436,11 +434,8 @@ class ModelPolicy:
         chosen = r.by_split.get(decision.split)
         if r.m.linger is not None or chosen is None:
             return decision
-        met = not decision.infeasible and r.meets_target(decision.split)
         pace = r.expected(decision.split)
-        linger, why = choose_linger(
-            r.m, chosen, self.target, self.margin, met, self.linger_cap, pace
-        )
+        linger, why = choose_linger(r.m, chosen, self.target, self.margin, self.linger_cap, pace)
         return replace(decision, reason=f"{decision.reason}; {why}", linger=linger)
 
     def _learn(self, current: Prediction | None, observed: float | None) -> None:
