@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from offload import ServerConfig, load_pipeline
-from offload._cloud.allocator import keep_large_buffers
+from offload._allocator import keep_large_buffers
 from offload._cloud.executor import RemoteExecutor, RequestRejected
 from offload._wire import size_options
 from offload.v1 import offload_pb2 as pb

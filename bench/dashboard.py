@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from offload import load_pipeline
-from offload._cloud.allocator import keep_large_buffers
+from offload._allocator import keep_large_buffers
 from offload._cloud.dashboard import FleetBoard
 from offload.v1 import offload_pb2 as pb
 

@@ -54,7 +54,7 @@ def _compare(data: dict[str, Any]) -> str:
             "TCP, buffered reader, fire-and-forget, counted at its server; prototype: the same "
             "with the 2019 receiver (`data += recv(4096)`) and, like the 2019 process, glibc's "
             "default allocator (seed and offload get the large-buffer tuning of "
-            "`offload/_cloud/allocator.py`). Window 8, no emulation. Ratios are "
+            "`offload/_allocator.py`). Window 8, no emulation. Ratios are "
             "medians of per-repetition ratios (the two runs of a pair are back to back).",
             _table(
                 ["K", "offload", "seed", "prototype", "offload / seed", "offload / prototype"],

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from offload import load_pipeline
-from offload._cloud.allocator import keep_large_buffers
+from offload._allocator import keep_large_buffers
 
 from . import codec, compare, cut, machine, procs, report, scaling, transport, window
 from . import pipeline as bench_pipeline
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before any thread exists: the threads this process starts later inherit it.
         os.sched_setaffinity(0, {0})
         procs.SERVER_CPUS = {1}
-    # The same allocator tuning the offload client CLI and server use (see offload/_allocator).
+    # The same allocator tuning the offload client CLI and server use (see offload/_allocator.py).
     keep_large_buffers()
     args.out.mkdir(parents=True, exist_ok=True)
     about = machine.describe()

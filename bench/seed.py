@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from offload import load_pipeline
-from offload._cloud.allocator import keep_large_buffers
+from offload._allocator import keep_large_buffers
 from offload._pipeline import ItemContext, Pipeline, Status, run_tasks
 
 HEADER = struct.Struct("!Q")

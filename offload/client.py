@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from ._allocator import keep_large_buffers
 from ._config import (
     COMPRESSION,
     OUTAGE,
@@ -411,6 +412,7 @@ def _main(argv: list[str] | None) -> int:
     except (OffloadError, ValueError) as exc:
         parser.exit(2, f"error: {with_variables(str(exc), from_environment(parser, args))}\n")
     stop = _stop_on_signals()
+    keep_large_buffers()  # before the first item: each cut's buffers are reused, not faulted in
     try:
         return _run(args, config, pipeline, link, output, stop)
     except _Aborted as exc:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import FrameType
 
-from ._cloud.allocator import keep_large_buffers
+from ._allocator import keep_large_buffers
 from ._cloud.prefork import reserve_port, run_processes
 from ._cloud.serve import grpc_address, serve
 from ._config import COMPRESSION, Limits, ServerConfig, ServerSecurity

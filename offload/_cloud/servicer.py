@@ -374,16 +374,18 @@ class OffloadServicer:
         context.send_initial_metadata(reads_header(READS))
         peer = _Peer(context.peer(), peer_device_id(context))
         answers = self._answers(requests, watch, peer, batched)
-        batches = _Answers(answers, watch, self.executor.config.limits.max_message_bytes)
+        limit = self.executor.config.limits.max_message_bytes
+        batches = _Answers(answers, watch, limit) if batched else None
         try:
-            if batched:
+            if batches is not None:
                 yield from batches
             else:
                 for answer, arrived, _, _ in answers:
                     yield _batch.stamped(answer, arrived, time.monotonic() - arrived)
                     watch.last_activity = time.monotonic()
         finally:
-            batches.close()  # the running item ends first: the stream's worker is held till then
+            if batches is not None:
+                batches.close()  # the running item ends first: the stream's worker is held
             self.read_budget.close(watch)
             with self._lock:
                 del self._watches[id(watch)]

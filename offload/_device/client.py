@@ -35,6 +35,7 @@ from ..exceptions import ConfigError, OffloadError, ServerError
 from ..v1 import offload_pb2 as pb
 from .autosplit import AutoSplit, check_auto, starting_split
 from .buffer import DurableBuffer
+from .compression import AutoCompression
 from .emulation import SlowDevice
 from .ledger import Ledger, Recovered
 from .link import Link, Pending
@@ -94,7 +95,9 @@ class Client:
         extra = config.device_items - 1
         window = config.window - extra
         # In automatic mode the scheduler chooses the codec too: it samples each one allowed.
-        allowed = compressions(config.compression) if config.fps is not None else ()
+        # With --compression auto at a fixed split, AutoCompression chooses from those it used.
+        choosing = config.fps is not None or config.compression == "auto"
+        allowed = compressions(config.compression) if choosing else ()
         self.telemetry = Telemetry(
             n, window, config.workers, pipeline.serial_tasks, tuple(CODEC_NAMES[c] for c in allowed)
         )
@@ -114,6 +117,12 @@ class Client:
             else None
         )
         self._compressions = compressions(config.compression)
+        self.auto_compression = (
+            AutoCompression(self.telemetry, self._split, config.control_period)
+            if self.auto is None and config.compression == "auto" and self._split < n
+            else None
+        )
+        self._codec = self._compressions  # wanted for the next item at a fixed split
         # Per codec: items compressed, their serialised and their compressed bytes.
         self._compressed: dict[str, list[int]] = {}
         self._sent_as_is = 0  # items whose args could have been compressed but did not shrink
@@ -278,6 +287,8 @@ class Client:
             began = time.perf_counter()
             context = ItemContext(self.config.device_id, self.run_id, item, capture_time, False)
             sizes = self.auto.size_sampler(item, self.config.limits) if self.auto else None
+            if self.auto_compression is not None:
+                self._codec = self.auto_compression.codec_for(began)
             # With workers, task 0 here and the rest on a worker; else all of [0, split) here.
             stop = split if workers is None else 1
             outcome = run_tasks(
@@ -317,7 +328,7 @@ class Client:
         )
         # Packed and compressed only if the server said it reads them.
         reads = self.link.server_reads
-        wanted = self._compressions if self.auto is None else (self.auto.codec,)
+        wanted = self._codec if self.auto is None else (self.auto.codec,)
         codec = next((c for c in wanted if c in reads), None)
         what = f"item {job.item}"
         try:
@@ -379,6 +390,8 @@ class Client:
         """The report's ``compression`` section: what crossed the cut compressed, how much."""
         return {
             "setting": self.config.compression,
+            # --compression auto at a fixed split: each change of codec, and why.
+            "changes": self.auto_compression.changes if self.auto_compression else [],
             "sent_as_is": self._sent_as_is,
             "codecs": {
                 name: {"items": n, "ratio": round(raw / max(wire, 1), 2)}

@@ -536,3 +536,20 @@ class ModelPolicy:
         p = predict(m, last)
         expected = p.throughput * self.efficiency.get(p.bottleneck, 1.0)
         return expected >= self.target * (1 + self.margin)
+
+
+CODEC_MARGIN = 0.10  # a codec must be predicted this much faster than none to be worth its CPU
+
+
+def fastest_codec(m: Measurements, k: int) -> Prediction:
+    """At a fixed split ``k`` (no target): the codec predicted fastest, and none unless a codec
+    is predicted faster by ``CODEC_MARGIN``. Where the link is not the bottleneck (loopback, a
+    LAN: no bandwidth measured) compressing only adds device CPU, so none wins there."""
+    plain = predict(m, k)
+    if k >= m.tasks:
+        return plain
+    known = [c for c in m.codecs if not math.isnan(c.ratio[k] + c.seconds[k])]
+    best = max((predict(m, k, c) for c in known), key=lambda p: p.throughput, default=None)
+    if best is not None and best.throughput > plain.throughput * (1 + CODEC_MARGIN):
+        return best
+    return plain

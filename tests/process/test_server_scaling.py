@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from offload import ServerConfig, serve
-from offload._cloud.allocator import keep_large_buffers
+from offload._allocator import keep_large_buffers
 
 from ..helpers import cli_output, offload, spawn_server
 

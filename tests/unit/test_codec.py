@@ -332,3 +332,29 @@ def test_a_frame_is_checked_on_the_wire_by_its_few_fields_not_by_counting_its_by
     many.args.CopyFrom(encode([frame.tobytes()] + [[None] * 60_000] * 2))
     problem = wire_problem(many.SerializeToString(), field, Limits())
     assert problem is not None and "more than 100000 elements" in problem
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=CODEC_NAMES.get)
+def test_the_schedulers_sample_of_a_large_cut_compresses_slices_of_it_and_reads_its_ratio(
+    codec: Codec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every cut compressed whole with every codec cost a device at K=6 a third of its work.
+    from offload import _codec  # noqa: PLC0415
+
+    rng = np.random.default_rng(5)
+    rows = np.linspace(0, 255, 375 * 500 * 3).reshape(375, 500, 3)  # a picture-like frame
+    frame = (rows + rng.normal(0, 1, rows.shape)).clip(0, 255).astype(np.uint8)
+    raw = encode(frame).SerializeToString()
+    whole = len(raw) / len(_codec._COMPRESS[codec](raw))
+    compressed: list[int] = []
+    compress = _codec._COMPRESS[codec]
+
+    def counted(data: bytes) -> bytes:
+        compressed.append(len(data))
+        return compress(data)
+
+    monkeypatch.setitem(_codec._COMPRESS, codec, counted)
+    ratio, seconds = _codec.compression_cost(raw, codec)
+    assert sum(compressed) == _codec.COST_SLICES * _codec.COST_SLICE < len(raw) / 4
+    assert 0.75 * whole < ratio < 1.25 * whole
+    assert seconds > 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from offload import Client, ClientConfig, Decision, Measurements, ModelPolicy, load_pipeline
-from offload._device.scheduler import CodecCost, Prediction, predict
+from offload._device.scheduler import CodecCost, Prediction, fastest_codec, predict
 from offload.testing import InProcessTransport, RemoteExecutor
 
 # Ball-tracking-like: 7 tasks; cut sizes shrink after task 5 (a JPEG snapshot).
@@ -421,6 +421,16 @@ def test_a_codec_never_measured_at_a_cut_is_no_choice_there() -> None:
 
 def test_a_policy_without_codecs_to_choose_from_leaves_the_codec_alone() -> None:
     assert ModelPolicy(2.0).decide(link_bound()).codec is None
+
+
+def test_at_a_fixed_split_a_codec_is_chosen_only_where_the_link_is_the_bottleneck() -> None:
+    m = link_bound(zstd=(5.0, 0.002))
+    assert fastest_codec(m, 3).codec == "zstd"  # 2.5/s plain on the link, 12.5/s compressed
+    # No bandwidth measured (the link never filled: loopback, a LAN): it only costs CPU.
+    assert fastest_codec(replace(m, bandwidth=None), 3).codec == "none"
+    # A link barely in the way (30/s plain, the device 33/s): 31/s compressed, 4 % faster, is
+    # not worth 2 ms of device CPU an item.
+    assert fastest_codec(replace(m, bandwidth=30 * MB), 3).codec == "none"
 
 
 # --- the linger (the batch), chosen with the split and codec -------------------------------------
