@@ -290,10 +290,11 @@ class ClientConfig:
     # Items per message on the stream, like Kafka's producer: a message carries what is ready
     # (up to batch_items and batch_bytes), waiting up to linger_ms for more; linger 0 adds no
     # latency (only items that queued up while the previous message was sent go together).
-    # batch_items 1 sends one item per message (the ExecuteRemaining RPC).
+    # batch_items 1 sends one item per message (the ExecuteRemaining RPC). None: 0, but in
+    # automatic mode the scheduler chooses it with the split (up to 25 ms).
     batch_items: int = 8
     batch_bytes: int = 1 * MiB
-    linger_ms: float = 0.0
+    linger_ms: float | None = None
 
     def __post_init__(self) -> None:
         """Refuse what no run could mean, naming the command line's option for it."""
@@ -337,7 +338,9 @@ class ClientConfig:
             raise ConfigError(f"--batch-items {self.batch_items}: give 1 or more (1 = no batching)")
         if self.batch_bytes < 1:
             raise ConfigError(f"--batch-bytes {self.batch_bytes}: give 1 or more bytes")
-        if not (math.isfinite(self.linger_ms) and self.linger_ms >= 0):
+        if self.linger_ms is not None and not (
+            math.isfinite(self.linger_ms) and self.linger_ms >= 0
+        ):
             raise ConfigError(f"--linger-ms {self.linger_ms:g}: give milliseconds, 0 or more")
 
     @property

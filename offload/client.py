@@ -257,8 +257,9 @@ def build_parser(
         type=float,
         default=ClientConfig.linger_ms,
         metavar="MS",
-        help="wait up to this long for more items to fill a message (default %(default)s: "
-        "send what is ready, adding no latency; 25 trades latency for less cloud CPU)",
+        help="wait up to this long for more items to fill a message (default 0: send what is "
+        "ready, adding no latency; with --fps the scheduler chooses it, up to 25; 25 trades "
+        "latency for less cloud CPU)",
     )
     add_log_level_option(parser, "WARNING")
     return apply_env_defaults(parser, environ)

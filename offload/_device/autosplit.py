@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from .._codec import CODEC_NAMES, Codec, compression_cost, compressions, encode
@@ -52,7 +53,12 @@ class AutoSplit:
     """
 
     def __init__(
-        self, policy: SplitPolicy, telemetry: Telemetry, config: ClientConfig, split: int
+        self,
+        policy: SplitPolicy,
+        telemetry: Telemetry,
+        config: ClientConfig,
+        split: int,
+        on_linger: Callable[[float], None] | None = None,
     ) -> None:
         assert config.fps is not None, "automatic mode needs a target (--fps)"
         self.policy = policy
@@ -64,6 +70,15 @@ class AutoSplit:
         # installed; a named one, that one alone; none, none.
         self.codecs: tuple[Codec, ...] = compressions(config.compression)
         self.codec: Codec | None = self.codecs[0] if self.codecs else None  # until it chooses
+        # The linger (seconds) in use; the policy chooses it unless --linger-ms was given, and
+        # ``on_linger`` (the transport) is told each new one.
+        self.chooses_linger = config.linger_ms is None
+        self.linger = (config.linger_ms or 0.0) / 1000
+        self.on_linger = on_linger
+        self._batch = (
+            min(config.batch_items, config.window),
+            min(config.batch_bytes, config.limits.max_message_bytes),
+        )
         self.history: list[dict[str, Any]] = []  # each change of split, and why
         self.reason = ""  # why the latest decision chose the split and codec in use
         self.periods: list[dict[str, Any]] = []  # each decision's period, as measured
@@ -72,7 +87,11 @@ class AutoSplit:
         # A probe holds its split until its items have finished (their answers carry the server
         # times and link samples it is for), or two control periods at most.
         self._hold: tuple[int, float] | None = None  # (finished items, deadline)
-        self._settled = True  # the period now running ran at one split throughout
+        self._settled = True  # the period now running ran at one split and codec throughout
+        # The first item captured after the latest change of split or codec: until every item
+        # before it has finished (a window of them may be queued in a slow link), what finishes
+        # in a period is partly theirs, and no period is settled.
+        self._changed_at = 0
         self._infeasible_streak = 0
         self._said_infeasible = False
 
@@ -86,9 +105,12 @@ class AutoSplit:
             due = now - self._period_start >= self.control_period
         if due:
             decision = self._decide(now)
-            settled = decision.split == self.split
+            before = (self.split, self.codec)
             self.apply(decision, now)
-            self._settled = settled
+            changed = (self.split, self.codec) != before
+            if changed:
+                self._changed_at = item
+            self._settled = not changed and self.telemetry.finished_items >= self._changed_at
             self._period_start = now
             self._hold = (
                 (item + decision.hold_items, now + 2 * self.control_period)
@@ -123,7 +145,13 @@ class AutoSplit:
                 )
 
     def _decide(self, now: float) -> Decision:
-        measurements = self.telemetry.snapshot(self.split, now - self._period_start, self._settled)
+        measurements = replace(
+            self.telemetry.snapshot(self.split, now - self._period_start, self._settled),
+            batch_items=self._batch[0],
+            batch_bytes=self._batch[1],
+            linger=None if self.chooses_linger else self.linger,
+            codec=self._codec_name(),
+        )
         decision = self.policy.decide(measurements)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("event=measurements measurements=%s", quote(measurements))
@@ -140,6 +168,7 @@ class AutoSplit:
                 "seconds": self._seconds(now),
                 "split": self.split,
                 "codec": self._codec_name(),
+                "linger_ms": self._linger_ms(),
                 "throughput_per_second": round(measurements.throughput, 3),
                 "settled": self._settled,
                 "device_cpu_percent": measurements.device_cpu_percent,
@@ -153,8 +182,9 @@ class AutoSplit:
         return decision
 
     def apply(self, decision: Decision, now: float) -> None:
-        """Take ``decision``: its split, its codec, and what it says of the target."""
+        """Take ``decision``: its split, its codec, its linger, and what it says of the target."""
         self.reason = decision.reason
+        changed = False  # the codec or the linger, for the history
         if decision.codec is not None:
             codec = next((c for c in self.codecs if CODEC_NAMES[c] == decision.codec), None)
             if codec != self.codec:
@@ -166,16 +196,21 @@ class AutoSplit:
                     quote(decision.reason),
                 )
                 self.codec = codec
-                if decision.split == self.split:
-                    self.history.append(
-                        {
-                            "seconds": self._seconds(now),
-                            "from": self.split,
-                            "to": self.split,
-                            "codec": self._codec_name(),
-                            "reason": decision.reason,
-                        }
-                    )
+                changed = True
+        if self.chooses_linger and decision.linger is not None and decision.linger != self.linger:
+            log.info(
+                "event=linger old_ms=%g new_ms=%g split=%d reason=%s",
+                self._linger_ms(),
+                decision.linger * 1000,
+                decision.split,
+                quote(decision.reason),
+            )
+            self.linger = decision.linger
+            if self.on_linger is not None:
+                self.on_linger(self.linger)
+            changed = True
+        if changed and decision.split == self.split:
+            self._note(now, decision)
         # Said once, and only when two decisions in a row agree: one noisy period is no verdict.
         # Withdrawn, once, when a decision expects the target met again.
         self._infeasible_streak = self._infeasible_streak + 1 if decision.infeasible else 0
@@ -201,16 +236,24 @@ class AutoSplit:
             decision.split,
             quote(decision.reason),
         )
+        self._note(now, decision)
+        self.split = decision.split
+
+    def _note(self, now: float, decision: Decision) -> None:
+        """A change in the history: of the split, the codec or the linger, and why."""
         self.history.append(
             {
                 "seconds": self._seconds(now),
                 "from": self.split,
                 "to": decision.split,
                 "codec": self._codec_name(),
+                "linger_ms": self._linger_ms(),
                 "reason": decision.reason,
             }
         )
-        self.split = decision.split
+
+    def _linger_ms(self) -> float:
+        return round(self.linger * 1000, 3)
 
     def _codec_name(self) -> str:
         return "none" if self.codec is None else CODEC_NAMES[self.codec]
@@ -237,6 +280,7 @@ class AutoSplit:
             "control_period_seconds": self.control_period,
             "final_split": self.split,
             "final_codec": self._codec_name(),
+            "final_linger_ms": self._linger_ms(),
             "final_reason": self.reason,
             "history": self.history,
             "periods": self.periods,

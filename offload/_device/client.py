@@ -107,8 +107,12 @@ class Client:
         self.ledger = self.ledger_class(
             pipeline, config, self.run_id, self.telemetry, self.recorder, self.device
         )
+        # The linger the scheduler chooses goes to a transport that batches (GrpcTransport).
+        set_linger = getattr(self.transport, "set_linger", None)
         self.auto = (
-            AutoSplit(policy or ModelPolicy(config.fps), self.telemetry, config, self._split)
+            AutoSplit(
+                policy or ModelPolicy(config.fps), self.telemetry, config, self._split, set_linger
+            )
             if config.fps is not None
             else None
         )

@@ -9,7 +9,7 @@ throughput of split K is bounded by the slowest of
   1 / max(time of task 0, (sum of times of tasks [1, K)) / P, time of each stateful task),
 * the link:    bandwidth / (bytes an item carries when cut after task K-1),
 * the server:  workers / (sum of server times of tasks [K, N)),
-* the window:  W / (time one item holds a credit: RTT + transmission + server time).
+* the window:  W / (time one item holds a credit: RTT + transmission + server time + linger).
 
 The policy picks the **largest** K (most work on the device, least cloud cost) whose predicted
 throughput of completed items meets the target with a margin, in either direction, with
@@ -19,6 +19,11 @@ Compression at the cut is part of the choice: each codec the device may use has 
 ratio and device CPU cost per cut (``CodecCost``); at each K the model takes the cheapest codec
 (least CPU, none first) that meets the target, else the one predicted fastest. A compressed
 item costs the device its compression and carries ``cut / ratio`` bytes.
+
+So is the batch, unless the user fixed ``--linger-ms``: with the split and codec chosen, the
+policy lingers as long as the window allows at the target (``choose_linger``), up to a latency
+cap, so that messages carry several items and the cloud's CPU per item falls; lingering holds
+an item's credit longer and changes no other bound.
 """
 
 from __future__ import annotations
@@ -67,6 +72,11 @@ class Measurements:
     device_parallelism: float = UNKNOWN
     serial_tasks: tuple[int, ...] = ()  # tasks run for one item at a time (@stateful, the last)
     codecs: tuple[CodecCost, ...] = ()  # the codecs the device may use besides none
+    batch_items: int = 1  # items one message may carry (--batch-items, at most the window)
+    batch_bytes: float = math.inf  # bytes one message of several items may carry
+    # Seconds a message waits for more items (--linger-ms); None: the policy chooses it.
+    linger: float | None = 0.0
+    codec: str = NO_CODEC  # compression at the cut in use at ``split``: what ``throughput`` ran
 
     @property
     def tasks(self) -> int:
@@ -92,6 +102,7 @@ class Decision:
     rate: float = math.nan  # completed items/s the policy expects at ``split`` (NaN: no figure)
     measured: bool = False  # ``rate`` was measured at ``split`` (recently), not predicted
     codec: str | None = None  # compression at the cut; None: the policy does not choose it
+    linger: float | None = None  # seconds a message waits for more; None: not chosen here
 
 
 class SplitPolicy(Protocol):
@@ -114,7 +125,9 @@ def predict(m: Measurements, k: int, codec: CodecCost | None = None) -> Predicti
         "device": 1 / device if device > 0 else math.inf,
         "link": 1 / transmit if transmit > 0 else math.inf,
         "server": m.server_workers / server if server > 0 else math.inf,
-        "window": m.window / (m.rtt + transmit + server) if k < m.tasks else math.inf,
+        "window": m.window / (m.rtt + transmit + server + (m.linger or 0.0))
+        if k < m.tasks
+        else math.inf,
     }
     bottleneck = min(rates, key=lambda name: rates[name])
     name = codec.name if codec is not None else NO_CODEC
@@ -133,6 +146,56 @@ def predict_cheapest(m: Measurements, k: int, target: float) -> Prediction:
     if meeting:
         return meeting[0]
     return max(options, key=lambda p: (round(p.throughput, 6), -options.index(p)))
+
+
+LINGER_CAP = 0.025  # seconds: the most latency lingering may add to an item
+# The lingers tried below the cap: a ladder, so that the rtt's noise does not move it each period.
+LINGER_STEPS = (0.010, 0.005, 0.002, 0.001)
+
+
+def choose_linger(
+    m: Measurements,
+    p: Prediction,
+    target: float,
+    margin: float,
+    cap: float = LINGER_CAP,
+    pace: float = math.nan,
+) -> tuple[float, str]:
+    """The linger (seconds) for split ``p.split`` with ``p.codec``, and why.
+
+    At ``target`` items/s a message gathers about 1 + linger * target items, so the longest
+    linger helps most: up to ``cap`` or the time to fill a message at the target, whichever is
+    shorter, as long as the window bound W / (credit time + linger) still meets the target with
+    ``margin``; 0 when the window is the split's bottleneck. A target missed for want of another
+    resource keeps the linger: the window, lingering, still allows more than the target, so
+    dropping it would gain nothing but cloud CPU. ``pace``, the rate expected there (the device
+    runs as fast as it can, not at the target), only says how many items a message carries.
+    """
+    if m.batch_items <= 1:
+        return 0.0, "linger 0: one item per message (--batch-items 1)"
+    if p.bottleneck == "window":
+        return 0.0, "linger 0: the window is the bottleneck"
+    size = m.cut_bytes[p.split] if p.split < m.tasks else math.nan
+    codec = next((c for c in m.codecs if c.name == p.codec), None)
+    if codec is not None:
+        size /= codec.ratio[p.split]
+    fits = m.batch_items if not size > 0 else int(min(m.batch_items, m.batch_bytes // size))
+    if fits <= 1:
+        return 0.0, f"linger 0: a message holds one item of {size / 1000:.0f} kB"
+    longest = min(cap, (fits - 1) / target)
+    need = target * (1 + margin)
+    # The window bound is W / hold without lingering; with it, W / (hold + linger).
+    hold = m.window / p.rates["window"] if p.rates.get("window", math.inf) < math.inf else 0.0
+    room = m.window * m.completed_fraction / need - hold
+    chosen = max((s for s in (longest, *LINGER_STEPS) if s <= min(longest, room)), default=0.0)
+    if chosen <= 0:
+        return 0.0, f"linger 0: the window has no room for it at {target:g}/s"
+    rate = pace if pace > 0 else target
+    items = min(fits, 1 + chosen * rate)
+    return chosen, (
+        f"linger {chosen * 1000:g} ms: the window has room at {target:g}/s "
+        f"(about {items:.1f} items a message at {rate:.1f}/s)"
+    )
 
 
 def _device_seconds(m: Measurements, k: int) -> float:
@@ -154,7 +217,10 @@ def _with_carried_bandwidth(m: Measurements, observed: float | None) -> Measurem
     """
     if m.bandwidth is None or observed is None or not 1 <= m.split < m.tasks:
         return m
-    cut = m.cut_bytes[m.split]
+    cut = m.cut_bytes[m.split]  # as serialised: compressed, the items carried fewer bytes
+    in_use = next((c for c in m.codecs if c.name == m.codec), None)
+    if in_use is not None:
+        cut /= in_use.ratio[m.split]  # (NaN if never measured: then no floor)
     if math.isnan(cut) or m.completed_fraction <= 0:
         return m
     carried = observed / m.completed_fraction * cut  # filtered items travel too
@@ -313,6 +379,7 @@ class ModelPolicy:
         confirm: int = 2,
         probe_items: int = 6,
         memory: int = 10,
+        linger_cap: float = LINGER_CAP,
     ) -> None:
         if target <= 0:
             raise ValueError(f"target throughput must be positive, got {target}")
@@ -320,6 +387,7 @@ class ModelPolicy:
         self.margin = margin
         self.confirm = confirm
         self.probe_items = probe_items
+        self.linger_cap = linger_cap
         # Observed / predicted at the split in use, smoothed, per bottleneck resource.
         self.efficiency: dict[str, float] = {}
         self._proposal: int | None = None
@@ -328,7 +396,8 @@ class ModelPolicy:
         self._after_probe = False
         self.memory = memory
         self._decisions = 0
-        self._observed: dict[int, tuple[float, int]] = {}  # split -> (smoothed /s, decision no.)
+        # split -> (smoothed /s, decision no., the codec it ran with)
+        self._observed: dict[int, tuple[float, int, str]] = {}
 
     def decide(self, m: Measurements) -> Decision:
         first, last = 1, m.tasks - 1  # task 0 stays on the device, the last task on the server
@@ -343,14 +412,31 @@ class ModelPolicy:
         if not predictions:
             return Decision(m.split, f"stay at {m.split}: no split can be predicted yet")
         current = next((p for p in predictions if p.split == m.split), None)
+        if current is not None and current.codec != m.codec:
+            observed = None  # measured with another codec: it says nothing of this one
         self._learn(current, observed)
         r = _Rates(
-            m, observed, predictions, self._recent(), self.efficiency, self.target, self.margin
+            m,
+            observed,
+            predictions,
+            self._recent(predictions),
+            self.efficiency,
+            self.target,
+            self.margin,
         )
         choice, reason, infeasible = _choose(r)
         if not infeasible:
             choice, reason = _one_more(r, choice, reason, self._observed)
-        return self._confirm(r, choice, reason, infeasible)
+        return self._with_linger(r, self._confirm(r, choice, reason, infeasible))
+
+    def _with_linger(self, r: _Rates, decision: Decision) -> Decision:
+        """The linger for the split decided on, when the user left it to the policy."""
+        chosen = r.by_split.get(decision.split)
+        if r.m.linger is not None or chosen is None:
+            return decision
+        pace = r.expected(decision.split)
+        linger, why = choose_linger(r.m, chosen, self.target, self.margin, self.linger_cap, pace)
+        return replace(decision, reason=f"{decision.reason}; {why}", linger=linger)
 
     def _learn(self, current: Prediction | None, observed: float | None) -> None:
         """The model misses fixed costs (encoding, Python overhead): learn how far off it is
@@ -361,12 +447,14 @@ class ModelPolicy:
         before = self.efficiency.get(current.bottleneck, 1.0)
         self.efficiency[current.bottleneck] = 0.5 * before + 0.5 * ratio
 
-    def _recent(self) -> dict[int, float]:
-        """Throughput measured at each split within the last ``memory`` decisions."""
+    def _recent(self, predictions: tuple[Prediction, ...]) -> dict[int, float]:
+        """Throughput measured at each split within the last ``memory`` decisions, with the
+        codec the predictions take there (another codec's rate says nothing of it)."""
+        codecs = {p.split: p.codec for p in predictions}
         return {
             k: rate
-            for k, (rate, when) in self._observed.items()
-            if self._decisions - when <= self.memory
+            for k, (rate, when, codec) in self._observed.items()
+            if self._decisions - when <= self.memory and codecs.get(k) == codec
         }
 
     def _confirm(self, r: _Rates, choice: int, reason: str, infeasible: bool) -> Decision:
@@ -408,10 +496,10 @@ class ModelPolicy:
         value = m.throughput
         # Smooth noise within one stay, but a jump of over 30% is a change: follow it at once.
         # (2 s periods of an emulated device swing by 25% with the machine under it.)
-        if seen is not None and seen[1] == self._decisions - 1:
+        if seen is not None and seen[1] == self._decisions - 1 and seen[2] == m.codec:
             if abs(m.throughput - seen[0]) <= 0.3 * seen[0]:
                 value = 0.5 * seen[0] + 0.5 * m.throughput
-        self._observed[m.split] = (value, self._decisions)
+        self._observed[m.split] = (value, self._decisions, m.codec)
         return value
 
     def _probe(self, m: Measurements, first: int, last: int) -> Decision | None:

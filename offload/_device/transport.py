@@ -12,7 +12,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import grpc
@@ -290,14 +290,15 @@ class Batching:
 
     items: int = ClientConfig.batch_items
     max_bytes: int = ClientConfig.batch_bytes
-    linger: float = ClientConfig.linger_ms / 1000  # seconds
+    linger: float = 0.0  # seconds
 
     @classmethod
     def from_config(cls, config: ClientConfig) -> Batching:
         # A batch of several items is one message: it must fit the message limit too. No more
         # than the window can come before an answer: lingering for more would only wait.
         size = min(config.batch_bytes, config.limits.max_message_bytes)
-        return cls(min(config.batch_items, config.window), size, config.linger_ms / 1000)
+        linger = (config.linger_ms or 0.0) / 1000  # None: 0 until automatic mode chooses it
+        return cls(min(config.batch_items, config.window), size, linger)
 
 
 class _BatchStream:
@@ -315,7 +316,7 @@ class _BatchStream:
         channel: grpc.Channel,
         metadata: tuple[tuple[str, str], ...],
         on_error: Callable[[grpc.RpcError], None],
-        batching: Batching,
+        batching: Callable[[], Batching],  # read for each message: the linger may change
         fallback: Callable[[], Stream],
     ) -> None:
         self._on_error = on_error
@@ -330,11 +331,6 @@ class _BatchStream:
         self._call = method(self._requests(), metadata=metadata)
 
     def _requests(self) -> Iterator[bytes]:
-        items, max_bytes, linger = (
-            self._batching.items,
-            self._batching.max_bytes,
-            self._batching.linger,
-        )
         carry: object = None
         while True:
             first = self._outbox.get() if carry is None else carry
@@ -342,7 +338,9 @@ class _BatchStream:
                 return
             assert isinstance(first, bytes)
             batch, size, carry = [first], len(first), None
-            deadline = time.monotonic() + linger
+            batching = self._batching()
+            items, max_bytes = batching.items, batching.max_bytes
+            deadline = time.monotonic() + batching.linger
             while len(batch) < items and size < max_bytes:
                 try:
                     entry = self._outbox.get_nowait()
@@ -525,9 +523,17 @@ class GrpcTransport:
     def open_stream(self) -> Stream:
         if self.batches:
             return _BatchStream(
-                self.channel, self._metadata, self._stream_failed, self.batching, self._unbatched
+                self.channel,
+                self._metadata,
+                self._stream_failed,
+                lambda: self.batching,
+                self._unbatched,
             )
         return _GrpcStream(self.channel, self._metadata, self._stream_failed)
+
+    def set_linger(self, seconds: float) -> None:
+        """Messages from now on wait up to ``seconds`` for more items (automatic mode's choice)."""
+        self.batching = replace(self.batching, linger=seconds)
 
     def _unbatched(self) -> Stream:
         self.batches = False

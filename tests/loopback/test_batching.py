@@ -4,6 +4,7 @@ exactly once, and a device that meets an older server falls back to one item per
 from __future__ import annotations
 
 import io
+import statistics
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -29,14 +30,15 @@ from .test_codec import _kinds, _wire_states
 from .test_fuzz import EXPECTED, FUZZ, LIMITS, task_states
 
 VIBRATION = "tests.apps.vibration"  # 40 items, the same on every run
+PACED = "tests.apps.paced"  # an item every 4 ms
 
 
 class _Server:
     """A real gRPC server around offload's servicer that notes how many items each batch held;
     ``batches=False`` registers only ExecuteRemaining, as a server from before batching."""
 
-    def __init__(self, batches: bool = True) -> None:
-        self.pipeline = load_pipeline(VIBRATION)
+    def __init__(self, batches: bool = True, pipeline: str = VIBRATION) -> None:
+        self.pipeline = load_pipeline(pipeline)
         self.servicer = OffloadServicer(RemoteExecutor(self.pipeline, ServerConfig()))
         self.batches: list[int] = []  # items per TaskBatch received
         methods = {
@@ -68,8 +70,8 @@ class _Server:
 def batch_server() -> Iterator[Callable[..., _Server]]:
     started: list[_Server] = []
 
-    def start(batches: bool = True) -> _Server:
-        started.append(_Server(batches))
+    def start(batches: bool = True, pipeline: str = VIBRATION) -> _Server:
+        started.append(_Server(batches, pipeline))
         return started[-1]
 
     yield start
@@ -119,6 +121,27 @@ def test_a_device_falls_back_to_one_item_per_message_against_an_older_server(
     assert out.getvalue().splitlines() == reference
     assert not transport.batches  # found out once; later streams use ExecuteRemaining at once
     assert report["link"]["disconnects"] == 0 and report["link"]["ran_locally"] == 0
+
+
+def test_automatic_mode_with_room_in_the_window_lingers_so_messages_carry_several_items(
+    batch_server: Callable[..., _Server],
+) -> None:
+    # A sensor yields an item every 4 ms (slower on a slow machine): sent as they come, each
+    # message holds one. Automatic mode with a target the device meets, measured first, has room
+    # in the window on loopback: it lingers 25 ms, so messages carry several items.
+    server = batch_server(pipeline=PACED)
+    _, alone = run_split(load_pipeline(PACED), None, frames=50)
+    rate = alone["throughput_per_second"]
+    lines, report = run_split(
+        server.pipeline, 2, server.port, frames=int(4 * rate), fps=rate / 3, control_period=0.5
+    )
+    assert len(lines) == int(4 * rate)
+    scheduler = report["scheduler"]
+    assert scheduler["final_linger_ms"] == 25.0, scheduler
+    assert "linger 25 ms: the window has room" in scheduler["final_reason"]
+    assert any(h["linger_ms"] == 25.0 for h in scheduler["history"]), scheduler["history"]
+    later = server.batches[len(server.batches) // 2 :]  # after the first decisions
+    assert statistics.mean(later) >= 2, server.batches
 
 
 def _call(port: int, batches: list[list[pb.TaskState]]) -> list[pb.ItemResult]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,11 +33,16 @@ class Script:
         return self.decisions.pop(0)
 
 
-def auto(*decisions: Decision, split: int = 2) -> tuple[AutoSplit, Script, Telemetry]:
+def auto(
+    *decisions: Decision,
+    split: int = 2,
+    on_linger: Callable[[float], None] | None = None,
+    **options: Any,
+) -> tuple[AutoSplit, Script, Telemetry]:
     script = Script(decisions)
     telemetry = Telemetry(TASKS, window=4)
-    config = ClientConfig(pipeline="tests.apps.stages", fps=10.0, control_period=PERIOD)
-    return AutoSplit(script, telemetry, config, split), script, telemetry
+    config = ClientConfig(pipeline="tests.apps.stages", fps=10.0, control_period=PERIOD, **options)
+    return AutoSplit(script, telemetry, config, split, on_linger), script, telemetry
 
 
 def test_the_split_changes_when_the_policy_says_and_only_once_a_period() -> None:
@@ -47,7 +54,14 @@ def test_the_split_changes_when_the_policy_says_and_only_once_a_period() -> None
     assert control.split_for(4, 12.0) == 4
     assert control.split == 4 and len(script.seen) == 2
     assert control.history == [
-        {"seconds": 2.0, "from": 2, "to": 4, "codec": "zstd", "reason": "split 2 -> 4: faster"}
+        {
+            "seconds": 2.0,
+            "from": 2,
+            "to": 4,
+            "codec": "zstd",
+            "linger_ms": 0.0,
+            "reason": "split 2 -> 4: faster",
+        }
     ]
     assert [(p["seconds"], p["split"], p["settled"]) for p in control.periods] == [
         (1.0, 2, True),
@@ -59,10 +73,32 @@ def test_the_split_changes_when_the_policy_says_and_only_once_a_period() -> None
 
 
 def test_the_period_after_a_change_is_not_settled() -> None:
-    control, script, _ = auto(Decision(3, "to 3"), Decision(3, "stay"), Decision(3, "stay"))
+    control, script, telemetry = auto(Decision(3, "to 3"), Decision(3, "stay"), Decision(3, "stay"))
     for item, now in enumerate((0.0, 1.0, 2.0, 3.0)):
         control.split_for(item, now)
+        telemetry.finished(True)  # each item is done before the next
     assert [m.settled for m in script.seen] == [True, False, True]
+
+
+def test_no_period_is_settled_while_items_sent_before_a_change_are_still_finishing() -> None:
+    # A slow link holds a window of items sent at the old split (or codec): what finishes in
+    # the periods after a change is partly theirs, and must not be taken as the new one's rate.
+    stay = Decision(2, "stay", codec="zstd")
+    control, script, telemetry = auto(
+        Decision(2, "lz4 now", codec="lz4"), *[replace(stay, codec="lz4")] * 5
+    )
+    control.split_for(0, 0.0)
+    control.split_for(8, 1.0)  # items 0-7 went with zstd, and none has finished yet
+    for item in range(9, 12):
+        telemetry.finished(True)
+        control.split_for(item, float(item - 7))
+    telemetry.finished(True)
+    for _ in range(5):
+        telemetry.finished(True)  # items 4-8: everything sent with zstd is done
+    control.split_for(12, 5.0)
+    control.split_for(13, 6.0)
+    assert [m.settled for m in script.seen] == [True, False, False, False, False, True]
+    assert [m.codec for m in script.seen] == ["zstd", "lz4", "lz4", "lz4", "lz4", "lz4"]
 
 
 def test_a_probe_holds_until_its_items_have_finished() -> None:
@@ -174,3 +210,36 @@ def test_a_compressed_cut_counts_its_bytes_before_compression() -> None:
     telemetry.cut_size(2, 1000)  # on the wire
     telemetry.cut_size(3, 1000)
     assert telemetry.snapshot(2, 1.0, True).cut_bytes[2:4] == (10_000, 1000)
+
+
+def test_the_linger_the_policy_chooses_goes_to_the_transport_and_into_the_history() -> None:
+    told: list[float] = []
+    control, script, _ = auto(
+        Decision(2, "linger 25 ms: room", linger=0.025),
+        Decision(2, "still room", linger=0.025),
+        Decision(3, "up; linger 0: the window is the bottleneck", linger=0.0),
+        on_linger=told.append,
+        window=4,
+    )
+    for item, now in enumerate((0.0, 1.0, 2.0, 3.0)):
+        control.split_for(item, now)
+    assert told == [0.025, 0.0]  # said when it changes, not every period
+    seen = script.seen[0]
+    assert (seen.linger, seen.batch_items, seen.batch_bytes) == (None, 4, 1 << 20)  # the window
+    assert [(h["from"], h["to"], h["linger_ms"], h["reason"]) for h in control.history] == [
+        (2, 2, 25.0, "linger 25 ms: room"),
+        (2, 3, 0.0, "up; linger 0: the window is the bottleneck"),
+    ]
+    assert [p["linger_ms"] for p in control.periods] == [0.0, 25.0, 25.0]
+    assert control.report()["final_linger_ms"] == 0.0
+
+
+def test_a_linger_the_user_gave_is_kept_whatever_the_policy_says() -> None:
+    told: list[float] = []
+    control, script, _ = auto(
+        Decision(2, "linger 25 ms", linger=0.025), on_linger=told.append, linger_ms=5.0
+    )
+    control.split_for(0, 0.0)
+    control.split_for(1, 1.0)
+    assert script.seen[0].linger == 0.005  # the policy is told it is fixed, and at what
+    assert told == [] and control.history == [] and control.report()["final_linger_ms"] == 5.0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import pytest
 
 from offload import Client, ClientConfig, Decision, Measurements, ModelPolicy, load_pipeline
-from offload._device.scheduler import CodecCost, fastest_codec, predict
+from offload._device.scheduler import CodecCost, Prediction, fastest_codec, predict
 from offload.testing import InProcessTransport, RemoteExecutor
 
 # Ball-tracking-like: 7 tasks; cut sizes shrink after task 5 (a JPEG snapshot).
@@ -431,3 +431,117 @@ def test_at_a_fixed_split_a_codec_is_chosen_only_where_the_link_is_the_bottlenec
     # A link barely in the way (30/s plain, the device 33/s): 31/s compressed, 4 % faster, is
     # not worth 2 ms of device CPU an item.
     assert fastest_codec(replace(m, bandwidth=30 * MB), 3).codec == "none"
+
+
+# --- the linger (the batch), chosen with the split and codec -------------------------------------
+
+
+def batching(world: World, split: int, **fields: object) -> Measurements:
+    """What the device measures at ``split`` with the policy choosing the linger (8 items, 1 MiB a
+    message), ``fields`` replaced."""
+    m = replace(world.measure(split), batch_items=8, batch_bytes=1 << 20, linger=None)
+    return replace(m, **fields)  # type: ignore[arg-type]
+
+
+def window_rate(m: Measurements, split: int, linger: float) -> float:
+    return predict(replace(m, linger=linger), split).rates["window"]
+
+
+@pytest.mark.parametrize(
+    ("window", "rtt", "linger"),
+    [(8, 0.03, 0.025), (1, 0.02, 0.025), (1, 0.04, 0.010), (1, 0.05, 0.005), (1, 0.057, 0.002)],
+)
+def test_the_linger_is_the_longest_the_window_allows_at_the_target_up_to_25_ms(
+    window: int, rtt: float, linger: float
+) -> None:
+    # K=6 is device-bound at 16.9/s; the window bound W / (rtt + transmission + server + linger)
+    # must still meet the 15/s target with the margin: 16.5/s.
+    world = World(rtt=rtt)
+    m = batching(world, 6, window=window)
+    decision = ModelPolicy(15).decide(m)
+    assert decision.split == 6 and decision.linger == linger, decision.reason
+    assert window_rate(m, 6, linger) >= 16.5
+    assert f"linger {linger * 1000:g} ms: the window has room at 15/s" in decision.reason
+    steps = [s for s in (0.001, 0.002, 0.005, 0.010, 0.025) if s > linger]
+    assert not steps or window_rate(m, 6, steps[0]) < 16.5  # the next step would not leave room
+
+
+def test_no_linger_where_the_window_is_the_bottleneck_or_has_no_room_at_the_target() -> None:
+    # A window of 1 over 0.5 s round trips: 2/s at most, the bottleneck of every split.
+    bound = ModelPolicy(1.5).decide(batching(World(rtt=0.5), 6, window=1))
+    assert bound.split == 6 and bound.linger == 0.0, bound.reason
+    assert bound.reason.endswith("; linger 0: the window is the bottleneck")
+    # K=6 is device-bound (16.9/s) and the window allows 32/s: not the 66/s a 60/s target needs.
+    short = ModelPolicy(60).decide(batching(World(), 6, window=1))
+    assert short.infeasible and short.linger == 0.0, short.reason
+    assert short.reason.endswith("; linger 0: the window has no room for it at 60/s")
+
+
+def test_a_target_missed_for_want_of_another_resource_keeps_the_linger() -> None:
+    # The device bounds K=6 at 16.9/s, short of 20/s (raw frames crawl over 20 Mbit/s); the
+    # window, lingering 25 ms, allows 124/s: dropping the linger would gain nothing (it flapped
+    # with a slow device's noise about its target).
+    decision = ModelPolicy(20).decide(batching(World(bandwidth=2.5 * MB), 6))
+    assert decision.infeasible and decision.split == 6, decision.reason
+    assert decision.linger == 0.025
+    assert "(about 1.4 items a message at 16.9/s)" in decision.reason
+
+
+def test_the_linger_is_no_longer_than_it_takes_to_fill_a_message_at_the_target() -> None:
+    # 3 items a message fill in 20 ms at 100/s: no point waiting longer.
+    world = World(device=tuple(t / 10 for t in DEVICE))  # 169/s at K=6
+    three = ModelPolicy(100).decide(batching(world, 6, batch_items=3))
+    assert three.linger == pytest.approx(0.02), three.reason
+    assert "linger 20 ms" in three.reason
+    assert "(about 3.0 items a message at 168.6/s)" in three.reason  # at the device's pace
+    one = ModelPolicy(10).decide(batching(world, 6, batch_items=1))
+    assert one.linger == 0.0 and "one item per message" in one.reason
+
+
+def test_no_linger_where_a_message_holds_one_item() -> None:
+    # K=5 cuts 562 kB: a 1 MiB message holds one.
+    world = World(device=(*DEVICE[:5], 0.2, 0.0005))  # task 5 is slow: K=5 it is
+    decision = ModelPolicy(10).decide(batching(world, 5))
+    assert decision.split == 5 and decision.linger == 0.0, decision.reason
+    assert "linger 0: a message holds one item of 562 kB" in decision.reason
+
+
+def test_a_linger_the_user_gave_is_kept_and_counted_in_the_window_bound() -> None:
+    m = replace(batching(World(), 6), linger=0.025)
+    decision = ModelPolicy(10).decide(m)
+    assert decision.linger is None and "linger" not in decision.reason
+    hold = 0.03 + 23_000 / (25 * MB) + SERVER[6]
+    assert predict(m, 6).rates["window"] == pytest.approx(8 / (hold + 0.025))
+
+
+def test_a_closed_loop_settles_on_the_split_and_the_linger_without_flapping() -> None:
+    world = World(noise=0.1)
+    policy = ModelPolicy(10)
+    split, lingers = 3, []
+    for _ in range(12):
+        decision = policy.decide(batching(world, split, settled=True))
+        split = decision.split
+        lingers.append(decision.linger)
+    assert split == 6 and lingers[-6:] == [0.025] * 6, lingers
+
+
+def test_the_bytes_a_compressed_split_carried_are_its_compressed_bytes() -> None:
+    # At K=3 with lz4 (3x) the link carried 7.5 items/s: 2.5 MB/s of lz4, not 7.5 MB/s of raw
+    # items, so sending them raw (2.5/s) would not meet 6/s and lz4 stays.
+    m = replace(link_bound(lz4=(3.0, 0.001)), codec="lz4", throughput=7.5)
+    decision = ModelPolicy(6.0).decide(m)
+    assert (decision.split, decision.codec) == (3, "lz4"), decision.reason
+    plain = next(p for p in predict_all(m) if p.split == 3 and p.codec == "none")
+    assert plain.throughput == pytest.approx(2.5)
+
+
+def predict_all(m: Measurements) -> list[Prediction]:
+    return [predict(m, k) for k in range(1, m.tasks)]
+
+
+def test_a_rate_measured_with_one_codec_does_not_stand_in_for_another() -> None:
+    # K=3 sent raw measured 2.5/s: that says nothing of K=3 with lz4 (7.5/s), which meets 6/s.
+    m = replace(link_bound(lz4=(3.0, 0.001)), codec="none", throughput=2.5)
+    decision = ModelPolicy(6.0).decide(m)
+    assert (decision.split, decision.codec) == (3, "lz4"), decision.reason
+    assert "K=3 with lz4 predicted 7.5/s (link-bound) meets" in decision.reason
