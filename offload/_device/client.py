@@ -116,13 +116,15 @@ class Client:
             if config.fps is not None
             else None
         )
-        self._compressions = compressions(config.compression)
+        self._codec = compressions(config.compression)  # wanted for the next item, fixed split
         self.auto_compression = (
             AutoCompression(self.telemetry, self._split, config.control_period)
-            if self.auto is None and config.compression == "auto" and self._split < n
+            if self.auto is None
+            and config.compression == "auto"
+            and self._split < n
+            and self._codec
             else None
         )
-        self._codec = self._compressions  # wanted for the next item at a fixed split
         # Per codec: items compressed, their serialised and their compressed bytes.
         self._compressed: dict[str, list[int]] = {}
         self._sent_as_is = 0  # items whose args could have been compressed but did not shrink
@@ -288,7 +290,7 @@ class Client:
             context = ItemContext(self.config.device_id, self.run_id, item, capture_time, False)
             sizes = self.auto.size_sampler(item, self.config.limits) if self.auto else None
             if self.auto_compression is not None:
-                self._codec = self.auto_compression.codec_for(began)
+                self._codec = self.auto_compression.codec_for(item, began)
             # With workers, task 0 here and the rest on a worker; else all of [0, split) here.
             stop = split if workers is None else 1
             outcome = run_tasks(

@@ -5,10 +5,10 @@ device CPU for nothing. The model (``scheduler.fastest_codec``) says which, but 
 comes from packet pairs, which a busy server (its reader waiting for the GIL) can fake: so each
 codec's prediction is checked by a period measured with it, and a choice between measured codecs
 follows the measurements (each over a period that starts once the items sent the old way have
-finished). It starts with the best installed codec: a slow link is where it
-matters, and the first window the most expensive thing to send plain there. Measurements older
-than ``FRESH_PERIODS`` are measured again (the link may have changed). Told the time by its
-caller, like ``AutoSplit``.
+finished). It starts with the best installed codec: a slow link is where it matters, and the
+first window the most expensive thing to send plain there. Measurements older than
+``FRESH_PERIODS`` are measured again (the link may have changed). Told the time by its caller,
+like ``AutoSplit``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class AutoCompression:
     """The codecs wanted for the next item at ``split``; the changes, and why, for the report."""
 
     def __init__(self, telemetry: Telemetry, split: int, period: float) -> None:
+        """``--compression auto`` with a codec installed (else there is nothing to choose)."""
         self.telemetry = telemetry
         self.split = split
         self.period = period
@@ -46,16 +47,14 @@ class AutoCompression:
         self._periods = 0
         self._origin: float | None = None
         self._period_start = 0.0
-        self._captured = 0
         self._settling: int | None = None  # after a change: finished items to wait for
 
     @property
     def name(self) -> str:
         return CODEC_NAMES[self.wanted[0]] if self.wanted else NO_CODEC
 
-    def codec_for(self, now: float) -> tuple[Codec, ...]:
-        """The codecs wanted for the item captured at ``now``: new ones if a decision is due."""
-        self._captured += 1
+    def codec_for(self, item: int, now: float) -> tuple[Codec, ...]:
+        """The codecs wanted for ``item``, captured at ``now``: new ones if a decision is due."""
         if self._origin is None:
             self._origin = self._period_start = now
             return self.wanted
@@ -72,8 +71,6 @@ class AutoCompression:
         m = self.telemetry.snapshot(self.split, now - self._period_start, True)
         self._period_start = now
         self._periods += 1
-        if not self.codecs:
-            return self.wanted
         if not math.isnan(m.throughput):
             self._measured[self.name] = (m.throughput, self._periods)
         codec, reason = self._choose(m)
@@ -83,7 +80,7 @@ class AutoCompression:
             self.changes.append({"seconds": at, "codec": codec, "reason": reason})
             chosen = self.codecs.get(codec)
             self.wanted = () if chosen is None else (chosen,)
-            self._settling = self._captured - 1  # items captured before this one
+            self._settling = item  # the items captured before this one
         return self.wanted
 
     def _choose(self, m: Measurements) -> tuple[str, str]:

@@ -52,7 +52,7 @@ def run(
     auto = AutoCompression(telemetry, 1, period=1.0)
     used = []
     for second in range(periods + 1):
-        auto.codec_for(float(second))
+        auto.codec_for(second, float(second))
         telemetry.codec = auto.name
         used.append(auto.name)
         telemetry.done = second + 1 + FIRST_DECISION_ITEMS * (second > 0)
